@@ -1,0 +1,1 @@
+//! Quantisation bridge (being written).

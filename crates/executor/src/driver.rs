@@ -1,0 +1,1 @@
+//! Matmul driver (being written).

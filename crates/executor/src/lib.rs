@@ -1,0 +1,129 @@
+//! Executors run [`ProgramDesc`] programs on inputs.
+//!
+//! One trait, one module per platform (the wgpu-hal pattern):
+//! - [`reference`]: portable; interprets the very program the ANE would get, with ANE-like numerics.
+//! - `coreml` (Apple only, `cfg(target_vendor = "apple")`): compiles and runs the program through CoreML.
+//!
+//! The host side of a matmul (activation quantisation, transposes, padding, splits, rescale) lives in
+//! [`driver`], shared by every executor.
+
+pub mod driver;
+pub mod reference;
+
+use half::f16;
+
+pub use ggml_coreml_program::{ProgramDesc, Variant};
+
+/// Why an executor could not run a program. Every error maps to the host fallback path.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("program {0} is not supported by this executor: {1}")]
+    Unsupported(String, String),
+    #[error("inputs do not match program {0}: {1}")]
+    BadInputs(String, String),
+    #[error("program {0} failed to compile or load: {1}")]
+    Compile(String, String),
+    #[error("program {0} is not placed on the Neural Engine: {1}")]
+    Placement(String, String),
+    #[error("program {0} failed to run: {1}")]
+    Run(String, String),
+}
+
+/// Inputs of one program call, matching the variant of its [`ProgramDesc`].
+/// All arrays are row-major; `x` is `[K, Mp]` (tokens innermost), the output `[N, Mp]`.
+#[derive(Clone, Copy, Debug)]
+pub enum ProgramInputs<'a> {
+    I8I8 {
+        /// `[N, K]`
+        w: &'a [i8],
+        /// `[K, Mp]`
+        x: &'a [i8],
+    },
+    W8F16 {
+        /// `[N, K]` block values (unsigned quants for Q4_K/Q5_K still fit int8)
+        w: &'a [i8],
+        /// `[N, K/group]`
+        scales: &'a [f16],
+        /// `[N, K/group]`, when the program takes offsets
+        offsets: Option<&'a [f16]>,
+        /// `[K, Mp]`
+        x: &'a [f16],
+    },
+    F16 {
+        /// `[N, K]`
+        w: &'a [f16],
+        /// `[K, Mp]`
+        x: &'a [f16],
+    },
+}
+
+impl ProgramInputs<'_> {
+    pub fn variant(&self) -> Variant {
+        match self {
+            ProgramInputs::I8I8 { .. } => Variant::I8I8,
+            ProgramInputs::W8F16 { .. } => Variant::W8F16,
+            ProgramInputs::F16 { .. } => Variant::F16,
+        }
+    }
+
+    /// Checks lengths against the program; every executor calls this before touching the data.
+    pub fn check(&self, desc: &ProgramDesc) -> Result<(), ExecError> {
+        let bad = |why: String| Err(ExecError::BadInputs(desc.key(), why));
+        if self.variant() != desc.variant {
+            return bad(format!("variant {} given", self.variant()));
+        }
+        let (nk, km) = (desc.n * desc.k, desc.k * desc.m);
+        let (wl, xl) = match self {
+            ProgramInputs::I8I8 { w, x } => (w.len(), x.len()),
+            ProgramInputs::W8F16 { w, scales, offsets, x } => {
+                let ns = desc.n * (desc.k / desc.group.max(1));
+                if scales.len() != ns {
+                    return bad(format!("scales len {} != {ns}", scales.len()));
+                }
+                match (offsets, desc.offsets) {
+                    (Some(o), true) if o.len() == ns => {}
+                    (None, false) => {}
+                    _ => return bad("offsets do not match the program".into()),
+                }
+                (w.len(), x.len())
+            }
+            ProgramInputs::F16 { w, x } => (w.len(), x.len()),
+        };
+        if wl != nk || xl != km {
+            return bad(format!("w len {wl} (want {nk}), x len {xl} (want {km})"));
+        }
+        Ok(())
+    }
+}
+
+/// What an executor can do on this machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Variants this executor runs.
+    pub variants: Vec<Variant>,
+    /// True when the executor is real accelerator hardware (the policy may predict a win).
+    pub accelerated: bool,
+    /// Human-readable facts (OS, chip, why unavailable) for logs and `ggml_backend_get_features`.
+    pub description: String,
+}
+
+/// Runs programs. Implementations are shared across threads and backends.
+pub trait Executor: Send + Sync {
+    /// Short name: `reference` or `coreml`.
+    fn name(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Makes `desc` ready to run (compile or load from the cache). Idempotent; cheap when ready.
+    fn prepare(&self, desc: &ProgramDesc) -> Result<(), ExecError>;
+
+    /// Runs one program call. `out` is `[N, Mp]` fp16. `weight_key` identifies the weight data for
+    /// executors that keep device copies of weights between calls (0 = do not cache).
+    fn run(
+        &self,
+        desc: &ProgramDesc,
+        inputs: ProgramInputs<'_>,
+        weight_key: u64,
+        out: &mut [f16],
+    ) -> Result<(), ExecError>;
+}

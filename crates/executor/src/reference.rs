@@ -1,0 +1,1 @@
+//! Reference executor (being written).

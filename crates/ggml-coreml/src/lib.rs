@@ -1,0 +1,1 @@
+//! ggml backend (being written).
