@@ -1,0 +1,143 @@
+//! Row-wise int8 ("8-bit S") and fp16 copies of a weight, both made from the exact values.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::activation::quantize_row_i8;
+use crate::form::{check_tensor, dequantize_unchecked};
+use crate::par::{for_row_ranges, row_ranges};
+use crate::{BlockForm, BridgeError, WeightType};
+
+/// Row-wise symmetric int8 weight: `w[n][k] ≈ scales[n] * q[n][k]`, `scales[n] = max|w_row| / 127`,
+/// `q = round_half_even(w / s)` from the exact (dequantised) values. `q` is `[n, k]` row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowwiseInt8 {
+    pub n: usize,
+    pub k: usize,
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+}
+
+impl RowwiseInt8 {
+    /// Bytes of memory the form holds (q and scales).
+    pub fn bytes_held(&self) -> usize {
+        self.q.len() + 4 * self.scales.len()
+    }
+
+    /// `scales[row] * q[row][..]` into `out[..k]`.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), BridgeError> {
+        if row >= self.n || self.scales.len() < self.n || self.q.len() < (row + 1) * self.k {
+            return Err(BridgeError::ElementLength {
+                what: "row-wise row index (n)",
+                got: row,
+                want: self.n,
+            });
+        }
+        if out.len() < self.k {
+            return Err(BridgeError::ElementLength {
+                what: "row-wise output row",
+                got: out.len(),
+                want: self.k,
+            });
+        }
+        let s = self.scales[row];
+        let q = &self.q[row * self.k..(row + 1) * self.k];
+        for (y, &q) in out.iter_mut().zip(q) {
+            *y = s * q as f32;
+        }
+        Ok(())
+    }
+}
+
+/// Row-wise int8 of an `[n, k]` weight (any supported type, F16 included).
+pub fn rowwise_int8(
+    t: WeightType,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+) -> Result<RowwiseInt8, BridgeError> {
+    rowwise_int8_par(t, bytes, n, k, 1)
+}
+
+/// [`rowwise_int8`] on up to `threads` scoped threads (rows split evenly).
+pub fn rowwise_int8_par(
+    t: WeightType,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    threads: usize,
+) -> Result<RowwiseInt8, BridgeError> {
+    let row = check_tensor(t, bytes, n, k)?;
+    let mut q = vec![0i8; n * k];
+    let mut scales = vec![0f32; n];
+    let mut none: [u8; 0] = [];
+    for_row_ranges(
+        &row_ranges(n, threads),
+        (&mut q, k),
+        (&mut scales, 1),
+        (&mut none, 0),
+        |rows, q, s, _| {
+            let mut w = vec![0f32; k];
+            for (i, r) in rows.enumerate() {
+                dequantize_unchecked(t, &bytes[r * row..(r + 1) * row], &mut w);
+                s[i] = quantize_row_i8(&w, &mut q[i * k..(i + 1) * k]);
+            }
+        },
+    );
+    Ok(RowwiseInt8 { n, k, q, scales })
+}
+
+/// Row-wise int8 from an already built exact block form (same result as [`rowwise_int8`] on the
+/// original bytes).
+pub fn rowwise_from_block_form(form: &BlockForm) -> Result<RowwiseInt8, BridgeError> {
+    form.check()?;
+    let (n, k) = (form.n, form.k);
+    let mut q = vec![0i8; n * k];
+    let mut scales = vec![0f32; n];
+    let mut w = vec![0f32; k];
+    for r in 0..n {
+        form.try_dequantize_row(r, &mut w)?;
+        scales[r] = quantize_row_i8(&w, &mut q[r * k..(r + 1) * k]);
+    }
+    Ok(RowwiseInt8 { n, k, q, scales })
+}
+
+/// fp16 copy of the exact values of an `[n, k]` weight (row-major), for the `f16` variant.
+/// F16 weights are copied bit for bit; quantised ones are dequantised and rounded to nearest fp16.
+pub fn to_f16(t: WeightType, bytes: &[u8], n: usize, k: usize) -> Result<Vec<f16>, BridgeError> {
+    to_f16_par(t, bytes, n, k, 1)
+}
+
+/// [`to_f16`] on up to `threads` scoped threads (rows split evenly).
+pub fn to_f16_par(
+    t: WeightType,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    threads: usize,
+) -> Result<Vec<f16>, BridgeError> {
+    let row = check_tensor(t, bytes, n, k)?;
+    let mut out = vec![f16::ZERO; n * k];
+    let (mut none_b, mut none_c): ([u8; 0], [u8; 0]) = ([], []);
+    for_row_ranges(
+        &row_ranges(n, threads),
+        (&mut out, k),
+        (&mut none_b, 0),
+        (&mut none_c, 0),
+        |rows, out, _, _| {
+            let bytes = &bytes[rows.start * row..rows.end * row];
+            if t == WeightType::F16 {
+                for (h, p) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *h = f16::from_bits(u16::from_le_bytes([p[0], p[1]]));
+                }
+                return;
+            }
+            let mut w = vec![0f32; k];
+            for (o, b) in out.chunks_exact_mut(k).zip(bytes.chunks_exact(row)) {
+                dequantize_unchecked(t, b, &mut w);
+                o.convert_from_f32_slice(&w);
+            }
+        },
+    );
+    Ok(out)
+}
