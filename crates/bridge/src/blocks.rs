@@ -58,6 +58,30 @@ fn put_half(out: &mut [u8], at: usize, v: f16) {
     out[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
 }
 
+/// Evaluates an exact form into `y`: `s[g] * q (+ o[g])` per group of `group` elements. Splitting the
+/// K-quant dequantisation into "unpack integers" and this loop lets both vectorise; the result is
+/// the same bits as ggml's single loop (see the module comment).
+#[inline(always)]
+fn eval_groups(q: &[i8], group: usize, s: &[f32], o: Option<&[f32]>, y: &mut [f32]) {
+    let groups = q.chunks_exact(group).zip(y.chunks_exact_mut(group));
+    match o {
+        Some(o) => {
+            for (((q, y), &s), &o) in groups.zip(s).zip(o) {
+                for (y, &q) in y.iter_mut().zip(q) {
+                    *y = s * q as f32 + o;
+                }
+            }
+        }
+        None => {
+            for ((q, y), &s) in groups.zip(s) {
+                for (y, &q) in y.iter_mut().zip(q) {
+                    *y = s * q as f32;
+                }
+            }
+        }
+    }
+}
+
 /// `get_scale_min_k4` of ggml: the 6-bit scale and min of sub-block `j` (0..8) packed in 12 bytes.
 #[inline(always)]
 pub fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
@@ -140,7 +164,7 @@ impl GgmlBlock for BlockQ8_0 {
     fn from_bytes(b: &[u8]) -> Option<Self> {
         (b.len() == Self::BYTES).then(|| BlockQ8_0 {
             d: half_at(b, 0),
-            qs: array_at::<32>(b, 2).map(|v| v as i8),
+            qs: std::array::from_fn(|i| b[2 + i] as i8),
         })
     }
 
@@ -343,7 +367,7 @@ impl GgmlBlock for BlockQ6K {
         (b.len() == Self::BYTES).then(|| BlockQ6K {
             ql: array_at(b, 0),
             qh: array_at(b, 128),
-            scales: array_at::<16>(b, 192).map(|v| v as i8),
+            scales: std::array::from_fn(|i| b[192 + i] as i8),
             d: half_at(b, 208),
         })
     }
@@ -359,25 +383,10 @@ impl GgmlBlock for BlockQ6K {
 
     #[inline]
     fn dequantize(&self, y: &mut [f32]) {
-        let d = self.d.to_f32();
-        for h in 0..2 {
-            let ql = &self.ql[64 * h..64 * h + 64];
-            let qh = &self.qh[32 * h..32 * h + 32];
-            let sc = &self.scales[8 * h..8 * h + 8];
-            let y = &mut y[128 * h..128 * h + 128];
-            for l in 0..32 {
-                let is = l / 16;
-                let q1 = ((ql[l] & 0xF) | (qh[l] & 3) << 4) as i8 - 32;
-                let q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4) as i8 - 32;
-                let q3 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) as i8 - 32;
-                let q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) as i8 - 32;
-                // ggml evaluates `d * sc[is] * q` left to right.
-                y[l] = d * sc[is] as f32 * q1 as f32;
-                y[l + 32] = d * sc[is + 2] as f32 * q2 as f32;
-                y[l + 64] = d * sc[is + 4] as f32 * q3 as f32;
-                y[l + 96] = d * sc[is + 6] as f32 * q4 as f32;
-            }
-        }
+        // ggml: `d * sc[is] * q` left to right, i.e. (d*sc) * q, per 16.
+        let (mut q, mut sc) = ([0i8; 256], [0f32; 16]);
+        self.exact(&mut q, &mut sc, &mut []);
+        eval_groups(&q, 16, &sc, None, &mut y[..256]);
     }
 
     #[inline]
