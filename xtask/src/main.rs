@@ -1,1 +1,121 @@
-fn main() {}
+//! `cargo xtask`: developer tasks for ggml-coreml — the llama.cpp host, the Python venv,
+//! test models, the backend build, and test orchestration.
+//!
+//! Every command prints the path it produced as the last line on stdout
+//! (`BIN=$(cargo xtask host | tail -1)`); progress goes to stderr.
+
+mod backend;
+mod gguf;
+mod host;
+mod models;
+mod paths;
+mod run;
+mod test;
+mod util;
+mod venv;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use models::{ModelSet, ensure_models};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ggml-coreml developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build llama.cpp (from PyPI's llama-cpp-python sdist) as the test host; prints its bin dir.
+    Host {
+        /// Print the state of the host and build nothing.
+        #[arg(long)]
+        check: bool,
+        /// Parallel build jobs (default: all cores).
+        #[arg(long, short)]
+        jobs: Option<usize>,
+    },
+    /// Create the Python venv (coremltools, gguf, numpy, matplotlib); prints its python.
+    Venv,
+    /// Fetch/generate GGUF models and requantise them; prints the models dir.
+    Models {
+        /// The parity set: Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K and F16.
+        #[arg(long, conflicts_with = "quants")]
+        full: bool,
+        /// Comma-separated llama-quantize types (default: Q8_0).
+        #[arg(long, value_delimiter = ',')]
+        quants: Vec<String>,
+        /// Comma-separated models (default: all): gemma-3-270m, smollm2-135m, qwen3-tiny, qwen3-tiny-moe.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// Build the backend cdylib and copy it to libggml-coreml.so/.dylib; prints that path.
+    Build {
+        /// Debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Test orchestration (see `cargo xtask test --help` once implemented).
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run llama.cpp tools with the backend loaded.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.cmd) {
+        Ok(Some(path)) => {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
+    Ok(Some(match cmd {
+        Cmd::Host { check: true, .. } => host::check()?,
+        Cmd::Host { check: false, jobs } => host::ensure_host(jobs)?,
+        Cmd::Venv => venv::ensure_venv()?,
+        Cmd::Models { full, quants, only } => {
+            let mut set = if full {
+                ModelSet::full()
+            } else {
+                ModelSet::default_set()
+            };
+            if !quants.is_empty() {
+                set.quants = quants;
+            }
+            if !only.is_empty() {
+                set.models = only
+                    .iter()
+                    .map(|name| name.parse())
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            ensure_models(&set)?
+        }
+        Cmd::Build { debug } => backend::build_backend(!debug)?,
+        Cmd::Test { args } => {
+            test::main(&args)?;
+            return Ok(None);
+        }
+        Cmd::Run { args } => {
+            run::main(&args)?;
+            return Ok(None);
+        }
+    }))
+}

@@ -1,0 +1,5 @@
+//! `cargo xtask test` (owned by the lead; stub).
+
+pub fn main(args: &[String]) -> anyhow::Result<()> {
+    anyhow::bail!("not yet: cargo xtask test {}", args.join(" "))
+}
