@@ -1,0 +1,217 @@
+//! The ggml-base function table, resolved once at `ggml_backend_init` — never linked.
+//!
+//! One binary serves every host: upstream llama.cpp (symbols global), QVAC's Bare runtime (addons are
+//! loaded RTLD_LOCAL, so we bind to the already-loaded runtime image by its soname) and static hosts.
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::sync::OnceLock;
+
+use super::abi::*;
+
+/// The host's backend struct layout, detected by probing ggml-base symbols (the API version number
+/// alone is not a fingerprint: ggml 0.9 and 0.10 are both "2" with different vtables).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// ggml >= 0.10, `GGML_BACKEND_API_VERSION` 2 (llama-cpp-python 0.3.36's tree, QVAC fabric).
+    V2,
+    /// ggml 0.26, version 3: buffer type interface with `alloc_buffer_n` / `get_alloc_size_n`.
+    V3,
+    /// version 6: buffer type interface with `get_alloc_interface`.
+    V6,
+}
+
+impl Layout {
+    pub fn api_version(self) -> c_int {
+        match self {
+            Layout::V2 => 2,
+            Layout::V3 => 3,
+            Layout::V6 => 6,
+        }
+    }
+}
+
+type FnBufferInit =
+    unsafe extern "C" fn(BuftPtr, GgmlBackendBufferI, *mut c_void, usize) -> *mut GgmlBackendBuffer;
+type FnLog = unsafe extern "C" fn(c_int, *const c_char, ...);
+
+/// Functions of ggml-base we call. All resolved or none: a host missing one is not supported.
+pub struct GgmlApi {
+    pub layout: Layout,
+    /// Where the symbols came from, for the log.
+    pub source: String,
+    pub buffer_init: FnBufferInit,
+    pub nbytes: unsafe extern "C" fn(*const GgmlTensor) -> usize,
+    pub log_internal: FnLog,
+    pub graph_n_nodes: unsafe extern "C" fn(*mut GgmlCgraph) -> c_int,
+    pub graph_node: unsafe extern "C" fn(*mut GgmlCgraph, c_int) -> *mut GgmlTensor,
+    pub op_name: unsafe extern "C" fn(c_int) -> *const c_char,
+    pub type_name: unsafe extern "C" fn(c_int) -> *const c_char,
+    pub dev_by_type: unsafe extern "C" fn(c_int) -> *mut Dev,
+    pub dev_by_name: unsafe extern "C" fn(*const c_char) -> *mut Dev,
+    pub dev_init: unsafe extern "C" fn(*mut Dev, *const c_char) -> *mut GgmlBackend,
+    pub dev_supports_op: unsafe extern "C" fn(*mut Dev, *const GgmlTensor) -> bool,
+    pub dev_backend_reg: unsafe extern "C" fn(*mut Dev) -> *mut Reg,
+    pub dev_name: unsafe extern "C" fn(*mut Dev) -> *const c_char,
+    pub reg_get_proc_address: unsafe extern "C" fn(*mut Reg, *const c_char) -> *mut c_void,
+    pub backend_free: unsafe extern "C" fn(*mut GgmlBackend),
+    pub backend_graph_compute: unsafe extern "C" fn(*mut GgmlBackend, *mut GgmlCgraph) -> c_int,
+    pub init: unsafe extern "C" fn(GgmlInitParams) -> *mut GgmlContext,
+    pub free: unsafe extern "C" fn(*mut GgmlContext),
+    pub new_graph_custom: unsafe extern "C" fn(*mut GgmlContext, usize, bool) -> *mut GgmlCgraph,
+    pub graph_clear: unsafe extern "C" fn(*mut GgmlCgraph),
+    pub graph_add_node: unsafe extern "C" fn(*mut GgmlCgraph, *mut GgmlTensor),
+    pub graph_overhead_custom: unsafe extern "C" fn(usize, bool) -> usize,
+}
+
+static API: OnceLock<Result<GgmlApi, String>> = OnceLock::new();
+
+/// The table, if resolution succeeded. `None` before `ggml_backend_init` or on an unsupported host.
+pub fn api() -> Option<&'static GgmlApi> {
+    API.get().and_then(|r| r.as_ref().ok())
+}
+
+/// Resolves the table once; later calls return the first outcome.
+pub fn resolve() -> Result<&'static GgmlApi, String> {
+    API.get_or_init(resolve_uncached).as_ref().map_err(Clone::clone)
+}
+
+/// Images that may hold ggml-base when it is not in the global scope (matched by soname / install name).
+const PRIVATE_IMAGES: &[&str] = &[
+    "qvac__fabric@0.bare",
+    "libggml-base.so.0",
+    "libggml-base.so",
+    "@rpath/qvac__fabric@0.bare",
+    "@rpath/libggml-base.0.dylib",
+    "@rpath/libggml-base.dylib",
+    "libggml-base.0.dylib",
+    "libggml-base.dylib",
+];
+
+struct Lookup {
+    handle: *mut c_void,
+    source: String,
+}
+
+impl Lookup {
+    fn sym(&self, name: &str) -> *mut c_void {
+        let c = CString::new(name).expect("symbol names have no NUL");
+        // SAFETY: `handle` is RTLD_DEFAULT or a live handle from dlopen; `c` is a valid C string.
+        unsafe { libc::dlsym(self.handle, c.as_ptr()) }
+    }
+}
+
+fn find_ggml_base() -> Option<Lookup> {
+    let probe = "ggml_backend_buffer_init";
+    let global = Lookup { handle: libc::RTLD_DEFAULT, source: "global scope".into() };
+    if !global.sym(probe).is_null() {
+        return Some(global);
+    }
+    for name in PRIVATE_IMAGES {
+        let c = CString::new(*name).expect("no NUL");
+        // SAFETY: RTLD_NOLOAD only returns an image that is already loaded; it never runs initialisers.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_NOW) };
+        if !h.is_null() {
+            let l = Lookup { handle: h, source: (*name).to_string() };
+            if !l.sym(probe).is_null() {
+                return Some(l);
+            }
+        }
+    }
+    None
+}
+
+fn resolve_uncached() -> Result<GgmlApi, String> {
+    let l = find_ggml_base().ok_or_else(|| {
+        "ggml-base symbols not found in the global scope nor in a loaded ggml runtime".to_string()
+    })?;
+    let has = |n: &str| !l.sym(n).is_null();
+    let detected = if has("ggml_backend_buft_get_alloc_interface") {
+        Some(Layout::V6)
+    } else if has("ggml_backend_buft_alloc_buffer_n") {
+        Some(Layout::V3)
+    } else if has("ggml_backend_tensor_set_2d") {
+        Some(Layout::V2)
+    } else {
+        None
+    };
+    let layout = match std::env::var("GGML_COREML_GGML_API_VERSION").ok().as_deref() {
+        Some("2") => Some(Layout::V2),
+        Some("3") => Some(Layout::V3),
+        Some("6") => Some(Layout::V6),
+        Some(other) => {
+            return Err(format!(
+                "GGML_COREML_GGML_API_VERSION={other} is not a layout this build has (2 = ggml >= 0.10, 3, 6)"
+            ));
+        }
+        None => detected,
+    };
+    let layout = layout.ok_or_else(|| {
+        "host ggml is older than 0.10 (API version 2 with the old 9-slot buffer interface); \
+         this build supports ggml >= 0.10 with backend API versions 2, 3 and 6"
+            .to_string()
+    })?;
+
+    macro_rules! get {
+        ($name:literal) => {{
+            let p = l.sym($name);
+            if p.is_null() {
+                return Err(format!("ggml-base lacks {}", $name));
+            }
+            // SAFETY: the symbol has the C signature of the field it is assigned to (ggml.h,
+            // ggml-backend.h, ggml-backend-impl.h of every supported tree).
+            unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+        }};
+    }
+
+    Ok(GgmlApi {
+        layout,
+        source: l.source.clone(),
+        buffer_init: get!("ggml_backend_buffer_init"),
+        nbytes: get!("ggml_nbytes"),
+        log_internal: get!("ggml_log_internal"),
+        graph_n_nodes: get!("ggml_graph_n_nodes"),
+        graph_node: get!("ggml_graph_node"),
+        op_name: get!("ggml_op_name"),
+        type_name: get!("ggml_type_name"),
+        dev_by_type: get!("ggml_backend_dev_by_type"),
+        dev_by_name: get!("ggml_backend_dev_by_name"),
+        dev_init: get!("ggml_backend_dev_init"),
+        dev_supports_op: get!("ggml_backend_dev_supports_op"),
+        dev_backend_reg: get!("ggml_backend_dev_backend_reg"),
+        dev_name: get!("ggml_backend_dev_name"),
+        reg_get_proc_address: get!("ggml_backend_reg_get_proc_address"),
+        backend_free: get!("ggml_backend_free"),
+        backend_graph_compute: get!("ggml_backend_graph_compute"),
+        init: get!("ggml_init"),
+        free: get!("ggml_free"),
+        new_graph_custom: get!("ggml_new_graph_custom"),
+        graph_clear: get!("ggml_graph_clear"),
+        graph_add_node: get!("ggml_graph_add_node"),
+        graph_overhead_custom: get!("ggml_graph_overhead_custom"),
+    })
+}
+
+impl GgmlApi {
+    pub fn op_name(&self, op: c_int) -> String {
+        // SAFETY: ggml_op_name returns a static string for every op value it knows (and "?"-ish otherwise).
+        unsafe { cstr_or(((self.op_name)(op)).cast(), "?") }
+    }
+
+    pub fn type_name(&self, t: c_int) -> String {
+        // SAFETY: as above, a static string.
+        unsafe { cstr_or(((self.type_name)(t)).cast(), "?") }
+    }
+}
+
+/// Copies a C string, tolerating NULL.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string.
+pub unsafe fn cstr_or(p: *const c_char, default: &str) -> String {
+    if p.is_null() {
+        default.to_string()
+    } else {
+        // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}

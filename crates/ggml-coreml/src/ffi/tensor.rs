@@ -1,0 +1,160 @@
+//! A read-only view of a `ggml_tensor` for the safe layers above.
+
+use std::ffi::{CStr, c_int, c_void};
+
+use super::abi::*;
+
+/// Borrowed view of a live ggml tensor.
+#[derive(Clone, Copy)]
+pub struct TensorRef<'a> {
+    t: &'a GgmlTensor,
+}
+
+impl<'a> TensorRef<'a> {
+    /// # Safety
+    /// `p` is NULL or points to a `ggml_tensor` that stays alive and unmoved for `'a`.
+    pub unsafe fn from_ptr(p: *const GgmlTensor) -> Option<TensorRef<'a>> {
+        // SAFETY: per the caller's contract.
+        unsafe { p.as_ref() }.map(|t| TensorRef { t })
+    }
+
+    pub fn ptr(&self) -> *const GgmlTensor {
+        self.t
+    }
+    pub fn type_id(&self) -> c_int {
+        self.t.type_
+    }
+    pub fn op(&self) -> c_int {
+        self.t.op
+    }
+    pub fn op_param(&self, i: usize) -> i32 {
+        self.t.op_params[i]
+    }
+    pub fn flags(&self) -> i32 {
+        self.t.flags
+    }
+    pub fn ne(&self) -> [i64; 4] {
+        self.t.ne
+    }
+    pub fn nb(&self) -> [usize; 4] {
+        self.t.nb
+    }
+    pub fn data(&self) -> *mut c_void {
+        self.t.data
+    }
+    pub fn buffer(&self) -> *mut GgmlBackendBuffer {
+        self.t.buffer
+    }
+    /// The buffer type of the tensor's buffer (NULL when unallocated).
+    pub fn buft(&self) -> BuftPtr {
+        // SAFETY: a non-NULL tensor->buffer points to a live ggml_backend_buffer (ggml-base invariant).
+        match unsafe { self.t.buffer.as_ref() } {
+            Some(b) => b.buft,
+            None => std::ptr::null_mut(),
+        }
+    }
+    /// Size of the tensor's buffer (0 for the zero-size probe buffer llama.cpp uses at weight placement).
+    pub fn buffer_size(&self) -> Option<usize> {
+        // SAFETY: as above.
+        unsafe { self.t.buffer.as_ref() }.map(|b| b.size)
+    }
+    pub fn src(&self, i: usize) -> Option<TensorRef<'a>> {
+        // SAFETY: sources of a live tensor are live tensors or NULL.
+        unsafe { TensorRef::from_ptr(self.t.src[i]) }
+    }
+    pub fn name(&self) -> String {
+        // SAFETY: `name` is a fixed array that ggml keeps NUL-terminated; fall back to lossy if not.
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(self.t.name.as_ptr().cast(), GGML_MAX_NAME) };
+        match CStr::from_bytes_until_nul(bytes) {
+            Ok(c) => c.to_string_lossy().into_owned(),
+            Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        }
+    }
+    /// Number of elements.
+    pub fn nelements(&self) -> i64 {
+        self.t.ne.iter().product()
+    }
+}
+
+/// f32 rows of one 2-D batch of a tensor: borrowed in place when rows are plain f32 runs, else gathered.
+pub enum RowsF32<'a> {
+    Borrowed { x: &'a [f32], stride: usize },
+    Gathered { x: Vec<f32>, stride: usize },
+}
+
+impl RowsF32<'_> {
+    pub fn as_slice(&self) -> (&[f32], usize) {
+        match self {
+            RowsF32::Borrowed { x, stride } => (x, *stride),
+            RowsF32::Gathered { x, stride } => (x, *stride),
+        }
+    }
+}
+
+impl<'a> TensorRef<'a> {
+    /// Bytes of the 2-D slice `(i2, i3)` of a tensor whose rows are contiguous (`nb[1] == row_bytes`).
+    ///
+    /// # Safety
+    /// The tensor's data is allocated, and `(i2, i3)` is within `ne[2]`, `ne[3]`.
+    pub unsafe fn slice2d_bytes(&self, i2: usize, i3: usize, row_bytes: usize) -> &'a [u8] {
+        let rows = self.t.ne[1] as usize;
+        let off = i2 * self.t.nb[2] + i3 * self.t.nb[3];
+        // SAFETY: ggml allocated ne[1] rows of row_bytes at data + off for this slice (caller contract).
+        unsafe { std::slice::from_raw_parts(self.t.data.cast::<u8>().add(off), rows * row_bytes) }
+    }
+
+    /// The f32 rows (`ne[1]` rows of `ne[0]`) of batch `(i2, i3)`, honouring arbitrary strides.
+    ///
+    /// # Safety
+    /// The tensor is F32, allocated, and `(i2, i3)` is in range.
+    pub unsafe fn f32_rows(&self, i2: usize, i3: usize) -> RowsF32<'a> {
+        let (k, m) = (self.t.ne[0] as usize, self.t.ne[1] as usize);
+        let nb = self.t.nb;
+        // SAFETY: offsets computed from ggml's strides stay inside the tensor's allocation.
+        let base = unsafe { self.t.data.cast::<u8>().add(i2 * nb[2] + i3 * nb[3]) };
+        if m == 0 || k == 0 {
+            return RowsF32::Gathered { x: Vec::new(), stride: k };
+        }
+        if nb[0] == 4 && nb[1] % 4 == 0 && base as usize % 4 == 0 {
+            let stride = nb[1] / 4;
+            // SAFETY: m rows of k f32 at `stride` elements apart lie in the tensor (rows may overlap
+            // for views, which is fine for a shared borrow).
+            let x = unsafe { std::slice::from_raw_parts(base.cast::<f32>(), (m - 1) * stride + k) };
+            return RowsF32::Borrowed { x, stride };
+        }
+        let mut x = Vec::with_capacity(m * k);
+        for r in 0..m {
+            for c in 0..k {
+                // SAFETY: element (c, r) of this batch, by ggml's strides; unaligned read tolerated.
+                x.push(unsafe { base.add(r * nb[1] + c * nb[0]).cast::<f32>().read_unaligned() });
+            }
+        }
+        RowsF32::Gathered { x, stride: k }
+    }
+
+    /// Writes `m` rows of `n` f32 (row stride `stride`) into batch `(i2, i3)` of this F32 tensor.
+    ///
+    /// # Safety
+    /// The tensor is F32 `[n, m, ..]`, allocated, `(i2, i3)` in range, and no one else reads or writes
+    /// this batch concurrently.
+    pub unsafe fn write_f32_rows(&self, i2: usize, i3: usize, src: &[f32], stride: usize) {
+        let (n, m) = (self.t.ne[0] as usize, self.t.ne[1] as usize);
+        let nb = self.t.nb;
+        // SAFETY: see the function contract.
+        let base = unsafe { self.t.data.cast::<u8>().add(i2 * nb[2] + i3 * nb[3]) };
+        for r in 0..m {
+            let row = &src[r * stride..r * stride + n];
+            if nb[0] == 4 {
+                // SAFETY: row r holds n contiguous f32 in the destination.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(row.as_ptr().cast::<u8>(), base.add(r * nb[1]), n * 4)
+                };
+            } else {
+                for (c, v) in row.iter().enumerate() {
+                    // SAFETY: element (c, r) of the batch.
+                    unsafe { base.add(r * nb[1] + c * nb[0]).cast::<f32>().write_unaligned(*v) };
+                }
+            }
+        }
+    }
+}

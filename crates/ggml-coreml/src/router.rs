@@ -1,0 +1,270 @@
+//! Where does a MUL_MAT go, and why — all in this file.
+//!
+//! [`eligible`] says whether the ANE path can compute a node at all (types, layout, op hints).
+//! [`claim`] answers ggml's `supports_op` (scheduling and weight placement).
+//! [`route`] decides, per node at compute time, between the executor and the host.
+//! [`compute`] walks the graph a face receives: ANE nodes go to the driver/executor, host nodes are
+//! batched into one call of the inner (host) backend, and an executor error sends that node to the host.
+
+use std::time::Instant;
+
+use ggml_coreml_bridge::WeightType;
+use ggml_coreml_executor::driver::{self, Activations, Scratch};
+use ggml_coreml_policy::{Decision, MatmulShape};
+
+use crate::engine::engine;
+use crate::ffi::abi::*;
+use crate::ffi::tensor::TensorRef;
+use crate::host::HostBackend;
+use crate::log;
+use crate::weights::WeightRegistry;
+
+/// GGML_PREC_F32 in `op_params[0]`: the graph asks for f32 accumulation.
+const PREC_F32: i32 = 10;
+/// `op_params[3]`: smallest precision src1 may be converted to; Q8 = 30.
+const PREC_Q8: i32 = 30;
+
+/// A MUL_MAT the ANE path can compute.
+#[derive(Clone, Copy, Debug)]
+pub struct Eligible {
+    pub wtype: WeightType,
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+}
+
+/// Can the ANE path compute this node? `Err` carries the reason it cannot.
+pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
+    if node.op() != GGML_OP_MUL_MAT {
+        return Err("not a MUL_MAT");
+    }
+    let (Some(w), Some(x)) = (node.src(0), node.src(1)) else { return Err("missing source") };
+    let wtype = WeightType::from_ggml(w.type_id() as u32).ok_or("weight type not supported")?;
+    if x.type_id() != GGML_TYPE_F32 || node.type_id() != GGML_TYPE_F32 {
+        return Err("activations or output not F32");
+    }
+    let (wne, wnb, xne) = (w.ne(), w.nb(), x.ne());
+    if wne.iter().chain(xne.iter()).any(|&d| d < 0) || wne[0] <= 0 || wne[1] <= 0 {
+        return Err("empty or negative shape");
+    }
+    let (k, n) = (wne[0] as usize, wne[1] as usize);
+    let row = wtype.row_bytes(k).map_err(|_| "K is not a multiple of the block size")?;
+    if wnb[0] != wtype.block_bytes() || wnb[1] != row {
+        return Err("weight rows not contiguous");
+    }
+    if xne[0] as usize != k {
+        return Err("inner dimensions differ");
+    }
+    if wne[2] == 0 || wne[3] == 0 || xne[2] % wne[2] != 0 || xne[3] % wne[3] != 0 {
+        return Err("batch dims do not broadcast");
+    }
+    if node.nb()[0] != 4 {
+        return Err("output not contiguous in rows");
+    }
+    if node.op_param(1) != 0 {
+        return Err("op hint (e.g. Hadamard) set");
+    }
+    if node.op_param(0) == PREC_F32 {
+        return Err("f32 accumulation requested");
+    }
+    let src1_prec = node.op_param(3);
+    if src1_prec > 0 && src1_prec < PREC_Q8 {
+        let mode = engine().mode_for(wtype);
+        if matches!(mode, driver::Mode::Program(ggml_coreml_program::Variant::I8I8)) {
+            return Err("graph forbids int8 activations");
+        }
+        if src1_prec < 20 {
+            return Err("graph forbids fp16 activations");
+        }
+    }
+    Ok(Eligible { wtype, k, n, m: xne[1] as usize })
+}
+
+/// `supports_op` of the ACCEL face for a MUL_MAT. `ours` says whether a buffer type is our weight buft.
+///
+/// - Weight placement (llama.cpp's probe uses a zero-size buffer) and unallocated queries
+///   (test-backend-ops asks before allocating): accept only what the ANE path could ever take under
+///   the current policy, so llama.cpp keeps every other weight in its own CPU buffers (CPU_REPACK too).
+/// - Scheduling (src0 already in our buffer): accept everything the host can run as well, because only
+///   we can read our buffer: declined shapes run on the inner host backend at its speed.
+pub fn claim(node: &TensorRef<'_>, ours: impl Fn(BuftPtr) -> bool, host_supports: impl Fn() -> bool) -> bool {
+    let Some(w) = node.src(0) else { return false };
+    let probe = match w.buffer_size() {
+        None => {
+            // Unallocated: only leaves (weights) can be ours; a computed src0 is someone else's.
+            if w.op() != GGML_OP_NONE {
+                return false;
+            }
+            true
+        }
+        Some(0) => ours(w.buft()),
+        Some(_) => {
+            if !ours(w.buft()) {
+                return false;
+            }
+            false
+        }
+    };
+    let e = eligible(node);
+    if probe {
+        return match e {
+            Ok(e) => engine().policy.would_offload_weight(e.k, e.n),
+            Err(why) => {
+                log::debug(&format!("declining {} at placement: {why}", node.name()));
+                false
+            }
+        };
+    }
+    e.is_ok() || host_supports()
+}
+
+/// The decision for one node at compute time.
+pub enum Route {
+    Ane(Eligible),
+    Host(&'static str),
+}
+
+pub fn route(node: &TensorRef<'_>) -> Route {
+    let e = match eligible(node) {
+        Ok(e) => e,
+        Err(why) => return Route::Host(why),
+    };
+    match engine().policy.decide(&MatmulShape { m: e.m, k: e.k, n: e.n }) {
+        Decision::Ane => Route::Ane(e),
+        Decision::Host(r) => Route::Host(r.as_str()),
+    }
+}
+
+/// Per-backend state the router needs.
+pub struct RouterCtx {
+    pub host: HostBackend,
+    pub scratch: Scratch,
+    pub out: Vec<f32>,
+    /// Weights whose buffer is not one of ours (hybrid face): prepared and kept here.
+    pub foreign: WeightRegistry,
+}
+
+impl RouterCtx {
+    pub fn new(host: HostBackend) -> RouterCtx {
+        RouterCtx { host, scratch: Scratch::default(), out: Vec::new(), foreign: WeightRegistry::default() }
+    }
+}
+
+/// Runs the nodes of a graph: returns a ggml status.
+///
+/// `registry_of` maps a weight tensor to the registry of prepared weights of its buffer.
+pub fn compute(
+    ctx: &mut RouterCtx,
+    nodes: &[*mut GgmlTensor],
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<&'t WeightRegistry>,
+) -> i32 {
+    let eng = engine();
+    let mut pending: Vec<*mut GgmlTensor> = Vec::new();
+    let mut pending_reason: Vec<&'static str> = Vec::new();
+    for &p in nodes {
+        // SAFETY: ggml hands us live graph nodes.
+        let Some(node) = (unsafe { TensorRef::from_ptr(p) }) else { continue };
+        if node.flags() & GGML_TENSOR_FLAG_COMPUTE == 0 {
+            continue;
+        }
+        match node.op() {
+            GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => continue,
+            GGML_OP_MUL_MAT => {}
+            _ => {
+                pending.push(p);
+                pending_reason.push("not a MUL_MAT");
+                continue;
+            }
+        }
+        match route(&node) {
+            Route::Host(why) => {
+                pending.push(p);
+                pending_reason.push(why);
+            }
+            Route::Ane(e) => {
+                // The ANE node may read what pending host nodes write: run them first.
+                let st = flush(ctx, &mut pending, &mut pending_reason);
+                if st != GGML_STATUS_SUCCESS {
+                    return st;
+                }
+                let t0 = Instant::now();
+                match run_ane(ctx, &node, e, registry_of) {
+                    Ok(batches) => {
+                        let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
+                        eng.stats.ane(t0.elapsed(), flops);
+                    }
+                    Err(err) => {
+                        eng.stats.faults.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        log::warn(&format!(
+                            "executor failed on {} (m={} k={} n={} {}): {err}; running it on the host",
+                            node.name(),
+                            e.m,
+                            e.k,
+                            e.n,
+                            e.wtype.name()
+                        ));
+                        pending.push(p);
+                        pending_reason.push("executor error");
+                    }
+                }
+            }
+        }
+    }
+    flush(ctx, &mut pending, &mut pending_reason)
+}
+
+fn flush(ctx: &mut RouterCtx, pending: &mut Vec<*mut GgmlTensor>, reasons: &mut Vec<&'static str>) -> i32 {
+    if pending.is_empty() {
+        return GGML_STATUS_SUCCESS;
+    }
+    let t0 = Instant::now();
+    let st = ctx.host.compute(pending);
+    let dt = t0.elapsed() / pending.len() as u32;
+    for r in reasons.iter() {
+        engine().stats.host(r, dt);
+    }
+    pending.clear();
+    reasons.clear();
+    st
+}
+
+/// One MUL_MAT through the driver, batch by batch (broadcasting src0 over dims 2 and 3).
+fn run_ane(
+    ctx: &mut RouterCtx,
+    node: &TensorRef<'_>,
+    e: Eligible,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<&'t WeightRegistry>,
+) -> Result<usize, String> {
+    let eng = engine();
+    let (w, x) = (node.src(0).ok_or("no src0")?, node.src(1).ok_or("no src1")?);
+    if w.data().is_null() || x.data().is_null() || node.data().is_null() {
+        return Err("unallocated tensor".into());
+    }
+    let (wne, xne) = (w.ne(), x.ne());
+    let (r2, r3) = ((xne[2] / wne[2]) as usize, (xne[3] / wne[3]) as usize);
+    let row = e.wtype.row_bytes(e.k).map_err(|err| err.to_string())?;
+    let registry = registry_of(&w);
+    let mut batches = 0;
+    for i13 in 0..xne[3] as usize {
+        for i12 in 0..xne[2] as usize {
+            let (i02, i03) = (i12 / r2, i13 / r3);
+            // SAFETY: eligible() checked contiguous rows; indices are within ne[2], ne[3].
+            let bytes = unsafe { w.slice2d_bytes(i02, i03, row) };
+            let addr = bytes.as_ptr() as usize;
+            let reg = registry.unwrap_or(&ctx.foreign);
+            let pw = eng.prepared(reg, addr, e.wtype, bytes, e.n, e.k)?;
+            // SAFETY: src1 is F32 (eligible) and allocated; (i12, i13) in range.
+            let rows = unsafe { x.f32_rows(i12, i13) };
+            let (xs, stride) = rows.as_slice();
+            let act = Activations { x: xs, m: e.m, x_stride: stride };
+            ctx.out.resize(e.m * e.n, 0.0);
+            driver::matmul(eng.executor.as_ref(), &pw, &act, &mut ctx.out, e.n, &mut ctx.scratch)
+                .map_err(|err| err.to_string())?;
+            // SAFETY: dst is F32 [n, m, ne12, ne13] (MUL_MAT contract), allocated, batch in range, and
+            // nothing else touches it during this node.
+            unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
+            batches += 1;
+        }
+    }
+    Ok(batches)
+}

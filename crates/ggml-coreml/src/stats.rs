@@ -1,0 +1,95 @@
+//! What the backend did: ops offloaded, declined by reason, time in the executor.
+//! Read by the summary at backend free, `ggml_backend_coreml_get_stats` and the QVAC package.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Default)]
+pub struct Stats {
+    pub ane_ops: AtomicU64,
+    pub ane_ns: AtomicU64,
+    pub ane_flops: AtomicU64,
+    pub host_ops: AtomicU64,
+    pub host_ns: AtomicU64,
+    pub faults: AtomicU64,
+    pub weights_prepared: AtomicU64,
+    pub weight_bytes_held: AtomicU64,
+    pub prepare_ns: AtomicU64,
+    /// Host ops by reason (small set of static strings).
+    pub host_reasons: Mutex<Vec<(&'static str, u64)>>,
+}
+
+impl Stats {
+    pub fn ane(&self, t: Duration, flops: u64) {
+        self.ane_ops.fetch_add(1, Ordering::Relaxed);
+        self.ane_ns.fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
+        self.ane_flops.fetch_add(flops, Ordering::Relaxed);
+    }
+
+    pub fn host(&self, reason: &'static str, t: Duration) {
+        self.host_ops.fetch_add(1, Ordering::Relaxed);
+        self.host_ns.fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
+        let mut r = self.host_reasons.lock().unwrap_or_else(|e| e.into_inner());
+        match r.iter_mut().find(|(k, _)| *k == reason) {
+            Some((_, n)) => *n += 1,
+            None => r.push((reason, 1)),
+        }
+    }
+
+    pub fn reset(&self) {
+        for a in [
+            &self.ane_ops,
+            &self.ane_ns,
+            &self.ane_flops,
+            &self.host_ops,
+            &self.host_ns,
+            &self.faults,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+        self.host_reasons.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// JSON snapshot (no serde in the cdylib: the format is small and fixed).
+    pub fn to_json(&self, policy: &str, executor: &str) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let reasons = self.host_reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        format!(
+            "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
+             \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3}}}",
+            g(&self.ane_ops),
+            g(&self.ane_ns) as f64 / 1e6,
+            g(&self.ane_flops) as f64 / 1e9,
+            g(&self.host_ops),
+            g(&self.host_ns) as f64 / 1e6,
+            reasons.join(","),
+            g(&self.faults),
+            g(&self.weights_prepared),
+            g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
+            g(&self.prepare_ns) as f64 / 1e6,
+        )
+    }
+
+    /// One human line for the log.
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let reasons = self.host_reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        format!(
+            "MUL_MAT offloaded {} ({:.1} ms in executor, {:.2} GFLOP), on host {} ({}), executor faults {}, \
+             weights prepared {} ({:.1} MiB held, {:.1} ms)",
+            g(&self.ane_ops),
+            g(&self.ane_ns) as f64 / 1e6,
+            g(&self.ane_flops) as f64 / 1e9,
+            g(&self.host_ops),
+            if reasons.is_empty() { "none".to_string() } else { reasons.join(", ") },
+            g(&self.faults),
+            g(&self.weights_prepared),
+            g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
+            g(&self.prepare_ns) as f64 / 1e6,
+        )
+    }
+}

@@ -1,0 +1,60 @@
+//! Prepared weights, per buffer: the int8 / fp16 forms of the weights a buffer holds, keyed by the
+//! address of each 2-D slice. Written at load (`set_tensor`) or on first use; invalidated by any write
+//! that overlaps the slice.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use ggml_coreml_executor::driver::{Mode, PreparedWeight};
+
+struct Entry {
+    len: usize,
+    mode: Mode,
+    weight: Arc<PreparedWeight>,
+}
+
+#[derive(Default)]
+pub struct WeightRegistry {
+    entries: Mutex<BTreeMap<usize, Entry>>,
+}
+
+impl WeightRegistry {
+    pub fn get(&self, addr: usize, mode: Mode) -> Option<Arc<PreparedWeight>> {
+        let e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        e.get(&addr).filter(|x| x.mode == mode).map(|x| x.weight.clone())
+    }
+
+    /// Inserts (replacing any entry at `addr`); returns bytes no longer held by a replaced entry.
+    pub fn insert(&self, addr: usize, len: usize, weight: Arc<PreparedWeight>) -> usize {
+        let mode = weight.mode;
+        let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        e.insert(addr, Entry { len, mode, weight }).map_or(0, |old| old.weight.bytes_held())
+    }
+
+    /// Drops every entry overlapping `[addr, addr + len)`; returns the bytes released.
+    pub fn invalidate(&self, addr: usize, len: usize) -> usize {
+        let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let end = addr.saturating_add(len.max(1));
+        // Entries never overlap each other, so walking back from `end` we can stop at the first one
+        // that ends at or before `addr`.
+        let doomed: Vec<usize> = e
+            .range(..end)
+            .rev()
+            .take_while(|(start, x)| start.saturating_add(x.len) > addr)
+            .map(|(k, _)| *k)
+            .collect();
+        doomed.iter().filter_map(|k| e.remove(k)).map(|x| x.weight.bytes_held()).sum()
+    }
+
+    pub fn clear(&self) -> usize {
+        let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let n = e.values().map(|x| x.weight.bytes_held()).sum();
+        e.clear();
+        n
+    }
+
+    pub fn bytes_held(&self) -> usize {
+        let e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        e.values().map(|x| x.weight.bytes_held()).sum()
+    }
+}
