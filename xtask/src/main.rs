@@ -59,12 +59,14 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
-    /// Test orchestration (see `cargo xtask test --help` once implemented).
+    /// Test orchestration; arguments (including --help) go to the test command.
+    #[command(disable_help_flag = true)]
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run llama.cpp tools with the backend loaded.
+    /// Run llama.cpp tools with the backend loaded; arguments (including --help) go to it.
+    #[command(disable_help_flag = true)]
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
