@@ -1,5 +1,149 @@
-//! `cargo xtask run` (owned by the lead; stub).
+//! `cargo xtask run`: the main job. Builds everything needed (host, models, backend — cached), runs a
+//! real model through llama.cpp twice (stock, then with ggml-coreml loaded), and prints a short report:
+//! where the MUL_MATs went, the text, and the speed of each run.
 
-pub fn main(args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("not yet: cargo xtask run {}", args.join(" "))
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::log;
+use crate::models::{Model, model_path};
+use crate::test::Env;
+
+struct Args {
+    model: String,
+    quant: String,
+    policy: String,
+    prompt: String,
+    n: usize,
+}
+
+fn parse(args: &[String]) -> Result<Args> {
+    let mut a = Args {
+        model: "gemma-3-270m".into(),
+        quant: "Q8_0".into(),
+        policy: "always".into(),
+        prompt: "The Neural Engine in Apple silicon is".into(),
+        n: 32,
+    };
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let mut val = || it.next().cloned().with_context(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--model" | "-m" => a.model = val()?,
+            "--quant" | "-q" => a.quant = val()?,
+            "--policy" => a.policy = val()?,
+            "--prompt" | "-p" => a.prompt = val()?,
+            "-n" => a.n = val()?.parse().context("-n takes a number")?,
+            "-h" | "--help" => {
+                println!(
+                    "cargo xtask run [--model gemma-3-270m|smollm2-135m|qwen3-tiny|<path.gguf>] [--quant Q8_0]\n\
+                     \x20                [--policy always|latency|energy|off] [--prompt TEXT] [-n TOKENS]\n\
+                     Runs llama-completion stock and with ggml-coreml loaded; reports where MUL_MATs went."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other} (see --help)"),
+        }
+    }
+    Ok(a)
+}
+
+/// Output of one llama-completion run.
+struct RunOut {
+    text: String,
+    prompt_tps: Option<f64>,
+    eval_tps: Option<f64>,
+    summary: Option<String>,
+    loaded: bool,
+}
+
+fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Result<RunOut> {
+    let mut c = Command::new(env.bin.join("llama-completion"));
+    c.arg("-m")
+        .arg(model)
+        .args(["-p", &a.prompt, "-n", &a.n.to_string(), "--temp", "0", "--seed", "1", "-ngl", "0", "-no-cnv"])
+        .args(["-t", "2", "--no-warmup"])
+        .stdin(Stdio::null());
+    if with_backend {
+        c.env("GGML_BACKEND_PATH", &env.lib).env("GGML_COREML_POLICY", &a.policy).env("GGML_COREML_LOG", "info");
+    }
+    let line = crate::util::display_cmd(&c);
+    log!("$ {}{line}", if with_backend { "GGML_BACKEND_PATH=… " } else { "" });
+    let out = c.output().with_context(|| format!("cannot start {line}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        let tail: Vec<&str> = stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+        bail!("llama-completion failed ({}):\n{}", out.status, tail.join("\n"));
+    }
+    let tps = |key: &str| {
+        stderr.lines().find(|l| l.contains(key) && l.contains("tokens per second")).and_then(|l| {
+            let i = l.find("tokens per second")?;
+            let head = &l[..i];
+            let num = head.rsplit(',').next()?.trim().split_whitespace().next()?;
+            num.parse::<f64>().ok()
+        })
+    };
+    Ok(RunOut {
+        text: stdout.trim().to_string(),
+        prompt_tps: tps("prompt eval time"),
+        eval_tps: tps(" eval time").or_else(|| tps("eval time")),
+        summary: stderr.lines().find(|l| l.contains("ggml-coreml: summary:")).map(|l| l.trim().to_string()),
+        loaded: stderr.contains("loaded CoreML backend"),
+    })
+}
+
+pub fn main(args: &[String]) -> Result<()> {
+    let a = parse(args)?;
+    let env = Env::prepare()?;
+    let model = if a.model.ends_with(".gguf") {
+        PathBuf::from(&a.model)
+    } else {
+        let m: Model = a.model.parse()?;
+        model_path(&env.models, m, &a.quant)
+    };
+    if !model.is_file() {
+        bail!("{} not found (cargo xtask models --quants {})", model.display(), a.quant);
+    }
+    let stock = completion(&env, &model, &a, false)?;
+    let ours = completion(&env, &model, &a, true)?;
+    if !ours.loaded {
+        bail!("llama.cpp did not load the backend from {}", env.lib.display());
+    }
+    let f = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.1}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(x), Some(y)) if y > 0.0 => format!("{:.2}x", x / y),
+        _ => "n/a".into(),
+    };
+    let same = common_prefix_words(&stock.text, &ours.text);
+    println!("ggml-coreml run report");
+    println!("  model    {}", model.display());
+    println!("  library  {}", env.lib.display());
+    println!("  policy   {} (executor: reference on Linux; CoreML on Apple devices)", a.policy);
+    println!("  routing  {}", ours.summary.as_deref().unwrap_or("(no summary line)").trim_start_matches("ggml-coreml: summary: "));
+    println!("  prompt   {:?}", a.prompt);
+    println!("  stock    {}", one_line(&stock.text));
+    println!("  coreml   {}", one_line(&ours.text));
+    println!("  agree    {same} leading words identical of {}", stock.text.split_whitespace().count());
+    println!(
+        "  speed    prompt {} t/s stock, {} t/s coreml ({}); generation {} t/s stock, {} t/s coreml ({})",
+        f(stock.prompt_tps),
+        f(ours.prompt_tps),
+        ratio(ours.prompt_tps, stock.prompt_tps),
+        f(stock.eval_tps),
+        f(ours.eval_tps),
+        ratio(ours.eval_tps, stock.eval_tps)
+    );
+    Ok(())
+}
+
+fn one_line(s: &str) -> String {
+    let s: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.chars().count() > 160 { format!("{}…", s.chars().take(160).collect::<String>()) } else { s }
+}
+
+fn common_prefix_words(a: &str, b: &str) -> usize {
+    a.split_whitespace().zip(b.split_whitespace()).take_while(|(x, y)| x == y).count()
 }

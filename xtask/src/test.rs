@@ -1,5 +1,316 @@
-//! `cargo xtask test` (owned by the lead; stub).
+//! `cargo xtask test`: every test of the project, in one command (the README's test command; `.ci/run`
+//! calls it). Stages run in order; each prints a verdict; the run ends with `N passed, M failed`.
+//!
+//! Setup (host build, venv, models) is cached outside the repo and reused; a failing setup stops the run.
 
-pub fn main(args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("not yet: cargo xtask test {}", args.join(" "))
+use std::env;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::models::{Model, ModelSet, ensure_models, model_path};
+use crate::{backend, host, log, paths, venv};
+
+/// Paths every stage may need.
+pub struct Env {
+    pub bin: PathBuf,
+    pub python: PathBuf,
+    pub models: PathBuf,
+    pub lib: PathBuf,
+}
+
+impl Env {
+    /// Host, venv, default models and the release backend library, built or reused.
+    pub fn prepare() -> Result<Env> {
+        let bin = host::ensure_host(None).context("host build")?;
+        let python = venv::ensure_venv().context("python venv")?;
+        let models = ensure_models(&ModelSet::default_set()).context("models")?;
+        let lib = backend::build_backend(true).context("backend build")?;
+        Ok(Env { bin, python, models, lib })
+    }
+
+    /// A host tool with the backend on GGML_BACKEND_PATH.
+    pub fn tool(&self, name: &str) -> Command {
+        let mut c = Command::new(self.bin.join(name));
+        c.env("GGML_BACKEND_PATH", &self.lib).stdin(Stdio::null());
+        c
+    }
+
+    /// Environment for tests that use external things (see the shared rule: fail, don't skip, in CI).
+    pub fn apply(&self, c: &mut Command) {
+        c.env("GGML_COREML_HOST_BIN", &self.bin)
+            .env("GGML_COREML_PYTHON", &self.python)
+            .env("GGML_COREML_MODELS", &self.models)
+            .env("GGML_COREML_LIB", &self.lib)
+            .env("GGML_COREML_REQUIRE_EXTERNAL", "1");
+    }
+}
+
+struct Stage {
+    name: &'static str,
+    run: fn(&Env) -> Result<String>,
+}
+
+const STAGES: &[Stage] = &[
+    Stage { name: "fmt", run: fmt },
+    Stage { name: "clippy-linux", run: clippy_linux },
+    Stage { name: "clippy-apple-darwin", run: |_| clippy_target("aarch64-apple-darwin") },
+    Stage { name: "clippy-apple-ios", run: |_| clippy_target("aarch64-apple-ios") },
+    Stage { name: "ios-staticlib", run: ios_staticlib },
+    Stage { name: "cargo-test", run: cargo_test },
+    Stage { name: "conformance", run: conformance },
+    Stage { name: "support-listing", run: support_listing },
+    Stage { name: "llama-bench", run: llama_bench_smoke },
+    Stage { name: "api-mismatch", run: api_mismatch },
+];
+
+pub fn main(args: &[String]) -> Result<()> {
+    let mut only: Vec<String> = Vec::new();
+    let mut skip: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--only" => only.extend(it.next().map(|s| s.split(',').map(String::from).collect::<Vec<_>>()).unwrap_or_default()),
+            "--skip" => skip.extend(it.next().map(|s| s.split(',').map(String::from).collect::<Vec<_>>()).unwrap_or_default()),
+            "--list" => {
+                for s in STAGES {
+                    println!("{}", s.name);
+                }
+                return Ok(());
+            }
+            "-h" | "--help" => {
+                println!(
+                    "cargo xtask test [--only a,b] [--skip a,b] [--list]\n\
+                     Runs every stage (fmt, clippy on Linux and both Apple targets, the iOS staticlib build,\n\
+                     cargo test with the host/venv/models, test-backend-ops conformance, llama-bench smoke,\n\
+                     API-version mismatch). Ends with `N passed, M failed`."
+                );
+                return Ok(());
+            }
+            other => bail!("unknown argument {other} (see --help)"),
+        }
+    }
+    let t0 = Instant::now();
+    log!("test: preparing host, venv, models and the backend (cached)");
+    let env = Env::prepare()?;
+    let (mut passed, mut failed) = (0, 0);
+    let mut failures = Vec::new();
+    for s in STAGES {
+        if (!only.is_empty() && !only.iter().any(|o| o == s.name)) || skip.iter().any(|o| o == s.name) {
+            continue;
+        }
+        let t = Instant::now();
+        eprintln!("\n=== stage {} ===", s.name);
+        match (s.run)(&env) {
+            Ok(note) => {
+                passed += 1;
+                eprintln!("=== stage {}: PASS ({:.0} s) {note}", s.name, t.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("=== stage {}: FAIL ({:.0} s): {e:#}", s.name, t.elapsed().as_secs_f64());
+                failures.push(s.name);
+            }
+        }
+    }
+    eprintln!("\ntest: {:.0} s in all", t0.elapsed().as_secs_f64());
+    if !failures.is_empty() {
+        eprintln!("failed stages: {}", failures.join(", "));
+    }
+    println!("stages: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} stage(s) failed");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(paths::workspace_root()).stdin(Stdio::null());
+    c
+}
+
+/// Runs a command, echoing its output to stderr, and returns the combined output.
+fn run_capture(c: &mut Command) -> Result<String> {
+    let line = crate::util::display_cmd(c);
+    log!("$ {line}");
+    let out = c.output().with_context(|| format!("cannot start {line}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("`{line}` failed ({}):\n{}", out.status, tail.join("\n"));
+    }
+    Ok(text)
+}
+
+fn run_status(c: &mut Command) -> Result<()> {
+    let line = crate::util::display_cmd(c);
+    log!("$ {line}");
+    let st = c.stdout(Stdio::from(std::io::stderr())).status().with_context(|| format!("cannot start {line}"))?;
+    if !st.success() {
+        bail!("`{line}` failed ({st})");
+    }
+    Ok(())
+}
+
+fn fmt(_: &Env) -> Result<String> {
+    run_status(cargo().args(["fmt", "--all", "--check"]))?;
+    Ok(String::new())
+}
+
+fn clippy_linux(_: &Env) -> Result<String> {
+    run_status(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    Ok(String::new())
+}
+
+fn clippy_target(target: &str) -> Result<String> {
+    ensure_rust_target(target)?;
+    run_status(cargo().args(["clippy", "--workspace", "--all-targets", "--target", target, "--", "-D", "warnings"]))?;
+    Ok(format!("(target {target})"))
+}
+
+fn ensure_rust_target(target: &str) -> Result<()> {
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    if let Ok(o) = installed
+        && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == target)
+    {
+        return Ok(());
+    }
+    run_status(Command::new("rustup").args(["target", "add", target]))
+}
+
+fn ios_staticlib(_: &Env) -> Result<String> {
+    ensure_rust_target("aarch64-apple-ios")?;
+    run_status(cargo().args([
+        "rustc",
+        "-p",
+        "ggml-coreml",
+        "--release",
+        "--target",
+        "aarch64-apple-ios",
+        "--crate-type",
+        "staticlib",
+    ]))?;
+    let dir = target_dir()?.join("aarch64-apple-ios/release");
+    let lib = dir.join("libggml_coreml.a");
+    let size = std::fs::metadata(&lib).with_context(|| format!("{} missing", lib.display()))?.len();
+    Ok(format!("{} ({:.1} MiB)", lib.display(), size as f64 / 1048576.0))
+}
+
+fn target_dir() -> Result<PathBuf> {
+    if let Ok(d) = env::var("CARGO_TARGET_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    Ok(paths::workspace_root().join("target"))
+}
+
+fn cargo_test(env: &Env) -> Result<String> {
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--release"]);
+    env.apply(&mut c);
+    run_status(&mut c)?;
+    Ok(String::new())
+}
+
+/// test-backend-ops MUL_MAT against the CPU backend, policy `always` (every supported op through the
+/// executor). Passing means: the backend reports OK, no case failed, and every claimed case ran.
+fn conformance(env: &Env) -> Result<String> {
+    let mut c = env.tool("test-backend-ops");
+    c.args(["test", "-b", "CoreML", "-o", "MUL_MAT"]).env("GGML_COREML_POLICY", "always").env("GGML_COREML_LOG", "info");
+    let out = run_capture(&mut c)?;
+    let report = ConformanceReport::parse(&out);
+    log!("conformance: {}", report.line());
+    if report.failed > 0 || !report.backend_ok || report.passed == 0 {
+        bail!("conformance: {}", report.line());
+    }
+    Ok(report.line())
+}
+
+/// Counts of a test-backend-ops run.
+#[derive(Default, Debug)]
+pub struct ConformanceReport {
+    pub passed: usize,
+    pub failed: usize,
+    pub unsupported: usize,
+    pub backend_ok: bool,
+}
+
+impl ConformanceReport {
+    pub fn parse(out: &str) -> ConformanceReport {
+        let mut r = ConformanceReport::default();
+        for l in out.lines() {
+            let l = l.trim();
+            if l.starts_with("MUL_MAT") {
+                if l.ends_with(": OK") || l.ends_with("OK") && l.contains("): ") && !l.contains("FAIL") {
+                    r.passed += 1;
+                } else if l.contains("FAIL") {
+                    r.failed += 1;
+                } else if l.contains("not supported") {
+                    r.unsupported += 1;
+                }
+            }
+            if l.starts_with("Backend CoreML:") && l.contains("OK") {
+                r.backend_ok = true;
+            }
+        }
+        r
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "{} cases passed, {} failed, {} not supported (declined); backend {}",
+            self.passed,
+            self.failed,
+            self.unsupported,
+            if self.backend_ok { "OK" } else { "not OK" }
+        )
+    }
+}
+
+fn support_listing(env: &Env) -> Result<String> {
+    let mut c = env.tool("test-backend-ops");
+    c.args(["support", "-o", "MUL_MAT", "-b", "CoreML"]).env("GGML_COREML_POLICY", "always");
+    let out = run_capture(&mut c)?;
+    if !out.contains("CoreML") {
+        bail!("test-backend-ops support does not list the CoreML device");
+    }
+    let yes = out.lines().filter(|l| l.contains("MUL_MAT") && l.contains("yes")).count();
+    Ok(format!("CoreML listed; {yes} MUL_MAT cases supported"))
+}
+
+fn model(env: &Env, m: Model, quant: &str) -> Result<PathBuf> {
+    let p = model_path(&env.models, m, quant);
+    if !p.is_file() {
+        bail!("model {} missing (cargo xtask models)", p.display());
+    }
+    Ok(p)
+}
+
+/// llama-bench on a real Q8_0 model with the library loaded: the backend shows in the `backends`
+/// column and the run completes (policy `always`, `-ngl 0` so layers are CPU-resident).
+fn llama_bench_smoke(env: &Env) -> Result<String> {
+    let m = model(env, Model::Gemma3_270m, "Q8_0")?;
+    let mut c = env.tool("llama-bench");
+    c.arg("-m").arg(&m).args(["-p", "64", "-n", "4", "-r", "1", "-ngl", "0", "-o", "md"]).env("GGML_COREML_POLICY", "always");
+    let out = run_capture(&mut c)?;
+    let row = out.lines().find(|l| l.contains("pp64")).unwrap_or("").to_string();
+    if !row.contains("CoreML") {
+        bail!("llama-bench's backends column does not show CoreML:\n{out}");
+    }
+    Ok(row.trim().to_string())
+}
+
+/// A host with another API version: the library is refused with one clear line and the host goes on.
+fn api_mismatch(env: &Env) -> Result<String> {
+    let mut c = env.tool("test-backend-ops");
+    c.args(["test", "-o", "MUL_MAT", "-p", "type_a=q8_0,type_b=f32,m=16,n=1,k=256"]).env("GGML_COREML_GGML_API_VERSION", "3");
+    let out = run_capture(&mut c)?;
+    let line = out.lines().find(|l| l.contains("incompatible API version")).map(str::to_string);
+    match line {
+        Some(l) if !out.contains("Backend CoreML") => Ok(l.trim().to_string()),
+        _ => bail!("expected the host to refuse the library with an API-version line:\n{out}"),
+    }
 }
