@@ -1,7 +1,11 @@
 //! Generates the CoreML protobuf types from our schema subset in `proto/` (no protoc needed).
 
 fn main() {
-    let files = ["proto/Model.proto", "proto/MIL.proto", "proto/FeatureTypes.proto"];
+    let files = [
+        "proto/Model.proto",
+        "proto/MIL.proto",
+        "proto/FeatureTypes.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

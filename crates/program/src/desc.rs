@@ -42,7 +42,9 @@ impl Variant {
     }
 
     pub fn parse(s: &str) -> Option<Variant> {
-        Variant::ALL.into_iter().find(|v| v.name().eq_ignore_ascii_case(s))
+        Variant::ALL
+            .into_iter()
+            .find(|v| v.name().eq_ignore_ascii_case(s))
     }
 }
 
@@ -96,12 +98,18 @@ impl ProgramDesc {
             return Err(format!("m={} is not an M bucket", self.m));
         }
         if self.k == 0 || self.n == 0 || self.k > ANE_MAX_DIM || self.n > ANE_MAX_DIM {
-            return Err(format!("k={} n={} outside 1..={ANE_MAX_DIM}", self.k, self.n));
+            return Err(format!(
+                "k={} n={} outside 1..={ANE_MAX_DIM}",
+                self.k, self.n
+            ));
         }
         match self.variant {
             Variant::W8F16 => {
-                if self.group == 0 || self.k % self.group != 0 {
-                    return Err(format!("w8f16 group {} does not divide k={}", self.group, self.k));
+                if self.group == 0 || !self.k.is_multiple_of(self.group) {
+                    return Err(format!(
+                        "w8f16 group {} does not divide k={}",
+                        self.group, self.k
+                    ));
                 }
             }
             _ => {
@@ -172,7 +180,7 @@ impl SplitPlan {
             return Err(format!("empty matmul m={m} k={k} n={n}"));
         }
         let align = align.max(1);
-        if k % align != 0 {
+        if !k.is_multiple_of(align) {
             return Err(format!("k={k} is not a multiple of {align}"));
         }
         let k_parts = split_even(k, max_dim, align)?;
@@ -185,9 +193,22 @@ impl SplitPlan {
             let mb = m_bucket(m_len).expect("m_len <= largest bucket");
             for &(k0, kl) in &k_parts {
                 for &(n0, nl) in &n_parts {
-                    let desc = ProgramDesc { variant, m: mb, k: kl, n: nl, group, offsets };
+                    let desc = ProgramDesc {
+                        variant,
+                        m: mb,
+                        k: kl,
+                        n: nl,
+                        group,
+                        offsets,
+                    };
                     desc.validate()?;
-                    parts.push(Part { m0, m_len, k0, n0, desc });
+                    parts.push(Part {
+                        m0,
+                        m_len,
+                        k0,
+                        n0,
+                        desc,
+                    });
                 }
             }
             m0 += m_len;
@@ -243,22 +264,41 @@ mod tests {
         let p = SplitPlan::new(Variant::I8I8, 5000, 20480, 262144, 0, false, 256).unwrap();
         // K 20480 -> 2 parts of 10240; N 262144 -> 16 parts; M 5000 -> 4096 + 904.
         assert_eq!(p.parts.len(), 2 * 2 * 16);
-        assert!(p.parts.iter().all(|x| x.desc.k == 10240 && x.desc.n == 16384));
+        assert!(
+            p.parts
+                .iter()
+                .all(|x| x.desc.k == 10240 && x.desc.n == 16384)
+        );
         assert_eq!(p.programs().len(), 2);
-        let covered_n: usize = p.parts.iter().filter(|x| x.m0 == 0 && x.k0 == 0).map(|x| x.desc.n).sum();
+        let covered_n: usize = p
+            .parts
+            .iter()
+            .filter(|x| x.m0 == 0 && x.k0 == 0)
+            .map(|x| x.desc.n)
+            .sum();
         assert_eq!(covered_n, 262144);
     }
 
     #[test]
     fn plan_small() {
         let p = SplitPlan::new(Variant::W8F16, 7, 256, 96, 32, true, 32).unwrap();
-        assert_eq!(p.parts, vec![Part {
-            m0: 0,
-            m_len: 7,
-            k0: 0,
-            n0: 0,
-            desc: ProgramDesc { variant: Variant::W8F16, m: 64, k: 256, n: 96, group: 32, offsets: true }
-        }]);
+        assert_eq!(
+            p.parts,
+            vec![Part {
+                m0: 0,
+                m_len: 7,
+                k0: 0,
+                n0: 0,
+                desc: ProgramDesc {
+                    variant: Variant::W8F16,
+                    m: 64,
+                    k: 256,
+                    n: 96,
+                    group: 32,
+                    offsets: true
+                }
+            }]
+        );
         assert_eq!(p.parts[0].desc.key(), "w8f16-g32o-m64-k256-n96");
     }
 
@@ -266,7 +306,11 @@ mod tests {
     fn uneven_split_keeps_alignment() {
         let parts = split_even(256 * 100, 16384, 256).unwrap();
         assert_eq!(parts.len(), 2);
-        assert!(parts.iter().all(|&(s, l)| s % 256 == 0 && l % 256 == 0 && l <= 16384));
+        assert!(
+            parts
+                .iter()
+                .all(|&(s, l)| s % 256 == 0 && l % 256 == 0 && l <= 16384)
+        );
         assert_eq!(parts.iter().map(|p| p.1).sum::<usize>(), 25600);
     }
 }

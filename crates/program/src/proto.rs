@@ -9,6 +9,9 @@ pub mod specification {
 
     /// `CoreML.Specification.MILSpec`
     pub mod mil_spec {
-        include!(concat!(env!("OUT_DIR"), "/core_ml.specification.mil_spec.rs"));
+        include!(concat!(
+            env!("OUT_DIR"),
+            "/core_ml.specification.mil_spec.rs"
+        ));
     }
 }

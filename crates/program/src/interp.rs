@@ -1,0 +1,1206 @@
+//! Reference interpreter: runs the very program the ANE would get, with ANE-like numerics.
+//!
+//! Built from the serialized Model protobuf (and `weight.bin` when consts live there). Construction
+//! walks the main function's block once, resolves every const parameter, infers every type and shape
+//! and checks them against the types the program declares; `run` then only moves data.
+//!
+//! Numerics: every op result is rounded to fp16. `matmul` accumulates in f32 and rounds its output to
+//! fp16 (the ANE's accumulator width is a device question). When both matmul operands are
+//! `dequantize(int8, scalar scale)` results, the product runs as an exact integer GEMM (i32 sums)
+//! scaled once by `scale_x · scale_y` and rounded to fp16: what an int8 × int8 engine computes, and
+//! fast enough to run every offloaded matmul of real models in tests. The unfused route would round
+//! each dequantized operand to fp16 first (at most 2⁻¹¹ relative per element).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use prost::Message;
+
+use crate::blob::{BlobDType, BlobReader};
+use crate::error::ProgramError;
+use crate::gemm;
+use crate::proto::specification::mil_spec::{
+    self as mil, argument::binding::Binding, dimension, tensor_value, value, value_type,
+};
+use crate::proto::specification::{Model, model};
+use crate::spec::DType;
+
+/// One input of a run, borrowed from the caller.
+#[derive(Clone, Copy, Debug)]
+pub enum TensorRef<'a> {
+    Int8(&'a [i8]),
+    Float16(&'a [f16]),
+}
+
+impl TensorRef<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            TensorRef::Int8(_) => DType::Int8,
+            TensorRef::Float16(_) => DType::Float16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            TensorRef::Int8(v) => v.len(),
+            TensorRef::Float16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Ty {
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+impl Ty {
+    fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl std::fmt::Display for Ty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{:?}", self.dtype, self.shape)
+    }
+}
+
+/// Data of a value: borrowed from the caller or shared (consts, op results).
+#[derive(Clone, Debug)]
+enum Buf<'a, T> {
+    Borrowed(&'a [T]),
+    Shared(Arc<Vec<T>>),
+}
+
+impl<T> std::ops::Deref for Buf<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Buf::Borrowed(s) => s,
+            Buf::Shared(v) => v,
+        }
+    }
+}
+
+impl<T> From<Vec<T>> for Buf<'_, T> {
+    fn from(v: Vec<T>) -> Self {
+        Buf::Shared(Arc::new(v))
+    }
+}
+
+/// A const, resolved at construction.
+#[derive(Clone, Debug)]
+enum Const {
+    Int8(Arc<Vec<i8>>),
+    Float16(Arc<Vec<f16>>),
+    Int32(Arc<Vec<i32>>),
+    Bool(Arc<Vec<bool>>),
+    Str(String),
+}
+
+/// A value during a run.
+#[derive(Clone, Debug)]
+enum Val<'a> {
+    Int8(Buf<'a, i8>),
+    Float16(Buf<'a, f16>),
+    Int32(Buf<'a, i32>),
+    /// `dequantize(q, scale)` kept lazy so a matmul of two of them can run as an integer GEMM.
+    Deq {
+        q: Buf<'a, i8>,
+        scale: f16,
+    },
+    /// Consts only used as parameters (bools, strings).
+    Opaque,
+}
+
+impl<'a> Val<'a> {
+    fn from_const(c: &Const) -> Val<'a> {
+        match c {
+            Const::Int8(v) => Val::Int8(Buf::Shared(v.clone())),
+            Const::Float16(v) => Val::Float16(Buf::Shared(v.clone())),
+            Const::Int32(v) => Val::Int32(Buf::Shared(v.clone())),
+            Const::Bool(_) | Const::Str(_) => Val::Opaque,
+        }
+    }
+
+    /// The fp16 data of this value (dequantizing lazily held int8 with one fp16 rounding each).
+    fn f16(&self) -> Result<Buf<'a, f16>, ProgramError> {
+        match self {
+            Val::Float16(b) => Ok(b.clone()),
+            Val::Deq { q, scale } => {
+                let s = scale.to_f32();
+                Ok(q.iter()
+                    .map(|&v| f16::from_f32(f32::from(v) * s))
+                    .collect::<Vec<_>>()
+                    .into())
+            }
+            _ => Err(ProgramError::Mismatch("expected an fp16 value".into())),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BinOp {
+    Add,
+    Mul,
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Const {
+        out: usize,
+        value: Const,
+    },
+    Dequantize {
+        out: usize,
+        input: usize,
+        scale: f16,
+        zero_point: i8,
+    },
+    Cast {
+        out: usize,
+        input: usize,
+    },
+    Reshape {
+        out: usize,
+        input: usize,
+    },
+    Binary {
+        out: usize,
+        op: BinOp,
+        x: usize,
+        y: usize,
+        xs: Vec<usize>,
+        ys: Vec<usize>,
+    },
+    Matmul(Box<MatmulStep>),
+    Transpose {
+        out: usize,
+        input: usize,
+        perm: Vec<usize>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct MatmulStep {
+    out: usize,
+    x: usize,
+    y: usize,
+    tx: bool,
+    ty: bool,
+    n: usize,
+    k: usize,
+    m: usize,
+    /// Element offsets of each output batch's x and y matrices.
+    batches: Vec<(usize, usize)>,
+}
+
+/// A program ready to run.
+#[derive(Debug)]
+pub struct Interpreter {
+    inputs: Vec<(String, usize)>,
+    types: Vec<Ty>,
+    steps: Vec<Step>,
+    /// Slots whose last use is step `i`, dropped after it.
+    drops: Vec<Vec<usize>>,
+    output: usize,
+    output_name: String,
+}
+
+fn malformed<T>(msg: String) -> Result<T, ProgramError> {
+    Err(ProgramError::Malformed(msg))
+}
+
+fn tensor_ty(vt: Option<&mil::ValueType>, what: &str) -> Result<Ty, ProgramError> {
+    let Some(value_type::Type::TensorType(t)) = vt.and_then(|v| v.r#type.as_ref()) else {
+        return Err(ProgramError::Unsupported(format!(
+            "{what}: not a tensor type"
+        )));
+    };
+    let dtype = DType::from_mil(t.data_type).ok_or_else(|| {
+        let name = mil::DataType::try_from(t.data_type).map_or("unknown", |d| d.as_str_name());
+        ProgramError::Unsupported(format!("{what}: data type {name}"))
+    })?;
+    let mut shape = Vec::with_capacity(t.dimensions.len());
+    for d in &t.dimensions {
+        match &d.dimension {
+            Some(dimension::Dimension::Constant(c)) => shape
+                .push(usize::try_from(c.size).map_err(|_| {
+                    ProgramError::Malformed(format!("{what}: dimension too large"))
+                })?),
+            _ => {
+                return Err(ProgramError::Unsupported(format!(
+                    "{what}: dynamic dimension"
+                )));
+            }
+        }
+    }
+    if t.rank != shape.len() as i64 {
+        return malformed(format!(
+            "{what}: rank {} with {} dimensions",
+            t.rank,
+            shape.len()
+        ));
+    }
+    if shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .is_none_or(|e| e > (1 << 34))
+    {
+        return Err(ProgramError::Unsupported(format!(
+            "{what}: {shape:?} is too large"
+        )));
+    }
+    Ok(Ty { dtype, shape })
+}
+
+fn decode_const(
+    v: &mil::Value,
+    weights: Option<&BlobReader<'_>>,
+    what: &str,
+) -> Result<(Ty, Const), ProgramError> {
+    use tensor_value::Value as TV;
+    let vt = v.r#type.as_ref();
+    if let Some(value_type::Type::TensorType(t)) = vt.and_then(|v| v.r#type.as_ref())
+        && t.data_type == mil::DataType::String as i32
+    {
+        let Some(value::Value::ImmediateValue(value::ImmediateValue {
+            value:
+                Some(value::immediate_value::Value::Tensor(mil::TensorValue {
+                    value: Some(TV::Strings(s)),
+                })),
+        })) = &v.value
+        else {
+            return malformed(format!("{what}: string const without strings"));
+        };
+        let Some(first) = s.values.first() else {
+            return malformed(format!("{what}: empty string const"));
+        };
+        return Ok((
+            Ty {
+                dtype: DType::Bool,
+                shape: vec![],
+            },
+            Const::Str(first.clone()),
+        ));
+    }
+    let ty = tensor_ty(vt, what)?;
+    let n = ty.elements();
+    let count = |len: usize| -> Result<(), ProgramError> {
+        if len == n {
+            Ok(())
+        } else {
+            malformed(format!("{what}: {len} values for {ty}"))
+        }
+    };
+    let c = match &v.value {
+        Some(value::Value::ImmediateValue(value::ImmediateValue {
+            value: Some(value::immediate_value::Value::Tensor(t)),
+        })) => match (ty.dtype, &t.value) {
+            (DType::Int8, Some(TV::Bytes(b))) => {
+                count(b.values.len())?;
+                Const::Int8(Arc::new(b.values.iter().map(|&x| x as i8).collect()))
+            }
+            (DType::Int8, Some(TV::Ints(i))) => {
+                count(i.values.len())?;
+                let v: Result<Vec<i8>, _> = i.values.iter().map(|&x| i8::try_from(x)).collect();
+                Const::Int8(Arc::new(v.map_err(|_| {
+                    ProgramError::Malformed(format!("{what}: int8 out of range"))
+                })?))
+            }
+            (DType::Float16, Some(TV::Bytes(b))) => {
+                count(b.values.len() / 2)?;
+                if b.values.len() % 2 != 0 {
+                    return malformed(format!("{what}: odd fp16 byte count"));
+                }
+                Const::Float16(Arc::new(
+                    b.values
+                        .chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ))
+            }
+            (DType::Int32, Some(TV::Ints(i))) => {
+                count(i.values.len())?;
+                Const::Int32(Arc::new(i.values.clone()))
+            }
+            (DType::Bool, Some(TV::Bools(b))) => {
+                count(b.values.len())?;
+                Const::Bool(Arc::new(b.values.clone()))
+            }
+            (dt, _) => {
+                return Err(ProgramError::Unsupported(format!(
+                    "{what}: {dt} const in this encoding"
+                )));
+            }
+        },
+        Some(value::Value::BlobFileValue(f)) => {
+            let Some(r) = weights else {
+                return malformed(format!(
+                    "{what}: refers to {} but the program has no weights",
+                    f.file_name
+                ));
+            };
+            let (bdt, bytes) = r.read(f.offset)?;
+            match (ty.dtype, bdt) {
+                (DType::Int8, BlobDType::Int8) => {
+                    count(bytes.len())?;
+                    Const::Int8(Arc::new(bytes.iter().map(|&x| x as i8).collect()))
+                }
+                (DType::Float16, BlobDType::Float16) => {
+                    count(bytes.len() / 2)?;
+                    Const::Float16(Arc::new(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                            .collect(),
+                    ))
+                }
+                (DType::Int32, BlobDType::Int32) => {
+                    count(bytes.len() / 4)?;
+                    Const::Int32(Arc::new(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
+                    ))
+                }
+                (dt, b) => {
+                    return malformed(format!("{what}: {dt} const stored as {} blob", b.name()));
+                }
+            }
+        }
+        _ => return malformed(format!("{what}: const without a value")),
+    };
+    Ok((ty, c))
+}
+
+/// Numpy-style broadcast of two shapes; returns the output shape and each operand's strides over it.
+fn broadcast(a: &[usize], b: &[usize]) -> Option<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+    let r = a.len().max(b.len());
+    let pad = |s: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, r - s.len())
+            .chain(s.iter().copied())
+            .collect()
+    };
+    let (pa, pb) = (pad(a), pad(b));
+    let mut out = Vec::with_capacity(r);
+    for i in 0..r {
+        out.push(match (pa[i], pb[i]) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        });
+    }
+    let strides = |s: &[usize]| -> Vec<usize> {
+        let mut st = vec![0; r];
+        let mut acc = 1;
+        for i in (0..r).rev() {
+            st[i] = if s[i] == 1 { 0 } else { acc };
+            acc *= s[i];
+        }
+        st
+    };
+    Some((out.clone(), strides(&pa), strides(&pb)))
+}
+
+/// Builder state while walking the block.
+struct Walk<'w> {
+    names: HashMap<String, usize>,
+    types: Vec<Ty>,
+    consts: HashMap<usize, Const>,
+    steps: Vec<Step>,
+    weights: Option<BlobReader<'w>>,
+}
+
+enum Arg {
+    Var(usize),
+    Value(Box<mil::Value>),
+}
+
+impl Walk<'_> {
+    fn new_slot(&mut self, name: &str, ty: Ty) -> Result<usize, ProgramError> {
+        let slot = self.types.len();
+        if self.names.insert(name.to_string(), slot).is_some() {
+            return malformed(format!("variable {name} defined twice"));
+        }
+        self.types.push(ty);
+        Ok(slot)
+    }
+
+    fn arg(&self, op: &mil::Operation, param: &str) -> Result<Option<Arg>, ProgramError> {
+        let Some(a) = op.inputs.get(param) else {
+            return Ok(None);
+        };
+        let [binding] = a.arguments.as_slice() else {
+            return Err(ProgramError::Unsupported(format!(
+                "{}: parameter {param} with {} arguments",
+                op.r#type,
+                a.arguments.len()
+            )));
+        };
+        match &binding.binding {
+            Some(Binding::Name(n)) => match self.names.get(n) {
+                Some(&s) => Ok(Some(Arg::Var(s))),
+                None => malformed(format!(
+                    "{}: {param} refers to undefined variable {n}",
+                    op.r#type
+                )),
+            },
+            Some(Binding::Value(v)) => Ok(Some(Arg::Value(Box::new(v.clone())))),
+            None => malformed(format!("{}: empty binding for {param}", op.r#type)),
+        }
+    }
+
+    fn var(&self, op: &mil::Operation, param: &str) -> Result<usize, ProgramError> {
+        match self.arg(op, param)? {
+            Some(Arg::Var(s)) => Ok(s),
+            Some(Arg::Value(_)) => Err(ProgramError::Unsupported(format!(
+                "{}: inline value for {param}",
+                op.r#type
+            ))),
+            None => malformed(format!("{}: missing parameter {param}", op.r#type)),
+        }
+    }
+
+    /// A parameter that must be known when the program is built (MIL requires these to be const).
+    fn const_arg(
+        &self,
+        op: &mil::Operation,
+        param: &str,
+    ) -> Result<Option<(Ty, Const)>, ProgramError> {
+        match self.arg(op, param)? {
+            None => Ok(None),
+            Some(Arg::Var(s)) => match self.consts.get(&s) {
+                Some(c) => Ok(Some((self.types[s].clone(), c.clone()))),
+                None => Err(ProgramError::Unsupported(format!(
+                    "{}: {param} must be a const",
+                    op.r#type
+                ))),
+            },
+            Some(Arg::Value(v)) => Ok(Some(decode_const(
+                &v,
+                self.weights.as_ref(),
+                &format!("{}.{param}", op.r#type),
+            )?)),
+        }
+    }
+
+    fn scalar_f16(&self, op: &mil::Operation, param: &str) -> Result<Option<f16>, ProgramError> {
+        match self.const_arg(op, param)? {
+            None => Ok(None),
+            Some((ty, Const::Float16(v))) if ty.elements() == 1 => Ok(Some(v[0])),
+            Some((ty, _)) => Err(ProgramError::Unsupported(format!(
+                "{}: {param} of type {ty}, want a scalar fp16",
+                op.r#type
+            ))),
+        }
+    }
+
+    fn scalar_bool(&self, op: &mil::Operation, param: &str) -> Result<Option<bool>, ProgramError> {
+        match self.const_arg(op, param)? {
+            None => Ok(None),
+            Some((ty, Const::Bool(v))) if ty.elements() == 1 => Ok(Some(v[0])),
+            Some((ty, _)) => Err(ProgramError::Unsupported(format!(
+                "{}: {param} of type {ty}, want a bool",
+                op.r#type
+            ))),
+        }
+    }
+
+    fn ints(&self, op: &mil::Operation, param: &str) -> Result<Vec<i32>, ProgramError> {
+        match self.const_arg(op, param)? {
+            Some((ty, Const::Int32(v))) if ty.shape.len() == 1 => Ok(v.to_vec()),
+            Some((ty, _)) => Err(ProgramError::Unsupported(format!(
+                "{}: {param} of type {ty}, want int32[n]",
+                op.r#type
+            ))),
+            None => malformed(format!("{}: missing parameter {param}", op.r#type)),
+        }
+    }
+
+    fn expect(
+        &self,
+        op: &mil::Operation,
+        slot: usize,
+        dtypes: &[DType],
+    ) -> Result<Ty, ProgramError> {
+        let ty = self.types[slot].clone();
+        if !dtypes.contains(&ty.dtype) {
+            return Err(ProgramError::Unsupported(format!("{} on {ty}", op.r#type)));
+        }
+        Ok(ty)
+    }
+
+    /// Adds one op; returns the inferred output type and the step (None for nothing to run).
+    fn op(&mut self, op: &mil::Operation) -> Result<(), ProgramError> {
+        let [out_decl] = op.outputs.as_slice() else {
+            return Err(ProgramError::Unsupported(format!(
+                "{} with {} outputs",
+                op.r#type,
+                op.outputs.len()
+            )));
+        };
+        let name = out_decl.name.as_str();
+        let what = format!("{} {name}", op.r#type);
+        let (ty, step): (Ty, Box<dyn FnOnce(usize) -> Step>) = match op.r#type.as_str() {
+            "const" => {
+                if !op.inputs.is_empty() {
+                    return malformed(format!("{what}: const with inputs"));
+                }
+                let Some(v) = op.attributes.get("val") else {
+                    return malformed(format!("{what}: const without val"));
+                };
+                let (ty, c) = decode_const(v, self.weights.as_ref(), &what)?;
+                // String consts are parameters only (e.g. cast's dtype); they have no tensor type to check.
+                if !matches!(c, Const::Str(_)) {
+                    check_declared(out_decl, &ty, &what)?;
+                }
+                let slot = self.new_slot(name, ty)?;
+                self.consts.insert(slot, c.clone());
+                self.steps.push(Step::Const {
+                    out: slot,
+                    value: c,
+                });
+                return Ok(());
+            }
+            "dequantize" => {
+                let input = self.var(op, "input")?;
+                let ity = self.expect(op, input, &[DType::Int8])?;
+                let scale = self.scalar_f16(op, "scale")?.ok_or_else(|| {
+                    ProgramError::Unsupported(format!("{what}: scale must be a scalar fp16 const"))
+                })?;
+                let zero_point = match self.const_arg(op, "zero_point")? {
+                    None => 0,
+                    Some((t, Const::Int8(v))) if t.elements() == 1 => v[0],
+                    Some((t, _)) => {
+                        return Err(ProgramError::Unsupported(format!("{what}: zero_point {t}")));
+                    }
+                };
+                (
+                    Ty {
+                        dtype: DType::Float16,
+                        shape: ity.shape,
+                    },
+                    Box::new(move |out| Step::Dequantize {
+                        out,
+                        input,
+                        scale,
+                        zero_point,
+                    }),
+                )
+            }
+            "cast" => {
+                let input = self.var(op, "x")?;
+                let ity = self.expect(op, input, &[DType::Int8, DType::Float16, DType::Int32])?;
+                match self.const_arg(op, "dtype")? {
+                    Some((_, Const::Str(s))) if s == "fp16" => {}
+                    Some((_, Const::Str(s))) => {
+                        return Err(ProgramError::Unsupported(format!("{what}: cast to {s}")));
+                    }
+                    _ => return malformed(format!("{what}: dtype must be a string const")),
+                }
+                (
+                    Ty {
+                        dtype: DType::Float16,
+                        shape: ity.shape,
+                    },
+                    Box::new(move |out| Step::Cast { out, input }),
+                )
+            }
+            "reshape" => {
+                let input = self.var(op, "x")?;
+                let ity = self.types[input].clone();
+                let want = self.ints(op, "shape")?;
+                let total = ity.elements();
+                let known: usize = want
+                    .iter()
+                    .filter(|&&d| d > 0)
+                    .map(|&d| d as usize)
+                    .product();
+                let mut shape = Vec::with_capacity(want.len());
+                let inferred = want.iter().filter(|&&d| d == -1).count();
+                for &d in &want {
+                    shape.push(match d {
+                        d if d > 0 => d as usize,
+                        -1 if inferred == 1 && known > 0 && total.is_multiple_of(known) => {
+                            total / known
+                        }
+                        _ => {
+                            return Err(ProgramError::Unsupported(format!(
+                                "{what}: shape {want:?}"
+                            )));
+                        }
+                    });
+                }
+                if shape.iter().product::<usize>() != total {
+                    return Err(ProgramError::Mismatch(format!(
+                        "{what}: cannot reshape {ity} to {shape:?}"
+                    )));
+                }
+                (
+                    Ty {
+                        dtype: ity.dtype,
+                        shape,
+                    },
+                    Box::new(move |out| Step::Reshape { out, input }),
+                )
+            }
+            "mul" | "add" => {
+                let bop = if op.r#type == "mul" {
+                    BinOp::Mul
+                } else {
+                    BinOp::Add
+                };
+                let x = self.var(op, "x")?;
+                let y = self.var(op, "y")?;
+                let xt = self.expect(op, x, &[DType::Float16])?;
+                let yt = self.expect(op, y, &[DType::Float16])?;
+                let (shape, xs, ys) = broadcast(&xt.shape, &yt.shape).ok_or_else(|| {
+                    ProgramError::Mismatch(format!("{what}: {xt} and {yt} do not broadcast"))
+                })?;
+                (
+                    Ty {
+                        dtype: DType::Float16,
+                        shape,
+                    },
+                    Box::new(move |out| Step::Binary {
+                        out,
+                        op: bop,
+                        x,
+                        y,
+                        xs,
+                        ys,
+                    }),
+                )
+            }
+            "matmul" => {
+                let x = self.var(op, "x")?;
+                let y = self.var(op, "y")?;
+                let tx = self.scalar_bool(op, "transpose_x")?.unwrap_or(false);
+                let ty = self.scalar_bool(op, "transpose_y")?.unwrap_or(false);
+                let xt = self.expect(op, x, &[DType::Float16])?;
+                let yt = self.expect(op, y, &[DType::Float16])?;
+                let (xr, yr) = (xt.shape.len(), yt.shape.len());
+                if xr < 2 || yr < 2 {
+                    return Err(ProgramError::Unsupported(format!(
+                        "{what}: operands of rank < 2"
+                    )));
+                }
+                let (a, b) = (xt.shape[xr - 2], xt.shape[xr - 1]);
+                let (n, k) = if tx { (b, a) } else { (a, b) };
+                let (c, d) = (yt.shape[yr - 2], yt.shape[yr - 1]);
+                let (k2, m) = if ty { (d, c) } else { (c, d) };
+                if k != k2 {
+                    return Err(ProgramError::Mismatch(format!(
+                        "{what}: inner dimensions {k} and {k2} ({xt} × {yt})"
+                    )));
+                }
+                let (bshape, xs, ys) = broadcast(&xt.shape[..xr - 2], &yt.shape[..yr - 2])
+                    .ok_or_else(|| {
+                        ProgramError::Mismatch(format!(
+                            "{what}: batch dimensions of {xt} and {yt} do not broadcast"
+                        ))
+                    })?;
+                let nb: usize = bshape.iter().product();
+                let mut batches = Vec::with_capacity(nb);
+                for i in 0..nb {
+                    let (mut rem, mut xo, mut yo) = (i, 0, 0);
+                    for d in (0..bshape.len()).rev() {
+                        let idx = rem % bshape[d];
+                        rem /= bshape[d];
+                        xo += idx * xs[d];
+                        yo += idx * ys[d];
+                    }
+                    batches.push((xo * a * b, yo * c * d));
+                }
+                let mut shape = bshape;
+                shape.extend([n, m]);
+                (
+                    Ty {
+                        dtype: DType::Float16,
+                        shape,
+                    },
+                    Box::new(move |out| {
+                        Step::Matmul(Box::new(MatmulStep {
+                            out,
+                            x,
+                            y,
+                            tx,
+                            ty,
+                            n,
+                            k,
+                            m,
+                            batches,
+                        }))
+                    }),
+                )
+            }
+            "transpose" => {
+                let input = self.var(op, "x")?;
+                let ity = self.expect(op, input, &[DType::Float16, DType::Int8])?;
+                let perm = self.ints(op, "perm")?;
+                let r = ity.shape.len();
+                let mut seen = vec![false; r];
+                let mut p = Vec::with_capacity(r);
+                for &d in &perm {
+                    let d = if d < 0 { d + r as i32 } else { d };
+                    match usize::try_from(d) {
+                        Ok(d) if d < r && !seen[d] => {
+                            seen[d] = true;
+                            p.push(d);
+                        }
+                        _ => return malformed(format!("{what}: perm {perm:?} for rank {r}")),
+                    }
+                }
+                if p.len() != r {
+                    return malformed(format!("{what}: perm {perm:?} for rank {r}"));
+                }
+                let shape = p.iter().map(|&d| ity.shape[d]).collect();
+                (
+                    Ty {
+                        dtype: ity.dtype,
+                        shape,
+                    },
+                    Box::new(move |out| Step::Transpose {
+                        out,
+                        input,
+                        perm: p,
+                    }),
+                )
+            }
+            other => return Err(ProgramError::Unsupported(format!("op {other} ({name})"))),
+        };
+        check_declared(out_decl, &ty, &what)?;
+        let slot = self.new_slot(name, ty)?;
+        self.steps.push(step(slot));
+        Ok(())
+    }
+}
+
+/// Compares an op's declared output type (when it has one) with the inferred one.
+fn check_declared(decl: &mil::NamedValueType, ty: &Ty, what: &str) -> Result<(), ProgramError> {
+    if decl.r#type.is_some() {
+        let declared = tensor_ty(decl.r#type.as_ref(), what)?;
+        if &declared != ty {
+            return Err(ProgramError::Mismatch(format!(
+                "{what}: declared {declared}, computed {ty}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn step_inputs(s: &Step) -> Vec<usize> {
+    match s {
+        Step::Const { .. } => vec![],
+        Step::Dequantize { input, .. }
+        | Step::Cast { input, .. }
+        | Step::Reshape { input, .. }
+        | Step::Transpose { input, .. } => {
+            vec![*input]
+        }
+        Step::Binary { x, y, .. } => vec![*x, *y],
+        Step::Matmul(m) => vec![m.x, m.y],
+    }
+}
+
+fn step_out(s: &Step) -> usize {
+    match s {
+        Step::Const { out, .. }
+        | Step::Dequantize { out, .. }
+        | Step::Cast { out, .. }
+        | Step::Reshape { out, .. }
+        | Step::Binary { out, .. }
+        | Step::Transpose { out, .. } => *out,
+        Step::Matmul(m) => m.out,
+    }
+}
+
+impl Interpreter {
+    /// Builds an interpreter for a serialized Model whose consts are all inline.
+    pub fn new(model: &[u8]) -> Result<Interpreter, ProgramError> {
+        Self::with_weights(model, None)
+    }
+
+    /// Builds an interpreter for a serialized Model and its `weight.bin` (if it has one).
+    pub fn with_weights(model: &[u8], weights: Option<&[u8]>) -> Result<Interpreter, ProgramError> {
+        let model = Model::decode(model).map_err(|e| ProgramError::Decode(e.to_string()))?;
+        let weights = weights.map(BlobReader::new).transpose()?;
+        Self::from_model(&model, weights)
+    }
+
+    fn from_model(
+        model: &Model,
+        weights: Option<BlobReader<'_>>,
+    ) -> Result<Interpreter, ProgramError> {
+        let Some(model::Type::MlProgram(program)) = &model.r#type else {
+            return Err(ProgramError::Unsupported(
+                "model is not an ML Program".into(),
+            ));
+        };
+        let Some(main) = program.functions.get("main") else {
+            return malformed("program has no main function".into());
+        };
+        let block = match main.block_specializations.get(&main.opset) {
+            Some(b) => b,
+            None if main.block_specializations.len() == 1 => {
+                main.block_specializations.values().next().expect("one")
+            }
+            None => return malformed(format!("no block for opset {:?}", main.opset)),
+        };
+        let mut walk = Walk {
+            names: HashMap::new(),
+            types: Vec::new(),
+            consts: HashMap::new(),
+            steps: Vec::new(),
+            weights,
+        };
+        let mut inputs = Vec::new();
+        for i in &main.inputs {
+            let ty = tensor_ty(i.r#type.as_ref(), &format!("input {}", i.name))?;
+            if !matches!(ty.dtype, DType::Int8 | DType::Float16) {
+                return Err(ProgramError::Unsupported(format!(
+                    "input {} of type {ty}",
+                    i.name
+                )));
+            }
+            inputs.push((i.name.clone(), walk.new_slot(&i.name, ty)?));
+        }
+        for op in &block.operations {
+            if !op.blocks.is_empty() {
+                return Err(ProgramError::Unsupported(format!(
+                    "{} with nested blocks",
+                    op.r#type
+                )));
+            }
+            walk.op(op)?;
+        }
+        let [output_name] = block.outputs.as_slice() else {
+            return Err(ProgramError::Unsupported(format!(
+                "{} block outputs (want 1)",
+                block.outputs.len()
+            )));
+        };
+        let Some(&output) = walk.names.get(output_name) else {
+            return malformed(format!("output {output_name} is not defined"));
+        };
+        if walk.types[output].dtype != DType::Float16 {
+            return Err(ProgramError::Unsupported(format!(
+                "output of type {}",
+                walk.types[output]
+            )));
+        }
+        let mut last = vec![None; walk.types.len()];
+        for (i, s) in walk.steps.iter().enumerate() {
+            for slot in step_inputs(s) {
+                last[slot] = Some(i);
+            }
+        }
+        let mut drops = vec![Vec::new(); walk.steps.len()];
+        for (slot, l) in last.iter().enumerate() {
+            if let Some(i) = l
+                && slot != output
+            {
+                drops[*i].push(slot);
+            }
+        }
+        Ok(Interpreter {
+            inputs,
+            types: walk.types,
+            steps: walk.steps,
+            drops,
+            output,
+            output_name: output_name.clone(),
+        })
+    }
+
+    /// Names, element types and shapes of the inputs, in signature order.
+    pub fn inputs(&self) -> Vec<(&str, DType, &[usize])> {
+        self.inputs
+            .iter()
+            .map(|(n, s)| {
+                (
+                    n.as_str(),
+                    self.types[*s].dtype,
+                    self.types[*s].shape.as_slice(),
+                )
+            })
+            .collect()
+    }
+
+    /// Name and shape of the (fp16) output.
+    pub fn output(&self) -> (&str, &[usize]) {
+        (&self.output_name, &self.types[self.output].shape)
+    }
+
+    /// Number of fp16 values `run` produces.
+    pub fn output_len(&self) -> usize {
+        self.types[self.output].elements()
+    }
+
+    /// Runs the program; every declared input must be given exactly once, by name.
+    pub fn run(
+        &self,
+        inputs: &[(&str, TensorRef<'_>)],
+        threads: usize,
+    ) -> Result<Vec<f16>, ProgramError> {
+        let mut out = vec![f16::ZERO; self.output_len()];
+        self.run_into(inputs, threads, &mut out)?;
+        Ok(out)
+    }
+
+    /// Runs the program and writes the output into `out` (exactly [`Self::output_len`] values).
+    pub fn run_into(
+        &self,
+        inputs: &[(&str, TensorRef<'_>)],
+        threads: usize,
+        out: &mut [f16],
+    ) -> Result<(), ProgramError> {
+        if out.len() != self.output_len() {
+            return Err(ProgramError::BadInputs(format!(
+                "output buffer of {} values, want {}",
+                out.len(),
+                self.output_len()
+            )));
+        }
+        let mut env: Vec<Option<Val<'_>>> = vec![None; self.types.len()];
+        for (name, t) in inputs {
+            let Some((_, slot)) = self.inputs.iter().find(|(n, _)| n == name) else {
+                return Err(ProgramError::BadInputs(format!(
+                    "the program has no input {name}"
+                )));
+            };
+            let ty = &self.types[*slot];
+            if t.dtype() != ty.dtype || t.len() != ty.elements() {
+                return Err(ProgramError::BadInputs(format!(
+                    "input {name}: {} values of {}, want {ty}",
+                    t.len(),
+                    t.dtype()
+                )));
+            }
+            if env[*slot].is_some() {
+                return Err(ProgramError::BadInputs(format!("input {name} given twice")));
+            }
+            env[*slot] = Some(match *t {
+                TensorRef::Int8(v) => Val::Int8(Buf::Borrowed(v)),
+                TensorRef::Float16(v) => Val::Float16(Buf::Borrowed(v)),
+            });
+        }
+        if let Some((name, _)) = self.inputs.iter().find(|(_, s)| env[*s].is_none()) {
+            return Err(ProgramError::BadInputs(format!("input {name} is missing")));
+        }
+        let threads = threads.max(1);
+        for (i, step) in self.steps.iter().enumerate() {
+            let v = self.exec(step, &env, threads)?;
+            env[step_out(step)] = Some(v);
+            for &d in &self.drops[i] {
+                env[d] = None;
+            }
+        }
+        let y = env[self.output]
+            .take()
+            .ok_or_else(|| ProgramError::Malformed("output was never computed".into()))?;
+        out.copy_from_slice(&y.f16()?);
+        Ok(())
+    }
+
+    fn exec<'a>(
+        &self,
+        step: &Step,
+        env: &[Option<Val<'a>>],
+        threads: usize,
+    ) -> Result<Val<'a>, ProgramError> {
+        let get = |s: usize| {
+            env[s]
+                .as_ref()
+                .ok_or_else(|| ProgramError::Malformed(format!("slot {s} is empty")))
+        };
+        Ok(match step {
+            Step::Const { value, .. } => Val::from_const(value),
+            Step::Dequantize {
+                input,
+                scale,
+                zero_point,
+                ..
+            } => {
+                let Val::Int8(q) = get(*input)? else {
+                    return Err(ProgramError::Mismatch(
+                        "dequantize of a non-int8 value".into(),
+                    ));
+                };
+                if *zero_point == 0 {
+                    Val::Deq {
+                        q: q.clone(),
+                        scale: *scale,
+                    }
+                } else {
+                    let (s, z) = (scale.to_f32(), f32::from(*zero_point));
+                    Val::Float16(
+                        q.iter()
+                            .map(|&v| f16::from_f32((f32::from(v) - z) * s))
+                            .collect::<Vec<_>>()
+                            .into(),
+                    )
+                }
+            }
+            Step::Cast { input, .. } => match get(*input)? {
+                Val::Int8(q) => Val::Float16(
+                    q.iter()
+                        .map(|&v| f16::from_f32(f32::from(v)))
+                        .collect::<Vec<_>>()
+                        .into(),
+                ),
+                Val::Int32(q) => Val::Float16(
+                    q.iter()
+                        .map(|&v| f16::from_f64(f64::from(v)))
+                        .collect::<Vec<_>>()
+                        .into(),
+                ),
+                v => Val::Float16(v.f16()?),
+            },
+            Step::Reshape { input, .. } => get(*input)?.clone(),
+            Step::Binary {
+                out,
+                op,
+                x,
+                y,
+                xs,
+                ys,
+            } => {
+                let (a, b) = (get(*x)?.f16()?, get(*y)?.f16()?);
+                Val::Float16(binary(*op, &a, &b, &self.types[*out].shape, xs, ys).into())
+            }
+            Step::Matmul(mm) => self.matmul(mm, get(mm.x)?, get(mm.y)?, threads)?,
+            Step::Transpose { input, perm, .. } => {
+                let shape = &self.types[*input].shape;
+                match get(*input)? {
+                    Val::Int8(q) => Val::Int8(permute(q, shape, perm).into()),
+                    Val::Deq { q, scale } => Val::Deq {
+                        q: permute(q, shape, perm).into(),
+                        scale: *scale,
+                    },
+                    v => Val::Float16(permute(&v.f16()?, shape, perm).into()),
+                }
+            }
+        })
+    }
+
+    fn matmul<'a>(
+        &self,
+        mm: &MatmulStep,
+        x: &Val<'a>,
+        y: &Val<'a>,
+        threads: usize,
+    ) -> Result<Val<'a>, ProgramError> {
+        let (n, k, m) = (mm.n, mm.k, mm.m);
+        let mut out = vec![f16::ZERO; mm.batches.len() * n * m];
+        for (bi, &(xo, yo)) in mm.batches.iter().enumerate() {
+            let dst = &mut out[bi * n * m..(bi + 1) * n * m];
+            if let (Val::Deq { q: qx, scale: sx }, Val::Deq { q: qy, scale: sy }) = (x, y) {
+                let a = rows_of(&qx[xo..xo + n * k], n, k, mm.tx);
+                let bt = rows_of(&qy[yo..yo + k * m], m, k, !mm.ty);
+                let scale = f64::from(sx.to_f32()) * f64::from(sy.to_f32());
+                gemm::gemm_i8(&a, &bt, n, m, k, scale, dst, threads);
+            } else {
+                let (xf, yf) = (x.f16()?, y.f16()?);
+                let a = to_f32(&rows_of(&xf[xo..xo + n * k], n, k, mm.tx));
+                let bt = to_f32(&rows_of(&yf[yo..yo + k * m], m, k, !mm.ty));
+                gemm::gemm_f32(&a, &bt, n, m, k, dst, threads);
+            }
+        }
+        Ok(Val::Float16(out.into()))
+    }
+}
+
+/// A `[rows, cols]` view of a matrix stored as `[rows, cols]` (`transposed == false`) or `[cols, rows]`.
+fn rows_of<T: Copy + Default>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+) -> std::borrow::Cow<'_, [T]> {
+    if transposed {
+        gemm::transpose(src, cols, rows).into()
+    } else {
+        src.into()
+    }
+}
+
+fn to_f32(v: &[f16]) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    v.convert_to_f32_slice(&mut out);
+    out
+}
+
+/// Elementwise op with broadcasting; computed in f32, rounded to fp16.
+fn binary(
+    op: BinOp,
+    a: &[f16],
+    b: &[f16],
+    shape: &[usize],
+    xs: &[usize],
+    ys: &[usize],
+) -> Vec<f16> {
+    let total: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(total);
+    let r = shape.len();
+    if r == 0 {
+        let (x, y) = (a[0].to_f32(), b[0].to_f32());
+        out.push(f16::from_f32(if op == BinOp::Mul { x * y } else { x + y }));
+        return out;
+    }
+    let inner = shape[r - 1];
+    let (sx, sy) = (xs[r - 1], ys[r - 1]);
+    let mut idx = vec![0usize; r - 1];
+    let outer = total.checked_div(inner).unwrap_or(0);
+    for _ in 0..outer {
+        let xo: usize = idx.iter().zip(xs).map(|(i, s)| i * s).sum();
+        let yo: usize = idx.iter().zip(ys).map(|(i, s)| i * s).sum();
+        for j in 0..inner {
+            let (x, y) = (a[xo + j * sx].to_f32(), b[yo + j * sy].to_f32());
+            out.push(f16::from_f32(if op == BinOp::Mul { x * y } else { x + y }));
+        }
+        for d in (0..r - 1).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+/// General axis permutation of a row-major tensor.
+fn permute<T: Copy>(src: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
+    let r = shape.len();
+    let mut strides = vec![1usize; r];
+    for d in (0..r.saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    let oshape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let ostrides: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+    let total: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(total);
+    let mut idx = vec![0usize; r];
+    for _ in 0..total {
+        out.push(src[idx.iter().zip(&ostrides).map(|(i, s)| i * s).sum::<usize>()]);
+        for d in (0..r).rev() {
+            idx[d] += 1;
+            if idx[d] < oshape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
