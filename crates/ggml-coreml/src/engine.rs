@@ -88,25 +88,29 @@ impl Engine {
         Mode::for_type(wtype, self.mode_override)
     }
 
-    /// The prepared form of the 2-D weight at `bytes` (address `addr`), from `registry` or made now.
+    /// The prepared form of the 2-D weight whose rows (`bytes`, gathered) start at `addr` with row stride
+    /// `stride`, from `registry` or made now.
+    #[allow(clippy::too_many_arguments)]
     pub fn prepared(
         &self,
         registry: &WeightRegistry,
         addr: usize,
+        stride: usize,
         wtype: WeightType,
         bytes: &[u8],
         n: usize,
         k: usize,
     ) -> Result<Arc<PreparedWeight>, String> {
         let mode = self.mode_for(wtype);
-        if let Some(w) = registry.get(addr, mode) {
+        if let Some(w) = registry.get(addr, mode, stride) {
             return Ok(w);
         }
         let t0 = Instant::now();
         let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, addr as u64)
             .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
         let w = Arc::new(w);
-        let released = registry.insert(addr, bytes.len(), w.clone());
+        let span = stride * n.saturating_sub(1) + bytes.len() / n.max(1);
+        let released = registry.insert(addr, span, stride, w.clone());
         self.stats.weights_prepared.fetch_add(1, Ordering::Relaxed);
         self.stats.prepare_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let held = w.bytes_held() as u64;

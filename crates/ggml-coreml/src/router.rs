@@ -49,7 +49,8 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     }
     let (k, n) = (wne[0] as usize, wne[1] as usize);
     let row = wtype.row_bytes(k).map_err(|_| "K is not a multiple of the block size")?;
-    if wnb[0] != wtype.block_bytes() || wnb[1] != row {
+    // Rows must be runs of whole blocks; rows themselves may be strided (views, permutes).
+    if wnb[0] != wtype.block_bytes() || wnb[1] < row {
         return Err("weight rows not contiguous");
     }
     if xne[0] as usize != k {
@@ -91,8 +92,9 @@ pub fn claim(node: &TensorRef<'_>, ours: impl Fn(BuftPtr) -> bool, host_supports
     let Some(w) = node.src(0) else { return false };
     let probe = match w.buffer_size() {
         None => {
-            // Unallocated: only leaves (weights) can be ours; a computed src0 is someone else's.
-            if w.op() != GGML_OP_NONE {
+            // Unallocated: only leaves (weights) and views of them can be ours; a computed src0 is
+            // someone else's.
+            if !is_view_of_leaf(&w) {
                 return false;
             }
             true
@@ -116,6 +118,21 @@ pub fn claim(node: &TensorRef<'_>, ours: impl Fn(BuftPtr) -> bool, host_supports
         };
     }
     e.is_ok() || host_supports()
+}
+
+fn is_view_of_leaf(t: &TensorRef<'_>) -> bool {
+    let mut cur = *t;
+    for _ in 0..8 {
+        match cur.op() {
+            GGML_OP_NONE => return true,
+            GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => match cur.src(0) {
+                Some(s) => cur = s,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// The decision for one node at compute time.
@@ -248,11 +265,17 @@ fn run_ane(
     for i13 in 0..xne[3] as usize {
         for i12 in 0..xne[2] as usize {
             let (i02, i03) = (i12 / r2, i13 / r3);
-            // SAFETY: eligible() checked contiguous rows; indices are within ne[2], ne[3].
-            let bytes = unsafe { w.slice2d_bytes(i02, i03, row) };
-            let addr = bytes.as_ptr() as usize;
+            // SAFETY: eligible() checked rows of whole blocks; indices are within ne[2], ne[3].
+            let (addr, stride) = unsafe { w.slice2d_addr(i02, i03) };
             let reg = registry.unwrap_or(&ctx.foreign);
-            let pw = eng.prepared(reg, addr, e.wtype, bytes, e.n, e.k)?;
+            let pw = match reg.get(addr, eng.mode_for(e.wtype), stride) {
+                Some(pw) => pw,
+                None => {
+                    // SAFETY: as above.
+                    let bytes = unsafe { w.slice2d_rows(i02, i03, row) };
+                    eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?
+                }
+            };
             // SAFETY: src1 is F32 (eligible) and allocated; (i12, i13) in range.
             let rows = unsafe { x.f32_rows(i12, i13) };
             let (xs, stride) = rows.as_slice();

@@ -9,6 +9,8 @@ use ggml_coreml_executor::driver::{Mode, PreparedWeight};
 
 struct Entry {
     len: usize,
+    /// Row stride in bytes of the slice the weight was prepared from.
+    stride: usize,
     mode: Mode,
     weight: Arc<PreparedWeight>,
 }
@@ -19,16 +21,17 @@ pub struct WeightRegistry {
 }
 
 impl WeightRegistry {
-    pub fn get(&self, addr: usize, mode: Mode) -> Option<Arc<PreparedWeight>> {
+    pub fn get(&self, addr: usize, mode: Mode, stride: usize) -> Option<Arc<PreparedWeight>> {
         let e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        e.get(&addr).filter(|x| x.mode == mode).map(|x| x.weight.clone())
+        e.get(&addr).filter(|x| x.mode == mode && x.stride == stride).map(|x| x.weight.clone())
     }
 
     /// Inserts (replacing any entry at `addr`); returns bytes no longer held by a replaced entry.
-    pub fn insert(&self, addr: usize, len: usize, weight: Arc<PreparedWeight>) -> usize {
+    /// `len` is the span of the source bytes (first row to end of last row).
+    pub fn insert(&self, addr: usize, len: usize, stride: usize, weight: Arc<PreparedWeight>) -> usize {
         let mode = weight.mode;
         let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        e.insert(addr, Entry { len, mode, weight }).map_or(0, |old| old.weight.bytes_held())
+        e.insert(addr, Entry { len, stride, mode, weight }).map_or(0, |old| old.weight.bytes_held())
     }
 
     /// Drops every entry overlapping `[addr, addr + len)`; returns the bytes released.

@@ -231,7 +231,7 @@ fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
     }
     let (k, n) = (ne[0] as usize, ne[1] as usize);
     let Ok(row) = wtype.row_bytes(k) else { return };
-    if t.nb()[0] != wtype.block_bytes() || t.nb()[1] != row {
+    if t.nb()[0] != wtype.block_bytes() || t.nb()[1] < row {
         return;
     }
     let eng = engine();
@@ -240,9 +240,11 @@ fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
     }
     for i3 in 0..ne[3] as usize {
         for i2 in 0..ne[2] as usize {
-            // SAFETY: contiguous rows checked above; indices in range; the tensor is fully written.
-            let bytes = unsafe { t.slice2d_bytes(i2, i3, row) };
-            if let Err(e) = eng.prepared(&c.weights, bytes.as_ptr() as usize, wtype, bytes, n, k) {
+            // SAFETY: rows of whole blocks checked above; indices in range; the tensor is fully written.
+            let (addr, stride) = unsafe { t.slice2d_addr(i2, i3) };
+            // SAFETY: as above.
+            let bytes = unsafe { t.slice2d_rows(i2, i3, row) };
+            if let Err(e) = eng.prepared(&c.weights, addr, stride, wtype, &bytes, n, k) {
                 log::warn(&format!("{}: {e}; it will run on the host", t.name()));
                 return;
             }

@@ -92,15 +92,35 @@ impl RowsF32<'_> {
 }
 
 impl<'a> TensorRef<'a> {
-    /// Bytes of the 2-D slice `(i2, i3)` of a tensor whose rows are contiguous (`nb[1] == row_bytes`).
+    /// Address of the first row of the 2-D slice `(i2, i3)` and the row stride in bytes.
     ///
     /// # Safety
     /// The tensor's data is allocated, and `(i2, i3)` is within `ne[2]`, `ne[3]`.
-    pub unsafe fn slice2d_bytes(&self, i2: usize, i3: usize, row_bytes: usize) -> &'a [u8] {
-        let rows = self.t.ne[1] as usize;
+    pub unsafe fn slice2d_addr(&self, i2: usize, i3: usize) -> (usize, usize) {
         let off = i2 * self.t.nb[2] + i3 * self.t.nb[3];
-        // SAFETY: ggml allocated ne[1] rows of row_bytes at data + off for this slice (caller contract).
-        unsafe { std::slice::from_raw_parts(self.t.data.cast::<u8>().add(off), rows * row_bytes) }
+        (self.t.data as usize + off, self.t.nb[1])
+    }
+
+    /// Bytes of the 2-D slice `(i2, i3)` whose rows are runs of `row_bytes` at stride `nb[1]`:
+    /// borrowed when the rows are adjacent, gathered otherwise.
+    ///
+    /// # Safety
+    /// The tensor's data is allocated, `(i2, i3)` is within `ne[2]`, `ne[3]`, and `nb[1] >= row_bytes`.
+    pub unsafe fn slice2d_rows(&self, i2: usize, i3: usize, row_bytes: usize) -> std::borrow::Cow<'a, [u8]> {
+        let rows = self.t.ne[1] as usize;
+        let stride = self.t.nb[1];
+        // SAFETY: caller contract: the slice's rows lie in the tensor's allocation.
+        let base = unsafe { self.t.data.cast::<u8>().add(i2 * self.t.nb[2] + i3 * self.t.nb[3]) };
+        if stride == row_bytes {
+            // SAFETY: ggml allocated `rows` adjacent rows of row_bytes here.
+            return std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(base, rows * row_bytes) });
+        }
+        let mut v = Vec::with_capacity(rows * row_bytes);
+        for r in 0..rows {
+            // SAFETY: row r starts at base + r * stride and holds row_bytes bytes.
+            v.extend_from_slice(unsafe { std::slice::from_raw_parts(base.add(r * stride), row_bytes) });
+        }
+        std::borrow::Cow::Owned(v)
     }
 
     /// The f32 rows (`ne[1]` rows of `ne[0]`) of batch `(i2, i3)`, honouring arbitrary strides.
