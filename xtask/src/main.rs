@@ -7,6 +7,7 @@
 mod backend;
 mod gguf;
 mod host;
+mod host_v3;
 mod models;
 mod paths;
 mod run;
@@ -38,6 +39,10 @@ enum Cmd {
         /// Parallel build jobs (default: all cores).
         #[arg(long, short)]
         jobs: Option<usize>,
+        /// Build the second conformance host instead: ggml 0.26 (backend API version 3) from
+        /// crates.io's llama-cpp-sys-2 0.1.161, with test-backend-ops.
+        #[arg(long)]
+        v3: bool,
     },
     /// Create the Python venv (coremltools, gguf, numpy, matplotlib); prints its python.
     Venv,
@@ -91,7 +96,8 @@ fn main() -> ExitCode {
 fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
     Ok(Some(match cmd {
         Cmd::Host { check: true, .. } => host::check()?,
-        Cmd::Host { check: false, jobs } => host::ensure_host(jobs)?,
+        Cmd::Host { v3: true, .. } => host_v3::ensure_host_v3()?,
+        Cmd::Host { check: false, jobs, .. } => host::ensure_host(jobs)?,
         Cmd::Venv => venv::ensure_venv()?,
         Cmd::Models { full, quants, only } => {
             let mut set = if full {

@@ -61,6 +61,7 @@ const STAGES: &[Stage] = &[
     Stage { name: "ios-staticlib", run: ios_staticlib },
     Stage { name: "cargo-test", run: cargo_test },
     Stage { name: "conformance", run: conformance },
+    Stage { name: "conformance-v3", run: conformance_v3 },
     Stage { name: "support-listing", run: support_listing },
     Stage { name: "llama-bench", run: llama_bench_smoke },
     Stage { name: "api-mismatch", run: api_mismatch },
@@ -218,7 +219,19 @@ fn cargo_test(env: &Env) -> Result<String> {
 /// test-backend-ops MUL_MAT against the CPU backend, policy `always` (every supported op through the
 /// executor). Passing means: the backend reports OK, no case failed, and every claimed case ran.
 fn conformance(env: &Env) -> Result<String> {
-    let mut c = env.tool("test-backend-ops");
+    conformance_with(env, env.tool("test-backend-ops"))
+}
+
+/// The same suite on the ggml 0.26 (API version 3) host: one binary, both layouts.
+fn conformance_v3(env: &Env) -> Result<String> {
+    let bin = crate::host_v3::ensure_host_v3()?;
+    let mut c = Command::new(bin.join("test-backend-ops"));
+    c.env("GGML_BACKEND_PATH", &env.lib).stdin(Stdio::null());
+    let line = conformance_with(env, c)?;
+    Ok(format!("(ggml 0.26, API v3) {line}"))
+}
+
+fn conformance_with(_env: &Env, mut c: Command) -> Result<String> {
     c.args(["test", "-b", "CoreML", "-o", "MUL_MAT"]).env("GGML_COREML_POLICY", "always").env("GGML_COREML_LOG", "info");
     let out = run_capture(&mut c)?;
     let report = ConformanceReport::parse(&out);
