@@ -127,13 +127,12 @@ pub fn default_dir() -> Option<PathBuf> {
     if cfg!(target_vendor = "apple") {
         return home.map(|h| h.join("Library/Caches/ggml-coreml"));
     }
+    // The XDG spec ignores relative values.
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|x| !x.is_empty())
         .map(PathBuf::from)
+        .filter(|x| x.is_absolute())
     {
-        if x.is_absolute() {
-            return Some(x.join("ggml-coreml"));
-        }
+        return Some(x.join("ggml-coreml"));
     }
     home.map(|h| h.join(".cache/ggml-coreml"))
 }

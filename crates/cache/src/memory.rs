@@ -11,8 +11,11 @@ use ggml_coreml_program::ProgramDesc;
 /// for it at the same time: the first builds, the others wait for its result. A failed build is not
 /// remembered (the next caller tries again); remember failures by storing them in `V` if needed.
 pub struct ReadyMap<K, V: ?Sized> {
-    slots: Mutex<HashMap<K, Arc<Mutex<Option<Arc<V>>>>>>,
+    slots: Mutex<HashMap<K, Slot<V>>>,
 }
+
+/// One key's value; its own lock is held while the value is built.
+type Slot<V> = Arc<Mutex<Option<Arc<V>>>>;
 
 /// The usual instance: programs by description.
 pub type ReadyPrograms<V> = ReadyMap<ProgramDesc, V>;
@@ -30,7 +33,7 @@ impl<K: Eq + Hash + Clone, V: ?Sized> ReadyMap<K, V> {
         Self::default()
     }
 
-    fn slot(&self, key: &K) -> Arc<Mutex<Option<Arc<V>>>> {
+    fn slot(&self, key: &K) -> Slot<V> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         slots.entry(key.clone()).or_default().clone()
     }

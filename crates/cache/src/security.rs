@@ -60,7 +60,12 @@ pub fn check_dir(path: &Path) -> Result<(), DirRefused> {
 pub fn ensure_dir(path: &Path) -> Result<(), DirRefused> {
     match fs::symlink_metadata(path) {
         Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent).map_err(DirRefused::Create)?;
             }
