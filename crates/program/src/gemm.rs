@@ -237,20 +237,26 @@ mod x86 {
         let full = k / 16 * 16;
         let mut acc0 = [_mm256_setzero_si256(); 4];
         let mut acc1 = [_mm256_setzero_si256(); 4];
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 16 <= full <= len of every operand (checked slices), loadu is unaligned-safe.
+        // Zipped chunk iterators: no index arithmetic or bounds checks in the hot loop.
+        let chunks = a0[..full]
+            .chunks_exact(16)
+            .zip(a1[..full].chunks_exact(16))
+            .zip(b[0][..full].chunks_exact(16))
+            .zip(b[1][..full].chunks_exact(16))
+            .zip(b[2][..full].chunks_exact(16))
+            .zip(b[3][..full].chunks_exact(16));
+        for (((((c0, c1), x0), x1), x2), x3) in chunks {
+            // SAFETY: every chunk is exactly 16 bytes; loadu has no alignment requirement.
             unsafe {
-                let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(a0[i..i + 16].as_ptr().cast()));
-                let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(a1[i..i + 16].as_ptr().cast()));
-                for j in 0..4 {
-                    let x = _mm256_cvtepi8_epi16(_mm_loadu_si128(b[j][i..i + 16].as_ptr().cast()));
+                let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(c0.as_ptr().cast()));
+                let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(c1.as_ptr().cast()));
+                for (j, xs) in [x0, x1, x2, x3].into_iter().enumerate() {
+                    let x = _mm256_cvtepi8_epi16(_mm_loadu_si128(xs.as_ptr().cast()));
                     // Pairs of i16 products summed into i32: |2·128·128| fits, no saturation.
                     acc0[j] = _mm256_add_epi32(acc0[j], _mm256_madd_epi16(w0, x));
                     acc1[j] = _mm256_add_epi32(acc1[j], _mm256_madd_epi16(w1, x));
                 }
             }
-            i += 16;
         }
         let mut out = [[0i32; 4]; 2];
         for j in 0..4 {
@@ -269,20 +275,25 @@ mod x86 {
         let full = k / 8 * 8;
         let mut acc0 = [_mm256_setzero_ps(); 4];
         let mut acc1 = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 8 <= full <= len of every operand (checked slices), loadu is unaligned-safe.
+        let chunks = a0[..full]
+            .chunks_exact(8)
+            .zip(a1[..full].chunks_exact(8))
+            .zip(b[0][..full].chunks_exact(8))
+            .zip(b[1][..full].chunks_exact(8))
+            .zip(b[2][..full].chunks_exact(8))
+            .zip(b[3][..full].chunks_exact(8));
+        for (((((c0, c1), x0), x1), x2), x3) in chunks {
+            // SAFETY: every chunk is exactly 8 floats; loadu has no alignment requirement.
             unsafe {
-                let w0 = _mm256_loadu_ps(a0[i..i + 8].as_ptr());
-                let w1 = _mm256_loadu_ps(a1[i..i + 8].as_ptr());
-                for j in 0..4 {
-                    let x = _mm256_loadu_ps(b[j][i..i + 8].as_ptr());
+                let w0 = _mm256_loadu_ps(c0.as_ptr());
+                let w1 = _mm256_loadu_ps(c1.as_ptr());
+                for (j, xs) in [x0, x1, x2, x3].into_iter().enumerate() {
+                    let x = _mm256_loadu_ps(xs.as_ptr());
                     // Separate mul and add (no FMA): the same roundings as the portable lanes.
                     acc0[j] = _mm256_add_ps(acc0[j], _mm256_mul_ps(w0, x));
                     acc1[j] = _mm256_add_ps(acc1[j], _mm256_mul_ps(w1, x));
                 }
             }
-            i += 8;
         }
         let mut out = [[0f32; 4]; 2];
         for j in 0..4 {

@@ -134,13 +134,7 @@ impl<'a> Val<'a> {
     fn f16(&self) -> Result<Buf<'a, f16>, ProgramError> {
         match self {
             Val::Float16(b) => Ok(b.clone()),
-            Val::Deq { q, scale } => {
-                let s = scale.to_f32();
-                Ok(q.iter()
-                    .map(|&v| f16::from_f32(f32::from(v) * s))
-                    .collect::<Vec<_>>()
-                    .into())
-            }
+            Val::Deq { q, scale } => Ok(dequantize(q, scale.to_f32(), 0.0).into()),
             _ => Err(ProgramError::Mismatch("expected an fp16 value".into())),
         }
     }
@@ -1043,13 +1037,7 @@ impl Interpreter {
                         scale: *scale,
                     }
                 } else {
-                    let (s, z) = (scale.to_f32(), f32::from(*zero_point));
-                    Val::Float16(
-                        q.iter()
-                            .map(|&v| f16::from_f32((f32::from(v) - z) * s))
-                            .collect::<Vec<_>>()
-                            .into(),
-                    )
+                    Val::Float16(dequantize(q, scale.to_f32(), f32::from(*zero_point)).into())
                 }
             }
             Step::Cast { input, .. } => match get(*input)? {
@@ -1141,6 +1129,20 @@ fn to_f32(v: &[f16]) -> Vec<f32> {
     out
 }
 
+/// `fp16((q - zero_point) · scale)` per element, converted in chunks.
+fn dequantize(q: &[i8], scale: f32, zero_point: f32) -> Vec<f16> {
+    let mut out = vec![f16::ZERO; q.len()];
+    let mut buf = [0f32; 1024];
+    for (src, dst) in q.chunks(1024).zip(out.chunks_mut(1024)) {
+        let b = &mut buf[..src.len()];
+        for (x, &v) in b.iter_mut().zip(src) {
+            *x = (f32::from(v) - zero_point) * scale;
+        }
+        dst.convert_from_f32_slice(b);
+    }
+    out
+}
+
 /// Elementwise op with broadcasting; computed in f32, rounded to fp16.
 fn binary(
     op: BinOp,
@@ -1151,24 +1153,36 @@ fn binary(
     ys: &[usize],
 ) -> Vec<f16> {
     let total: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(total);
     let r = shape.len();
+    let f = |x: f32, y: f32| if op == BinOp::Mul { x * y } else { x + y };
     if r == 0 {
-        let (x, y) = (a[0].to_f32(), b[0].to_f32());
-        out.push(f16::from_f32(if op == BinOp::Mul { x * y } else { x + y }));
+        return vec![f16::from_f32(f(a[0].to_f32(), b[0].to_f32()))];
+    }
+    let mut out = vec![f16::ZERO; total];
+    let inner = shape[r - 1];
+    if inner == 0 {
         return out;
     }
-    let inner = shape[r - 1];
     let (sx, sy) = (xs[r - 1], ys[r - 1]);
+    // One row at a time through f32 buffers, so conversions run over slices (SIMD where available).
+    let row = |src: &[f16], off: usize, stride: usize, buf: &mut [f32]| {
+        if stride == 0 {
+            buf.fill(src[off].to_f32());
+        } else {
+            src[off..off + inner].convert_to_f32_slice(buf);
+        }
+    };
+    let (mut xa, mut ya) = (vec![0f32; inner], vec![0f32; inner]);
     let mut idx = vec![0usize; r - 1];
-    let outer = total.checked_div(inner).unwrap_or(0);
-    for _ in 0..outer {
+    for dst in out.chunks_exact_mut(inner) {
         let xo: usize = idx.iter().zip(xs).map(|(i, s)| i * s).sum();
         let yo: usize = idx.iter().zip(ys).map(|(i, s)| i * s).sum();
-        for j in 0..inner {
-            let (x, y) = (a[xo + j * sx].to_f32(), b[yo + j * sy].to_f32());
-            out.push(f16::from_f32(if op == BinOp::Mul { x * y } else { x + y }));
+        row(a, xo, sx, &mut xa);
+        row(b, yo, sy, &mut ya);
+        for (x, &y) in xa.iter_mut().zip(&ya) {
+            *x = f(*x, y);
         }
+        dst.convert_from_f32_slice(&xa);
         for d in (0..r - 1).rev() {
             idx[d] += 1;
             if idx[d] < shape[d] {
