@@ -205,7 +205,8 @@ pub fn mil_text(built: &BuiltProgram) -> String {
                     })
                     .collect();
                 if op.r#type == "const" {
-                    s += &format!("  {} = const()\n", outs.join(", "));
+                    let val = op.attributes.get("val").map_or("?".into(), const_text);
+                    s += &format!("  {} = const({val})\n", outs.join(", "));
                 } else {
                     s += &format!(
                         "  {} = {}({})\n",
@@ -219,4 +220,42 @@ pub fn mil_text(built: &BuiltProgram) -> String {
         }
     }
     s
+}
+
+/// Short text of a const value: the values when inline, the blob offset otherwise.
+fn const_text(v: &crate::proto::specification::mil_spec::Value) -> String {
+    use crate::proto::specification::mil_spec::{tensor_value::Value as TV, value};
+    match &v.value {
+        Some(value::Value::BlobFileValue(b)) => format!("blob @{}", b.offset),
+        Some(value::Value::ImmediateValue(value::ImmediateValue {
+            value: Some(value::immediate_value::Value::Tensor(t)),
+        })) => {
+            let dt = match v.r#type.as_ref().and_then(|t| t.r#type.as_ref()) {
+                Some(crate::proto::specification::mil_spec::value_type::Type::TensorType(t)) => {
+                    DType::from_mil(t.data_type)
+                }
+                _ => None,
+            };
+            let items: Vec<String> = match (&t.value, dt) {
+                (Some(TV::Bytes(b)), Some(DType::Float16)) => b
+                    .values
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_string())
+                    .collect(),
+                (Some(TV::Bytes(b)), _) => {
+                    b.values.iter().map(|&x| (x as i8).to_string()).collect()
+                }
+                (Some(TV::Ints(i)), _) => i.values.iter().map(|x| x.to_string()).collect(),
+                (Some(TV::Bools(b)), _) => b.values.iter().map(|x| x.to_string()).collect(),
+                (Some(TV::Strings(x)), _) => x.values.iter().map(|x| format!("{x:?}")).collect(),
+                _ => vec!["?".into()],
+            };
+            if items.len() == 1 {
+                items[0].clone()
+            } else {
+                format!("[{}]", items.join(", "))
+            }
+        }
+        _ => "?".into(),
+    }
 }

@@ -671,3 +671,18 @@ fn built_program_exposes_blobs_only_when_needed() {
         assert!(b.weights.is_none() && b.blobs.is_empty());
     }
 }
+
+#[test]
+fn mil_text_shows_the_program() {
+    let d = desc(Variant::W8F16, 512, 4096, 4096, 32, true);
+    let text = ggml_coreml_program::emit::mil_text(&build_program(&d).unwrap());
+    assert!(
+        text.starts_with("func main<CoreML9>(w: int8[1,1,4096,4096], scales: fp16[1,1,4096,128]")
+    );
+    assert!(text.contains("wg_shape: int32[4] = const([1, 4096, 128, 32])"));
+    assert!(text.contains("wo: fp16[1,4096,128,32] = add(x = ws, y = og)"));
+    let i = ggml_coreml_program::emit::mil_text(
+        &build_program(&desc(Variant::I8I8, 64, 4096, 64, 0, false)).unwrap(),
+    );
+    assert!(i.contains("scale: fp16[] = const(0.015625)"));
+}
