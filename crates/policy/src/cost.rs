@@ -401,22 +401,22 @@ fn element_bytes(variant: Variant) -> (f64, f64, f64) {
     }
 }
 
-/// M chunks as the program crate splits them: largest buckets, then the bucket of the rest.
-pub fn m_chunks(m: usize) -> Vec<usize> {
+/// M chunks as the program crate splits them, as (bucket, count): full largest buckets, then the
+/// bucket of the rest. Counted, not listed, so an absurd M costs nothing to evaluate.
+pub fn m_chunks(m: usize) -> [(usize, usize); 2] {
     let largest = *M_BUCKETS.last().unwrap_or(&4096);
-    let mut v = Vec::new();
-    let mut left = m;
-    while left > 0 {
-        let len = left.min(largest);
-        v.push(m_bucket(len).unwrap_or(largest));
-        left -= len;
-    }
-    v
+    let rest = m % largest;
+    [
+        (largest, m / largest),
+        (m_bucket(rest).unwrap_or(largest), usize::from(rest > 0)),
+    ]
 }
 
 /// Padded token count of `m` (sum of its chunks' buckets).
 pub fn padded_m(m: usize) -> usize {
-    m_chunks(m).iter().sum()
+    m_chunks(m).iter().fold(0usize, |acc, &(mp, c)| {
+        acc.saturating_add(mp.saturating_mul(c))
+    })
 }
 
 fn parts(len: usize) -> (usize, usize) {
@@ -475,8 +475,10 @@ impl CostModel {
             total_ms: 0.0,
         };
         let mut calls_ms = 0.0;
-        let chunks = m_chunks(m);
-        for &mp in &chunks {
+        for (mp, count) in m_chunks(m) {
+            if count == 0 {
+                continue;
+            }
             let mpf = mp as f64;
             let per_call_compute = 2.0 * mpf * klf * nlf / (self.ane_tflops(variant, mp, kl) * 1e9);
             // In-program dequantisation of w8f16 materialises fp16 weights: 2 more bytes per weight [G].
@@ -487,14 +489,15 @@ impl CostModel {
             };
             let bytes = nlf * klf * wb + klf * mpf * xb + nlf * mpf * 2.0 + dequant;
             let per_call_mem = bytes / (ane_gbps * 1e6);
-            let calls = kp * np;
-            c.calls += calls;
+            let calls = kp.saturating_mul(np).saturating_mul(count);
+            let cf = calls as f64;
+            c.calls = c.calls.saturating_add(calls);
             c.k_cliff |= k_cliff(mp, kl);
-            c.compute_ms += calls as f64 * per_call_compute;
-            c.memory_ms += calls as f64 * per_call_mem;
-            calls_ms += calls as f64 * (self.dispatch_ms + per_call_compute.max(per_call_mem));
+            c.compute_ms += cf * per_call_compute;
+            c.memory_ms += cf * per_call_mem;
+            calls_ms += cf * (self.dispatch_ms + per_call_compute.max(per_call_mem));
             // Read + write of the weight into its IOSurface, per call.
-            c.copy_ms += calls as f64 * 2.0 * nlf * klf * wb / (copy_gbps * 1e6);
+            c.copy_ms += cf * 2.0 * nlf * klf * wb / (copy_gbps * 1e6);
         }
         c.dispatch_ms = c.calls as f64 * self.dispatch_ms;
         let (mf, kf, nf, mpt) = (m as f64, k as f64, n as f64, padded_m(m) as f64);
@@ -615,12 +618,14 @@ mod tests {
 
     #[test]
     fn chunks_follow_buckets() {
-        assert_eq!(m_chunks(1), vec![64]);
-        assert_eq!(m_chunks(300), vec![384]);
-        assert_eq!(m_chunks(512), vec![512]);
-        assert_eq!(m_chunks(5000), vec![4096, 1024]);
-        assert!(m_chunks(0).is_empty());
+        assert_eq!(m_chunks(1), [(4096, 0), (64, 1)]);
+        assert_eq!(m_chunks(300), [(4096, 0), (384, 1)]);
+        assert_eq!(m_chunks(4096), [(4096, 1), (64, 0)]);
+        assert_eq!(m_chunks(5000), [(4096, 1), (1024, 1)]);
+        assert_eq!(padded_m(0), 0);
         assert_eq!(padded_m(5000), 5120);
+        assert_eq!(padded_m(12288), 12288);
+        assert!(padded_m(usize::MAX) >= usize::MAX - 4096);
     }
 
     #[test]
