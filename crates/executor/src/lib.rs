@@ -7,7 +7,9 @@
 //! The host side of a matmul (activation quantisation, transposes, padding, splits, rescale) lives in
 //! [`driver`], shared by every executor.
 
+pub mod coreml;
 pub mod driver;
+pub mod platform;
 pub mod reference;
 
 use half::f16;

@@ -1,0 +1,657 @@
+//! `CoreMlExecutor`: programs compiled by CoreML, cached on disk, placement-checked, self-checked,
+//! run through IOSurface-backed arrays.
+
+use std::convert::Infallible;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use ggml_coreml_cache::{
+    Built, Cache, CacheConfig, Entry, EntryKey, EnvKey, LogFn, LogLevel, Lookup, Placement,
+    ReadyPrograms, stderr_log,
+};
+use ggml_coreml_program::{TensorSpec, input_specs, output_spec, write_mlpackage};
+use half::f16;
+use objc2::rc::{Retained, autoreleasepool};
+use objc2_core_ml::MLMultiArray;
+
+use super::check::{
+    Agreement, FULL_CHECK_MAX_MACS, OwnedInputs, SAMPLED_ENTRIES, SELF_CHECK_MAX_NMSE,
+    compare_ideal, compare_outputs,
+};
+use super::io::{Surface, f16_bytes, f16_bytes_mut, i8_bytes};
+use super::runtime::{self, CompileError, Model, Output};
+use crate::platform::{self, PlatformFacts};
+use crate::reference::ReferenceExecutor;
+use crate::{Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, Variant};
+
+/// The compiled model inside a program's cache entry.
+const MODEL_DIR: &str = "model.mlmodelc";
+/// Seed of the self-check inputs (fixed: the same program is checked the same way everywhere).
+const SELF_CHECK_SEED: u64 = 0x5e1f_c4ec;
+
+/// Knobs, from the environment by default (see `docs/apple.md`).
+#[derive(Clone)]
+pub struct Settings {
+    /// `GGML_COREML_COMPILE_TIMEOUT_S` (default 300): limit for each CoreML compile, load and compute plan.
+    pub timeout: Duration,
+    /// `GGML_COREML_SELF_CHECK` (default on; `0` turns it off): one numeric check per program and process.
+    pub self_check: bool,
+    /// `GGML_COREML_REQUIRE_ANE` (default on; `0` runs programs CoreML would not place on the Neural
+    /// Engine — for experiments on a device only).
+    pub require_ane: bool,
+    /// Cache directory; `None` means `GGML_COREML_CACHE_DIR` or the platform default.
+    pub cache_dir: Option<PathBuf>,
+    pub log: LogFn,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            timeout: Duration::from_secs(300),
+            self_check: true,
+            require_ane: true,
+            cache_dir: None,
+            log: stderr_log(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn from_env() -> Settings {
+        let flag = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|v| !matches!(v.trim(), "0" | "off" | "false"))
+        };
+        let d = Settings::default();
+        Settings {
+            timeout: std::env::var("GGML_COREML_COMPILE_TIMEOUT_S")
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&s| s > 0)
+                .map_or(d.timeout, Duration::from_secs),
+            self_check: flag("GGML_COREML_SELF_CHECK").unwrap_or(d.self_check),
+            require_ane: flag("GGML_COREML_REQUIRE_ANE").unwrap_or(d.require_ane),
+            ..d
+        }
+    }
+}
+
+/// What happened to one program in this process.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProgramStatus {
+    /// Found compiled in the disk cache (false: compiled now).
+    pub cache_hit: bool,
+    /// Compute-plan summary when compiled now (`matmul:ane:0.93 …`), else the cached verdict.
+    pub placement: String,
+    /// Self-check result (`nmse …`), when run.
+    pub self_check: Option<String>,
+    /// Time to get the compiled model (compile, placement check, cache write; or the cache lookup).
+    pub compile_ms: f64,
+    /// Time of the CoreML load (includes the Neural Engine's own compile on first use).
+    pub load_ms: f64,
+    /// Why the program is refused, when it is.
+    pub refused: Option<String>,
+}
+
+/// Counters for this process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreMlStats {
+    pub compiled: u64,
+    pub cache_hits: u64,
+    pub loaded: u64,
+    pub refused: u64,
+    pub predictions: u64,
+    /// Predictions where CoreML did not write into our output backing (output copied from its array).
+    pub backing_ignored: u64,
+    pub failed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    compiled: AtomicU64,
+    cache_hits: AtomicU64,
+    loaded: AtomicU64,
+    refused: AtomicU64,
+    predictions: AtomicU64,
+    backing_ignored: AtomicU64,
+    failed: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Clone, Debug)]
+enum Refusal {
+    Unsupported(String),
+    Compile(String),
+    Placement(String),
+}
+
+impl Refusal {
+    fn error(&self, desc: &ProgramDesc) -> ExecError {
+        match self {
+            Refusal::Unsupported(w) => ExecError::Unsupported(desc.key(), w.clone()),
+            Refusal::Compile(w) => ExecError::Compile(desc.key(), w.clone()),
+            Refusal::Placement(w) => ExecError::Placement(desc.key(), w.clone()),
+        }
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            Refusal::Unsupported(w) | Refusal::Compile(w) | Refusal::Placement(w) => w,
+        }
+    }
+}
+
+/// Input and output surfaces for one call of a program.
+struct IoSet {
+    inputs: Vec<Surface>,
+    output: Surface,
+}
+
+/// A loaded program and its pool of surfaces.
+struct Program {
+    desc: ProgramDesc,
+    model: Model,
+    inputs: Vec<TensorSpec>,
+    output: TensorSpec,
+    pool: Mutex<Vec<IoSet>>,
+    /// Keeps a process-private build directory alive as long as the model (memory-only cache).
+    _entry: Entry,
+}
+
+enum Ready {
+    Loaded(Box<Program>, ProgramStatus),
+    Refused(Refusal, ProgramStatus),
+}
+
+impl Program {
+    fn take_io(&self) -> Result<IoSet, String> {
+        if let Some(io) = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+        {
+            return Ok(io);
+        }
+        let inputs = self
+            .inputs
+            .iter()
+            .map(Surface::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(IoSet {
+            inputs,
+            output: Surface::new(&self.output)?,
+        })
+    }
+
+    fn give_back(&self, io: IoSet) {
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(io);
+    }
+
+    /// One call: copy in, predict, copy out. Surfaces come from the pool, so concurrent calls of the
+    /// same program use distinct buffers.
+    fn run(
+        &self,
+        inputs: ProgramInputs<'_>,
+        out: &mut [f16],
+        stats: &Counters,
+    ) -> Result<(), String> {
+        let io = self.take_io()?;
+        let r = autoreleasepool(|_| self.run_with(&io, inputs, out, stats));
+        self.give_back(io);
+        r
+    }
+
+    fn run_with(
+        &self,
+        io: &IoSet,
+        inputs: ProgramInputs<'_>,
+        out: &mut [f16],
+        stats: &Counters,
+    ) -> Result<(), String> {
+        for s in &io.inputs {
+            let bytes = match (s.spec.name, inputs) {
+                ("w", ProgramInputs::I8I8 { w, .. } | ProgramInputs::W8F16 { w, .. }) => {
+                    i8_bytes(w)
+                }
+                ("w", ProgramInputs::F16 { w, .. }) => f16_bytes(w),
+                ("x", ProgramInputs::I8I8 { x, .. }) => i8_bytes(x),
+                ("x", ProgramInputs::W8F16 { x, .. } | ProgramInputs::F16 { x, .. }) => {
+                    f16_bytes(x)
+                }
+                ("scales", ProgramInputs::W8F16 { scales, .. }) => f16_bytes(scales),
+                (
+                    "offsets",
+                    ProgramInputs::W8F16 {
+                        offsets: Some(o), ..
+                    },
+                ) => f16_bytes(o),
+                (name, _) => return Err(format!("no data for program input {name}")),
+            };
+            s.write(bytes)?;
+        }
+        let arrays = io
+            .inputs
+            .iter()
+            .map(|s| s.array().map(|a| (s.spec.name, a)))
+            .collect::<Result<Vec<(&str, Retained<MLMultiArray>)>, String>>()?;
+        let backing = io.output.array()?;
+        let output = runtime::predict(&self.model, &arrays, io.output.spec.name, &backing)?;
+        bump(&stats.predictions);
+        match output {
+            Output::Backed => io.output.read(f16_bytes_mut(out)),
+            Output::Returned(a) => {
+                bump(&stats.backing_ignored);
+                runtime::read_array(&a, self.desc.n, self.desc.m, out)
+            }
+        }
+    }
+}
+
+/// Runs programs on the Neural Engine through CoreML.
+pub struct CoreMlExecutor {
+    facts: PlatformFacts,
+    unusable: Option<String>,
+    settings: Settings,
+    cache: Cache,
+    ready: ReadyPrograms<Ready>,
+    reference: ReferenceExecutor,
+    counters: Counters,
+}
+
+/// The executor with settings from the environment.
+pub fn try_new() -> Result<CoreMlExecutor, String> {
+    try_new_with(Settings::from_env())
+}
+
+/// The executor with explicit settings. It is created even on a machine that cannot run programs:
+/// then `capabilities()` says why, `accelerated` is false and every `prepare` is refused.
+pub fn try_new_with(settings: Settings) -> Result<CoreMlExecutor, String> {
+    let facts = platform::facts();
+    platform::watch_app_lifecycle();
+    let unusable = facts.unusable_reason();
+    let env = EnvKey::new(
+        facts
+            .os_build
+            .clone()
+            .unwrap_or_else(|| "unknown-build".into()),
+        facts.chip.clone().unwrap_or_else(|| "unknown-chip".into()),
+    );
+    let config = match &settings.cache_dir {
+        Some(dir) => CacheConfig::new(Some(dir.clone()), env),
+        None => CacheConfig::from_env(env),
+    };
+    let cache = Cache::open(config.with_log(settings.log.clone()));
+    let reference = ReferenceExecutor::new();
+    reference.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    Ok(CoreMlExecutor {
+        facts,
+        unusable,
+        settings,
+        cache,
+        ready: ReadyPrograms::new(),
+        reference,
+        counters: Counters::default(),
+    })
+}
+
+impl CoreMlExecutor {
+    pub fn facts(&self) -> &PlatformFacts {
+        &self.facts
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    pub fn stats(&self) -> CoreMlStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CoreMlStats {
+            compiled: l(&c.compiled),
+            cache_hits: l(&c.cache_hits),
+            loaded: l(&c.loaded),
+            refused: l(&c.refused),
+            predictions: l(&c.predictions),
+            backing_ignored: l(&c.backing_ignored),
+            failed: l(&c.failed),
+        }
+    }
+
+    /// What happened to `desc` in this process, once prepared.
+    pub fn status(&self, desc: &ProgramDesc) -> Option<ProgramStatus> {
+        self.ready.get(desc).map(|r| match &*r {
+            Ready::Loaded(_, s) | Ready::Refused(_, s) => s.clone(),
+        })
+    }
+
+    fn log(&self, level: LogLevel, msg: &str) {
+        (self.settings.log)(level, msg);
+    }
+
+    fn ready(&self, desc: &ProgramDesc) -> Result<Arc<Ready>, ExecError> {
+        if let Some(why) = &self.unusable {
+            return Err(ExecError::Unsupported(desc.key(), why.clone()));
+        }
+        desc.validate()
+            .map_err(|e| ExecError::Unsupported(desc.key(), e))?;
+        // Refusals are kept too, so a refused program costs one lookup per call, not a compile.
+        let r = self
+            .ready
+            .get_or_try_insert(desc, || Ok::<_, Infallible>(Arc::new(self.build(desc))));
+        match r {
+            Ok(r) => Ok(r),
+            Err(never) => match never {},
+        }
+    }
+
+    fn build(&self, desc: &ProgramDesc) -> Ready {
+        let mut status = ProgramStatus::default();
+        let r = self.load_program(desc, &mut status);
+        match r {
+            Ok(p) => {
+                bump(&self.counters.loaded);
+                Ready::Loaded(Box::new(p), status)
+            }
+            Err(refusal) => {
+                bump(&self.counters.refused);
+                self.log(
+                    LogLevel::Info,
+                    &format!("coreml: {desc} refused: {}", refusal.text()),
+                );
+                status.refused = Some(refusal.text().to_owned());
+                Ready::Refused(refusal, status)
+            }
+        }
+    }
+
+    fn load_program(
+        &self,
+        desc: &ProgramDesc,
+        status: &mut ProgramStatus,
+    ) -> Result<Program, Refusal> {
+        let key = EntryKey::program(desc);
+        let t = Instant::now();
+        let mut plan_summary = None;
+        let (entry, lookup) = self
+            .cache
+            .get_or_build(&key, |dir| self.compile_into(desc, dir, &mut plan_summary))
+            .map_err(Refusal::Compile)?;
+        status.compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        status.cache_hit = lookup == Lookup::Hit;
+        bump(if status.cache_hit {
+            &self.counters.cache_hits
+        } else {
+            &self.counters.compiled
+        });
+        let placement = entry.placement();
+        status.placement = plan_summary.unwrap_or_else(|| {
+            placement
+                .as_ref()
+                .map_or_else(|| "unknown".into(), Placement::to_note)
+        });
+        if let Some(Placement::Declined(why)) = &placement {
+            let refusal = if let Some(w) = why.strip_prefix("compile: ") {
+                Refusal::Compile(w.to_owned())
+            } else if why.starts_with("self-check: ") {
+                Refusal::Unsupported(why.clone())
+            } else {
+                Refusal::Placement(why.clone())
+            };
+            if self.settings.require_ane || !matches!(refusal, Refusal::Placement(_)) {
+                return Err(refusal);
+            }
+        }
+        let Some(mlmodelc) = entry
+            .dir()
+            .map(|d| d.join(MODEL_DIR))
+            .filter(|p| p.is_dir())
+        else {
+            // A verified entry without a model would fail again: drop it so the next run rebuilds.
+            let _ = self.cache.remove(&key);
+            return Err(Refusal::Compile(
+                "cache entry holds no compiled model".into(),
+            ));
+        };
+        let t = Instant::now();
+        let model = runtime::load(&mlmodelc, self.settings.timeout)
+            .map_err(|e| Refusal::Compile(format!("load: {e}")))?;
+        status.load_ms = t.elapsed().as_secs_f64() * 1e3;
+        let program = Program {
+            desc: *desc,
+            model,
+            inputs: input_specs(desc),
+            output: output_spec(desc),
+            pool: Mutex::new(Vec::new()),
+            _entry: entry.clone(),
+        };
+        if self.settings.self_check {
+            match self.self_check(&program) {
+                Ok(a) => status.self_check = Some(a.to_string()),
+                Err(SelfCheck::Mismatch(why)) => {
+                    let why = format!("self-check: {why}");
+                    self.remember_refusal(&key, &entry, &why);
+                    return Err(Refusal::Unsupported(why));
+                }
+                Err(SelfCheck::Failed(why)) => {
+                    return Err(Refusal::Unsupported(format!(
+                        "self-check did not run: {why}"
+                    )));
+                }
+            }
+        }
+        self.log(
+            LogLevel::Debug,
+            &format!(
+                "coreml: {desc} ready ({}, {:.0} ms to compile/find, {:.0} ms to load, placement {}, self-check {})",
+                if status.cache_hit { "cached" } else { "compiled" },
+                status.compile_ms,
+                status.load_ms,
+                status.placement,
+                status.self_check.as_deref().unwrap_or("off")
+            ),
+        );
+        Ok(program)
+    }
+
+    /// Builds a cache entry in `dir`: emit, compile, move the `.mlmodelc` in, placement verdict as note.
+    /// A program CoreML rejects is stored as declined (remembered); a timeout or I/O trouble is an error
+    /// (nothing stored, tried again next process).
+    fn compile_into(
+        &self,
+        desc: &ProgramDesc,
+        dir: &Path,
+        summary: &mut Option<String>,
+    ) -> Result<Built, String> {
+        let work = dir.join(".work");
+        let r = self.compile_steps(desc, dir, &work, summary);
+        let _ = fs::remove_dir_all(&work);
+        r
+    }
+
+    fn compile_steps(
+        &self,
+        desc: &ProgramDesc,
+        dir: &Path,
+        work: &Path,
+        summary: &mut Option<String>,
+    ) -> Result<Built, String> {
+        let pkg = write_mlpackage(desc, work).map_err(|e| format!("emit: {e}"))?;
+        let compiled = match runtime::compile(&pkg, self.settings.timeout) {
+            Ok(p) => p,
+            Err(CompileError::Rejected(why)) => {
+                return Ok(Built::Dir {
+                    note: Placement::Declined(format!("compile: {why}")).to_note(),
+                });
+            }
+            Err(CompileError::Transient(why)) => return Err(format!("compile: {why}")),
+        };
+        let target = dir.join(MODEL_DIR);
+        move_tree(&compiled, &target)
+            .map_err(|e| format!("moving {} into the cache: {e}", compiled.display()))?;
+        let report = runtime::plan(&target, self.settings.timeout)
+            .map_err(|e| format!("compute plan: {e}"))?;
+        *summary = Some(report.to_string());
+        let note = match report.verdict() {
+            Ok(()) => Placement::Ane,
+            Err(why) => Placement::Declined(format!("placement: {why}")),
+        };
+        self.log(
+            LogLevel::Info,
+            &format!("coreml: compiled {desc}: {report} -> {}", note.to_note()),
+        );
+        Ok(Built::Dir {
+            note: note.to_note(),
+        })
+    }
+
+    /// Stores a refusal found after the build (self-check) so later processes skip the program.
+    fn remember_refusal(&self, key: &EntryKey, entry: &Entry, why: &str) {
+        let Some(dir) = entry.dir().filter(|_| self.cache.dir().is_some()) else {
+            return;
+        };
+        if let Err(e) = self
+            .cache
+            .put_dir(key, &Placement::Declined(why.to_owned()).to_note(), dir)
+        {
+            self.log(
+                LogLevel::Debug,
+                &format!("coreml: could not record refusal of {key}: {e}"),
+            );
+        }
+    }
+
+    fn self_check(&self, program: &Program) -> Result<Agreement, SelfCheck> {
+        let desc = &program.desc;
+        let inputs = OwnedInputs::random(desc, SELF_CHECK_SEED);
+        let mut got = vec![f16::ZERO; desc.n * desc.m];
+        program
+            .run(inputs.inputs(), &mut got, &self.counters)
+            .map_err(SelfCheck::Failed)?;
+        let (a, against) = if inputs.macs() <= FULL_CHECK_MAX_MACS {
+            let mut want = vec![f16::ZERO; desc.n * desc.m];
+            self.reference
+                .run(desc, inputs.inputs(), 0, &mut want)
+                .map_err(|e| SelfCheck::Failed(format!("reference executor: {e}")))?;
+            (compare_outputs(&want, &got), "reference executor")
+        } else {
+            (
+                compare_ideal(&inputs, &got, Some(SAMPLED_ENTRIES), SELF_CHECK_SEED),
+                "sampled f64 product",
+            )
+        };
+        if a.within(SELF_CHECK_MAX_NMSE) {
+            Ok(a)
+        } else {
+            Err(SelfCheck::Mismatch(format!(
+                "{a} against the {against} (limit nmse {SELF_CHECK_MAX_NMSE:e})"
+            )))
+        }
+    }
+}
+
+enum SelfCheck {
+    /// The program ran and its result is wrong: refuse it for good.
+    Mismatch(String),
+    /// The check could not run (a prediction error): refuse it in this process only.
+    Failed(String),
+}
+
+/// Moves a tree, falling back to copy + delete across file systems.
+fn move_tree(from: &Path, to: &Path) -> io::Result<()> {
+    if fs::rename(from, to).is_ok() {
+        return Ok(());
+    }
+    copy_tree(from, to)?;
+    let _ = fs::remove_dir_all(from);
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let t = e.file_type()?;
+        let dest = to.join(e.file_name());
+        if t.is_dir() {
+            copy_tree(&e.path(), &dest)?;
+        } else if t.is_file() {
+            fs::copy(e.path(), &dest)?;
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a regular file or directory", e.path().display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Executor for CoreMlExecutor {
+    fn name(&self) -> &'static str {
+        "coreml"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        match &self.unusable {
+            None => Capabilities {
+                variants: Variant::ALL.to_vec(),
+                accelerated: true,
+                description: format!("coreml executor: {}", self.facts.describe()),
+            },
+            Some(why) => Capabilities {
+                variants: Vec::new(),
+                accelerated: false,
+                description: format!(
+                    "coreml executor unavailable: {why} ({})",
+                    self.facts.describe()
+                ),
+            },
+        }
+    }
+
+    fn prepare(&self, desc: &ProgramDesc) -> Result<(), ExecError> {
+        match &*self.ready(desc)? {
+            Ready::Loaded(..) => Ok(()),
+            Ready::Refused(r, _) => Err(r.error(desc)),
+        }
+    }
+
+    fn run(
+        &self,
+        desc: &ProgramDesc,
+        inputs: ProgramInputs<'_>,
+        _weight_key: u64,
+        out: &mut [f16],
+    ) -> Result<(), ExecError> {
+        // Weights are copied in every call: the key names a whole weight, but split parts of one weight
+        // share it, so it cannot identify the bytes of one call (see docs/apple.md).
+        inputs.check(desc)?;
+        if out.len() != desc.n * desc.m {
+            return Err(ExecError::BadInputs(
+                desc.key(),
+                format!("output len {} (want {})", out.len(), desc.n * desc.m),
+            ));
+        }
+        let ready = self.ready(desc)?;
+        let program = match &*ready {
+            Ready::Loaded(p, _) => p,
+            Ready::Refused(r, _) => return Err(r.error(desc)),
+        };
+        program.run(inputs, out, &self.counters).map_err(|e| {
+            bump(&self.counters.failed);
+            ExecError::Run(desc.key(), e)
+        })
+    }
+}
