@@ -228,7 +228,7 @@ mod tests {
             ("blk.0.ffn_down.weight", &[512, 256], GgmlType::Q6_K),
             ("blk.0.ffn_gate_exps.weight", &[256, 512, 8], GgmlType::Q4_K),
             ("blk.0.attn_k.weight", &[256, 64], GgmlType::F16),
-            ("blk.0.attn_v.weight", &[256, 64], GgmlType::Q5_0),
+            ("blk.0.attn_v.weight", &[256, 64], GgmlType(6)),
         ];
         if !tied {
             tensors.push(("output.weight", &[256, 1000], GgmlType::Q6_K));
