@@ -16,7 +16,7 @@ fn same_form(a: &BlockForm, b: &BlockForm) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 4 {
+    if data.len() < 3 {
         return;
     }
     let t = WeightType::ALL[data[0] as usize % WeightType::ALL.len()];

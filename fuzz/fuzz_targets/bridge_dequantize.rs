@@ -6,7 +6,7 @@ use ggml_coreml_bridge::{WeightType, dequantize, dequantize_ggml, dequantize_row
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 4 {
+    if data.len() < 3 {
         return;
     }
     let type_id = data[0] as u32 % 16;

@@ -6,7 +6,7 @@ use ggml_coreml_bridge::{WeightType, rowwise_int8, rowwise_int8_par, to_f16, to_
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 4 {
+    if data.len() < 3 {
         return;
     }
     let t = WeightType::ALL[data[0] as usize % WeightType::ALL.len()];

@@ -174,6 +174,27 @@ mod tests {
         for t in WeightType::ALL {
             assert_eq!(to_f16(t, &[], 0, t.block_len()).unwrap().len(), 0);
             assert_eq!(rowwise_int8(t, &[], 3, 0).unwrap().scales, vec![0.0; 3]);
+            // Zero-width rows: the row count is not bounded by the bytes, and must not abort.
+            assert!(rowwise_int8(t, &[], usize::MAX / 2, 0).is_err());
+            assert_eq!(
+                block_form(WeightType::Q8_0, &[], usize::MAX, 0).map(|f| f.q.len()),
+                Ok(0)
+            );
+            assert_eq!(to_f16(t, &[], usize::MAX, 0).map(|v| v.len()), Ok(0));
+            assert_eq!(
+                to_f16(t, &[], 0, t.block_len() << 40).map(|v| v.len()),
+                Ok(0)
+            );
+            let huge_k = BlockForm {
+                n: 0,
+                k: 1 << 40,
+                group: 32,
+                q: vec![],
+                scales: vec![],
+                offsets: None,
+            };
+            assert_eq!(rowwise_from_block_form(&huge_k).map(|r| r.q.len()), Ok(0));
+            assert!(scale_spread(&huge_k).is_empty());
         }
     }
 

@@ -49,6 +49,16 @@ impl RowwiseInt8 {
     }
 }
 
+/// `len` zeroed scales, or an error instead of an allocation failure. With `k = 0` the row count is
+/// not bounded by the input bytes, so this allocation is the one that can be absurd.
+fn zeroed_scales(n: usize, k: usize) -> Result<Vec<f32>, BridgeError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| BridgeError::TooLarge { n, k })?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
 /// Row-wise int8 of an `[n, k]` weight (any supported type, F16 included).
 pub fn rowwise_int8(
     t: WeightType,
@@ -68,8 +78,9 @@ pub fn rowwise_int8_par(
     threads: usize,
 ) -> Result<RowwiseInt8, BridgeError> {
     let row = check_tensor(t, bytes, n, k)?;
+    // n * k is bounded by the input length (checked above), so this cannot be absurd.
     let mut q = vec![0i8; n * k];
-    let mut scales = vec![0f32; n];
+    let mut scales = zeroed_scales(n, k)?;
     let mut none: [u8; 0] = [];
     for_row_ranges(
         &row_ranges(n, threads),
@@ -93,8 +104,9 @@ pub fn rowwise_from_block_form(form: &BlockForm) -> Result<RowwiseInt8, BridgeEr
     form.check()?;
     let (n, k) = (form.n, form.k);
     let mut q = vec![0i8; n * k];
-    let mut scales = vec![0f32; n];
-    let mut w = vec![0f32; k];
+    let mut scales = zeroed_scales(n, k)?;
+    // Only allocated when there is a row (k is unbounded when n = 0).
+    let mut w = if n > 0 { vec![0f32; k] } else { Vec::new() };
     for r in 0..n {
         form.try_dequantize_row(r, &mut w)?;
         scales[r] = quantize_row_i8(&w, &mut q[r * k..(r + 1) * k]);
@@ -117,6 +129,9 @@ pub fn to_f16_par(
     threads: usize,
 ) -> Result<Vec<f16>, BridgeError> {
     let row = check_tensor(t, bytes, n, k)?;
+    if n == 0 || k == 0 {
+        return Ok(Vec::new());
+    }
     let mut out = vec![f16::ZERO; n * k];
     let (mut none_b, mut none_c): ([u8; 0], [u8; 0]) = ([], []);
     for_row_ranges(
