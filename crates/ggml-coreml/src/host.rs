@@ -78,6 +78,21 @@ impl HostBackend {
         self.backend
     }
 
+    /// Hands a whole graph to the inner backend.
+    pub fn compute_graph(&mut self, graph: *mut GgmlCgraph) -> i32 {
+        let Some(api) = api() else { return GGML_STATUS_FAILED };
+        // SAFETY: the graph ggml gave us; the inner backend computes it synchronously.
+        unsafe { (api.backend_graph_compute)(self.backend, graph) }
+    }
+
+    /// Waits for the inner backend.
+    pub fn synchronize(&self) {
+        if let Some(api) = api() {
+            // SAFETY: our live inner backend.
+            unsafe { (api.synchronize)(self.backend) };
+        }
+    }
+
     /// Computes `nodes` in order on the inner backend.
     pub fn compute(&mut self, nodes: &[*mut GgmlTensor]) -> i32 {
         let Some(api) = api() else { return GGML_STATUS_FAILED };

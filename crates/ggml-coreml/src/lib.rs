@@ -97,6 +97,31 @@ pub extern "C" fn ggml_backend_coreml_reset_stats() {
     guard("ggml_backend_coreml_reset_stats", (), || engine::engine().stats.reset())
 }
 
+/// Opts in to the hybrid face: registers the GPU-type device `CoreML-<inner>` wrapping the device (or
+/// first device of the registry) named `inner` — e.g. "Metal" / "MTL0" on Apple, "CPU" for tests.
+/// Call before loading a model, then select the device (llama.cpp: `--device CoreML-<inner>`).
+/// Returns 0 on success, -1 on failure (logged). Equivalent to `GGML_COREML_HYBRID=<inner>` at load.
+///
+/// # Safety
+/// `inner` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ggml_backend_coreml_enable_hybrid(inner: *const c_char) -> c_int {
+    guard("ggml_backend_coreml_enable_hybrid", -1, || {
+        if inner.is_null() {
+            return -1;
+        }
+        // SAFETY: per the contract.
+        let s = unsafe { CStr::from_ptr(inner) }.to_string_lossy();
+        match faces::reg::enable_hybrid(s.trim()) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::warn(&format!("enable_hybrid({s}): {e}"));
+                -1
+            }
+        }
+    })
+}
+
 /// The library version (static string).
 #[unsafe(no_mangle)]
 pub extern "C" fn ggml_backend_coreml_version() -> *const c_char {

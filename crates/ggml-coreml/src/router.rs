@@ -14,7 +14,8 @@ use ggml_coreml_policy::{Decision, MatmulShape};
 
 use crate::engine::engine;
 use crate::ffi::abi::*;
-use crate::ffi::tensor::TensorRef;
+use crate::ffi::ggml::{GgmlApi, api};
+use crate::ffi::tensor::{RowsF32, TensorRef};
 use crate::host::HostBackend;
 use crate::log;
 use crate::weights::WeightRegistry;
@@ -135,17 +136,31 @@ fn is_view_of_leaf(t: &TensorRef<'_>) -> bool {
     false
 }
 
+/// Which face a graph came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Face {
+    /// The ACCEL device: only MUL_MATs over weights in our buffer type reach us.
+    Accel,
+    /// The hybrid device: the whole graph reaches us; we split out the offloaded MUL_MATs.
+    Hybrid,
+}
+
 /// The decision for one node at compute time.
 pub enum Route {
     Ane(Eligible),
     Host(&'static str),
 }
 
-pub fn route(node: &TensorRef<'_>) -> Route {
+pub fn route(node: &TensorRef<'_>, face: Face) -> Route {
     let e = match eligible(node) {
         Ok(e) => e,
         Err(why) => return Route::Host(why),
     };
+    // The hybrid face sees every matmul of the graph; only those over model weights may go to the ANE
+    // (prepared weights are cached by address, and a KV-cache operand changes every step).
+    if face == Face::Hybrid && node.src(0).and_then(|w| w.buffer_usage()) != Some(BUFFER_USAGE_WEIGHTS) {
+        return Route::Host("not a weight");
+    }
     match engine().policy.decide(&MatmulShape { m: e.m, k: e.k, n: e.n }) {
         Decision::Ane => Route::Ane(e),
         Decision::Host(r) => Route::Host(r.as_str()),
@@ -159,23 +174,55 @@ pub struct RouterCtx {
     pub out: Vec<f32>,
     /// Weights whose buffer is not one of ours (hybrid face): prepared and kept here.
     pub foreign: WeightRegistry,
+    /// Hybrid face: graphs handed to the inner backend whole / split around offloaded MUL_MATs.
+    pub unsplit_graphs: u64,
+    pub split_graphs: u64,
+    /// Inner-backend calls made by the last split graph (for tests and the debug log).
+    pub last_host_calls: usize,
 }
 
 impl RouterCtx {
     pub fn new(host: HostBackend) -> RouterCtx {
-        RouterCtx { host, scratch: Scratch::default(), out: Vec::new(), foreign: WeightRegistry::default() }
+        RouterCtx {
+            host,
+            scratch: Scratch::default(),
+            out: Vec::new(),
+            foreign: WeightRegistry::default(),
+            unsplit_graphs: 0,
+            split_graphs: 0,
+            last_host_calls: 0,
+        }
     }
 }
 
 /// Runs the nodes of a graph: returns a ggml status.
 ///
-/// `registry_of` maps a weight tensor to the registry of prepared weights of its buffer.
+/// `registry_of` maps a weight tensor to the registry of prepared weights of its buffer (None: the
+/// backend's own registry). A graph in which no node goes to the ANE is handed to the inner backend
+/// whole (`graph`), so decode costs nothing extra.
 pub fn compute(
     ctx: &mut RouterCtx,
+    graph: *mut GgmlCgraph,
     nodes: &[*mut GgmlTensor],
+    face: Face,
     registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<&'t WeightRegistry>,
 ) -> i32 {
     let eng = engine();
+    if face == Face::Hybrid {
+        let any_ane = nodes.iter().any(|&p| {
+            // SAFETY: live graph nodes.
+            let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else { return false };
+            n.op() == GGML_OP_MUL_MAT
+                && n.flags() & GGML_TENSOR_FLAG_COMPUTE != 0
+                && matches!(route(&n, face), Route::Ane(_))
+        });
+        if !any_ane {
+            ctx.unsplit_graphs += 1;
+            return ctx.host.compute_graph(graph);
+        }
+        ctx.split_graphs += 1;
+    }
+    ctx.last_host_calls = 0;
     let mut pending: Vec<*mut GgmlTensor> = Vec::new();
     let mut pending_reason: Vec<&'static str> = Vec::new();
     for &p in nodes {
@@ -193,7 +240,7 @@ pub fn compute(
                 continue;
             }
         }
-        match route(&node) {
+        match route(&node, face) {
             Route::Host(why) => {
                 pending.push(p);
                 pending_reason.push(why);
@@ -205,7 +252,7 @@ pub fn compute(
                     return st;
                 }
                 let t0 = Instant::now();
-                match run_ane(ctx, &node, e, registry_of) {
+                match run_ane(ctx, &node, e, face, registry_of) {
                     Ok(batches) => {
                         let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
                         eng.stats.ane(t0.elapsed(), flops);
@@ -235,6 +282,7 @@ fn flush(ctx: &mut RouterCtx, pending: &mut Vec<*mut GgmlTensor>, reasons: &mut 
         return GGML_STATUS_SUCCESS;
     }
     let t0 = Instant::now();
+    ctx.last_host_calls += 1;
     let st = ctx.host.compute(pending);
     let dt = t0.elapsed() / pending.len() as u32;
     for r in reasons.iter() {
@@ -246,21 +294,42 @@ fn flush(ctx: &mut RouterCtx, pending: &mut Vec<*mut GgmlTensor>, reasons: &mut 
 }
 
 /// One MUL_MAT through the driver, batch by batch (broadcasting src0 over dims 2 and 3).
+///
+/// Operands in host-visible memory (our buffers, CPU buffers) are read in place; others (e.g. Metal
+/// buffers) are copied through `ggml_backend_tensor_get` / `_set`.
 fn run_ane(
     ctx: &mut RouterCtx,
     node: &TensorRef<'_>,
     e: Eligible,
+    face: Face,
     registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<&'t WeightRegistry>,
 ) -> Result<usize, String> {
     let eng = engine();
+    let api = api().ok_or("ggml not bound")?;
     let (w, x) = (node.src(0).ok_or("no src0")?, node.src(1).ok_or("no src1")?);
     if w.data().is_null() || x.data().is_null() || node.data().is_null() {
         return Err("unallocated tensor".into());
     }
+    let visible = |t: &TensorRef<'_>| {
+        // SAFETY: allocated tensors have a live buffer.
+        face == Face::Accel || unsafe { (api.buffer_is_host)(t.buffer()) }
+    };
+    let (w_host, x_host, d_host) = (visible(&w), visible(&x), visible(node));
     let (wne, xne) = (w.ne(), x.ne());
     let (r2, r3) = ((xne[2] / wne[2]) as usize, (xne[3] / wne[3]) as usize);
     let row = e.wtype.row_bytes(e.k).map_err(|err| err.to_string())?;
     let registry = registry_of(&w);
+    // Non-host activations: one copy of the whole tensor.
+    let x_copy: Option<Vec<u8>> = if x_host {
+        None
+    } else {
+        // SAFETY: live allocated tensor; ggml_nbytes bytes are readable through the backend API.
+        let nbytes = unsafe { (api.nbytes)(x.ptr()) };
+        let mut v = vec![0u8; nbytes];
+        // SAFETY: `v` has nbytes bytes; the backend copies the tensor into it.
+        unsafe { (api.tensor_get)(x.ptr(), v.as_mut_ptr().cast(), 0, nbytes) };
+        Some(v)
+    };
     let mut batches = 0;
     for i13 in 0..xne[3] as usize {
         for i12 in 0..xne[2] as usize {
@@ -270,24 +339,74 @@ fn run_ane(
             let reg = registry.unwrap_or(&ctx.foreign);
             let pw = match reg.get(addr, eng.mode_for(e.wtype), stride) {
                 Some(pw) => pw,
-                None => {
+                None if w_host => {
                     // SAFETY: as above.
                     let bytes = unsafe { w.slice2d_rows(i02, i03, row) };
                     eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?
                 }
+                None => {
+                    let bytes = copy_rows(api, &w, i02, i03, row);
+                    eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?
+                }
             };
-            // SAFETY: src1 is F32 (eligible) and allocated; (i12, i13) in range.
-            let rows = unsafe { x.f32_rows(i12, i13) };
-            let (xs, stride) = rows.as_slice();
-            let act = Activations { x: xs, m: e.m, x_stride: stride };
+            let rows = match &x_copy {
+                // SAFETY: src1 is F32 (eligible) and allocated; (i12, i13) in range.
+                None => unsafe { x.f32_rows(i12, i13) },
+                Some(bytes) => gather_f32(bytes, x.ne(), x.nb(), i12, i13),
+            };
+            let (xs, xstride) = rows.as_slice();
+            let act = Activations { x: xs, m: e.m, x_stride: xstride };
             ctx.out.resize(e.m * e.n, 0.0);
             driver::matmul(eng.executor.as_ref(), &pw, &act, &mut ctx.out, e.n, &mut ctx.scratch)
                 .map_err(|err| err.to_string())?;
-            // SAFETY: dst is F32 [n, m, ne12, ne13] (MUL_MAT contract), allocated, batch in range, and
-            // nothing else touches it during this node.
-            unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
+            if d_host {
+                // SAFETY: dst is F32 [n, m, ne12, ne13] (MUL_MAT contract), allocated, batch in range, and
+                // nothing else touches it during this node.
+                unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
+            } else {
+                write_rows_via_api(api, node, i12, i13, &ctx.out, e.n);
+            }
             batches += 1;
         }
     }
     Ok(batches)
+}
+
+/// Rows of a weight slice in a non-host buffer, compacted to `row` bytes each.
+fn copy_rows(api: &GgmlApi, w: &TensorRef<'_>, i2: usize, i3: usize, row: usize) -> Vec<u8> {
+    let (ne, nb) = (w.ne(), w.nb());
+    let rows = ne[1] as usize;
+    let off = i2 * nb[2] + i3 * nb[3];
+    let mut out = vec![0u8; rows * row];
+    for r in 0..rows {
+        // SAFETY: the row lies within the tensor (ggml strides); tensor_get checks bounds itself.
+        unsafe { (api.tensor_get)(w.ptr(), out[r * row..].as_mut_ptr().cast(), off + r * nb[1], row) };
+    }
+    out
+}
+
+/// f32 rows of batch `(i2, i3)` from a host copy of a whole tensor.
+fn gather_f32(bytes: &[u8], ne: [i64; 4], nb: [usize; 4], i2: usize, i3: usize) -> RowsF32<'static> {
+    let (k, m) = (ne[0] as usize, ne[1] as usize);
+    let mut x = Vec::with_capacity(m * k);
+    for r in 0..m {
+        for c in 0..k {
+            let o = i2 * nb[2] + i3 * nb[3] + r * nb[1] + c * nb[0];
+            let v = bytes.get(o..o + 4).map_or(0.0, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            x.push(v);
+        }
+    }
+    RowsF32::Gathered { x, stride: k }
+}
+
+/// Writes `m` rows of `n` f32 into batch `(i2, i3)` of a tensor in a non-host buffer.
+fn write_rows_via_api(api: &GgmlApi, dst: &TensorRef<'_>, i2: usize, i3: usize, src: &[f32], n: usize) {
+    let (ne, nb) = (dst.ne(), dst.nb());
+    let m = ne[1] as usize;
+    let off = i2 * nb[2] + i3 * nb[3];
+    for r in 0..m {
+        let row = &src[r * n..(r + 1) * n];
+        // SAFETY: the destination row lies within the tensor; tensor_set checks bounds itself.
+        unsafe { (api.tensor_set)(dst.ptr().cast_mut(), row.as_ptr().cast(), off + r * nb[1], n * 4) };
+    }
 }

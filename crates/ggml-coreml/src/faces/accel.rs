@@ -203,7 +203,7 @@ unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgra
             let n = (api.graph_n_nodes)(g);
             (0..n).map(|i| (api.graph_node)(g, i)).collect()
         };
-        router::compute(&mut ctx.router, &nodes, &registry_of)
+        router::compute(&mut ctx.router, g, &nodes, router::Face::Accel, &registry_of)
     })
 }
 

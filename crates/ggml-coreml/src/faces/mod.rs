@@ -4,4 +4,5 @@
 
 pub mod accel;
 pub mod buffer;
+pub mod hybrid;
 pub mod reg;

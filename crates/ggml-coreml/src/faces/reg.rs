@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use ggml_coreml_policy::Mode;
 
 use crate::engine::engine;
-use crate::faces::{accel, buffer};
+use crate::faces::{accel, buffer, hybrid};
 use crate::ffi::abi::*;
 use crate::ffi::ggml::{self, Layout};
 use crate::ffi::guard::guard;
@@ -78,6 +78,14 @@ fn init() -> Option<Globals> {
         log::warn("GGML_COREML_DISABLE=1: registering no devices");
     } else {
         devices.push(accel_dev);
+        if let Ok(inner) = std::env::var("GGML_COREML_HYBRID")
+            && !inner.trim().is_empty()
+        {
+            match hybrid::create(inner.trim(), reg) {
+                Ok(d) => devices.push(d),
+                Err(e) => log::warn(&format!("GGML_COREML_HYBRID={inner}: {e}; no hybrid device")),
+            }
+        }
     }
 
     let strings: Vec<CString> = [
@@ -141,6 +149,7 @@ unsafe extern "C" fn reg_get_proc_address(_reg: *mut Reg, name: *const c_char) -
             b"ggml_backend_coreml_get_stats" => crate::ggml_backend_coreml_get_stats as *const (),
             b"ggml_backend_coreml_reset_stats" => crate::ggml_backend_coreml_reset_stats as *const (),
             b"ggml_backend_coreml_version" => crate::ggml_backend_coreml_version as *const (),
+            b"ggml_backend_coreml_enable_hybrid" => crate::ggml_backend_coreml_enable_hybrid as *const (),
             _ => ptr::null(),
         };
         f as *mut c_void
@@ -150,12 +159,27 @@ unsafe extern "C" fn reg_get_proc_address(_reg: *mut Reg, name: *const c_char) -
 unsafe extern "C" fn set_n_threads(b: *mut GgmlBackend, n: c_int) {
     guard("set_n_threads", (), || {
         // SAFETY: ggml passes one of the backends it created from our devices.
-        unsafe { accel::set_threads(b, n) };
+        unsafe {
+            if !accel::set_threads(b, n) {
+                hybrid::set_threads(b, n);
+            }
+        }
     })
 }
 
 unsafe extern "C" fn get_features(_reg: *mut Reg) -> *const GgmlBackendFeature {
     globals().map_or(ptr::null(), |g| g.features.as_ptr())
+}
+
+/// Opts in to the hybrid face after load: creates `CoreML-<inner>` and registers it with ggml.
+pub fn enable_hybrid(inner: &str) -> Result<(), String> {
+    let g = globals().ok_or("the backend is not registered")?;
+    if hybrid::is_known(inner) {
+        return Ok(());
+    }
+    let dev = hybrid::create(inner, g.reg)?;
+    hybrid::register_now(dev);
+    Ok(())
 }
 
 /// Sets the policy mode from its name; false for an unknown name.

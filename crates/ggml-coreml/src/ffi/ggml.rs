@@ -61,6 +61,21 @@ pub struct GgmlApi {
     pub graph_clear: unsafe extern "C" fn(*mut GgmlCgraph),
     pub graph_add_node: unsafe extern "C" fn(*mut GgmlCgraph, *mut GgmlTensor),
     pub graph_overhead_custom: unsafe extern "C" fn(usize, bool) -> usize,
+    pub buffer_is_host: unsafe extern "C" fn(*mut GgmlBackendBuffer) -> bool,
+    pub tensor_get: unsafe extern "C" fn(*const GgmlTensor, *mut c_void, usize, usize),
+    pub tensor_set: unsafe extern "C" fn(*mut GgmlTensor, *const c_void, usize, usize),
+    pub synchronize: unsafe extern "C" fn(*mut GgmlBackend),
+    pub dev_memory: unsafe extern "C" fn(*mut Dev, *mut usize, *mut usize),
+    pub dev_get_props: unsafe extern "C" fn(*mut Dev, *mut GgmlBackendDevProps),
+    pub dev_description: unsafe extern "C" fn(*mut Dev) -> *const c_char,
+    pub dev_buffer_type: unsafe extern "C" fn(*mut Dev) -> BuftPtr,
+    pub dev_host_buffer_type: unsafe extern "C" fn(*mut Dev) -> BuftPtr,
+    pub dev_supports_buft: unsafe extern "C" fn(*mut Dev, BuftPtr) -> bool,
+    pub dev_offload_op: unsafe extern "C" fn(*mut Dev, *const GgmlTensor) -> bool,
+    pub reg_by_name: unsafe extern "C" fn(*const c_char) -> *mut Reg,
+    pub reg_dev_count: unsafe extern "C" fn(*mut Reg) -> usize,
+    pub reg_dev_get: unsafe extern "C" fn(*mut Reg, usize) -> *mut Dev,
+    pub device_register: unsafe extern "C" fn(*mut Dev),
 }
 
 static API: OnceLock<Result<GgmlApi, String>> = OnceLock::new();
@@ -188,6 +203,21 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
         graph_clear: get!("ggml_graph_clear"),
         graph_add_node: get!("ggml_graph_add_node"),
         graph_overhead_custom: get!("ggml_graph_overhead_custom"),
+        buffer_is_host: get!("ggml_backend_buffer_is_host"),
+        tensor_get: get!("ggml_backend_tensor_get"),
+        tensor_set: get!("ggml_backend_tensor_set"),
+        synchronize: get!("ggml_backend_synchronize"),
+        dev_memory: get!("ggml_backend_dev_memory"),
+        dev_get_props: get!("ggml_backend_dev_get_props"),
+        dev_description: get!("ggml_backend_dev_description"),
+        dev_buffer_type: get!("ggml_backend_dev_buffer_type"),
+        dev_host_buffer_type: get!("ggml_backend_dev_host_buffer_type"),
+        dev_supports_buft: get!("ggml_backend_dev_supports_buft"),
+        dev_offload_op: get!("ggml_backend_dev_offload_op"),
+        reg_by_name: get!("ggml_backend_reg_by_name"),
+        reg_dev_count: get!("ggml_backend_reg_dev_count"),
+        reg_dev_get: get!("ggml_backend_reg_dev_get"),
+        device_register: get!("ggml_backend_device_register"),
     })
 }
 

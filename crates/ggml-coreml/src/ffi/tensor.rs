@@ -58,6 +58,11 @@ impl<'a> TensorRef<'a> {
         // SAFETY: as above.
         unsafe { self.t.buffer.as_ref() }.map(|b| b.size)
     }
+    /// Usage of the tensor's buffer (`WEIGHTS` = 1 for model weights), if allocated.
+    pub fn buffer_usage(&self) -> Option<c_int> {
+        // SAFETY: a non-NULL tensor->buffer points to a live ggml_backend_buffer.
+        unsafe { self.t.buffer.as_ref() }.map(|b| b.usage)
+    }
     pub fn src(&self, i: usize) -> Option<TensorRef<'a>> {
         // SAFETY: sources of a live tensor are live tensors or NULL.
         unsafe { TensorRef::from_ptr(self.t.src[i]) }
