@@ -270,6 +270,18 @@ pub struct CoreMlExecutor {
     counters: Counters,
 }
 
+/// The cache env key of the CoreML executor on a machine: OS build and chip (an OS update or another
+/// chip makes every compiled program a miss). The CLI uses it to look at the same cache entries.
+pub fn env_key(facts: &PlatformFacts) -> EnvKey {
+    EnvKey::new(
+        facts
+            .os_build
+            .clone()
+            .unwrap_or_else(|| "unknown-build".into()),
+        facts.chip.clone().unwrap_or_else(|| "unknown-chip".into()),
+    )
+}
+
 /// The executor with settings from the environment.
 pub fn try_new() -> Result<CoreMlExecutor, String> {
     try_new_with(Settings::from_env())
@@ -281,13 +293,7 @@ pub fn try_new_with(settings: Settings) -> Result<CoreMlExecutor, String> {
     let facts = platform::facts();
     platform::watch_app_lifecycle();
     let unusable = facts.unusable_reason();
-    let env = EnvKey::new(
-        facts
-            .os_build
-            .clone()
-            .unwrap_or_else(|| "unknown-build".into()),
-        facts.chip.clone().unwrap_or_else(|| "unknown-chip".into()),
-    );
+    let env = env_key(&facts);
     let config = match &settings.cache_dir {
         Some(dir) => CacheConfig::new(Some(dir.clone()), env),
         None => CacheConfig::from_env(env),

@@ -31,6 +31,8 @@ mod io;
 mod runtime;
 
 #[cfg(target_vendor = "apple")]
-pub use executor::{CoreMlExecutor, CoreMlStats, ProgramStatus, Settings, try_new, try_new_with};
+pub use executor::{
+    CoreMlExecutor, CoreMlStats, ProgramStatus, Settings, env_key, try_new, try_new_with,
+};
 #[cfg(target_vendor = "apple")]
 pub use runtime::neural_engine_cores;
