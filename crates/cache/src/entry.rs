@@ -88,9 +88,10 @@ pub struct Header {
 }
 
 impl Header {
-    /// Length of the whole entry this header describes.
-    pub fn total_len(&self) -> u64 {
-        HEADER_LEN as u64 + self.key_len as u64 + self.note_len as u64 + self.payload_len
+    /// Length of the whole entry this header describes (`None` when it overflows: never a valid file).
+    pub fn total_len(&self) -> Option<u64> {
+        (HEADER_LEN as u64 + self.key_len as u64 + self.note_len as u64)
+            .checked_add(self.payload_len)
     }
 }
 
@@ -133,10 +134,10 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, EntryError> {
 /// Parses a whole entry; accepted only if every length matches and the checksum verifies.
 pub fn parse_entry(bytes: &[u8]) -> Result<ParsedEntry<'_>, EntryError> {
     let h = parse_header(bytes)?;
-    // Compare in u64 so a huge payload length cannot overflow.
-    if h.total_len() != bytes.len() as u64 {
+    if h.total_len() != Some(bytes.len() as u64) {
+        let expected = h.total_len().unwrap_or(u64::MAX);
         return Err(EntryError::Length {
-            expected: h.total_len(),
+            expected,
             actual: bytes.len() as u64,
         });
     }
@@ -313,9 +314,10 @@ pub fn read_entry<R: std::io::Read>(mut r: R, total_len: u64) -> Result<OwnedEnt
     }
     r.read_exact(&mut head)?;
     let h = parse_header(&head)?;
-    if h.total_len() != total_len {
+    if h.total_len() != Some(total_len) {
+        let expected = h.total_len().unwrap_or(u64::MAX);
         return Err(EntryError::Length {
-            expected: h.total_len(),
+            expected,
             actual: total_len,
         }
         .into());
@@ -417,6 +419,11 @@ mod tests {
         let mut longer = e.clone();
         longer.push(0);
         assert!(parse_entry(&longer).is_err());
+        // A payload length that overflows the total (found by the fuzzer).
+        let mut huge = e.clone();
+        huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse_entry(&huge).is_err());
+        assert!(read_entry(std::io::Cursor::new(&huge), huge.len() as u64).is_err());
     }
 
     #[test]
