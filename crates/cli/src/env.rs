@@ -9,12 +9,7 @@ use crate::Cli;
 pub fn env_key() -> EnvKey {
     #[cfg(target_vendor = "apple")]
     {
-        // Same formula as `ggml_coreml_executor::coreml::try_new_with`.
-        let f = ggml_coreml_executor::platform::facts();
-        EnvKey::new(
-            f.os_build.unwrap_or_else(|| "unknown-build".into()),
-            f.chip.unwrap_or_else(|| "unknown-chip".into()),
-        )
+        ggml_coreml_executor::coreml::env_key(&ggml_coreml_executor::platform::facts())
     }
     #[cfg(not(target_vendor = "apple"))]
     {
