@@ -148,7 +148,10 @@ fn read_only_dir_is_memory_only_with_one_warning() {
             .unwrap()
             .success()
     );
-    let exe = std::env::current_exe().unwrap();
+    // The build tree may not be reachable by other users (e.g. under /root): run a copy from the temp dir.
+    let exe = t.path().join("child-exe");
+    fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&exe)
