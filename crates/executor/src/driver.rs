@@ -223,6 +223,12 @@ fn run_part(
 ) -> Result<(), ExecError> {
     let (mp, kp, np, k) = (d.m, d.k, d.n, w.k);
     s.y.resize(np * mp, f16::ZERO);
+    // Each K/N part of a weight is its own weight for executors that keep device copies.
+    let key = if w.key == 0 || (k0 == 0 && n0 == 0 && kp == k && np == w.n) {
+        w.key
+    } else {
+        w.key ^ ((k0 as u64) << 40 | (n0 as u64) << 16 | 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    };
     let whole_k = kp == k;
     match &w.form {
         WeightForm::Rowwise(r) => {
@@ -245,7 +251,7 @@ fn run_part(
                 }
                 &s.w_i8
             };
-            exec.run(d, ProgramInputs::I8I8 { w: wpart, x: &s.xt_i8 }, w.key, &mut s.y)
+            exec.run(d, ProgramInputs::I8I8 { w: wpart, x: &s.xt_i8 }, key, &mut s.y)
         }
         WeightForm::Block { q, scales, offsets, group } => {
             fill_x_f16(act, &mut s.xt_f16, m0, m_len, k0, kp, mp);
@@ -273,7 +279,7 @@ fn run_part(
                 (&s.w_i8, &s.s_f16, offsets.as_ref().map(|_| &s.o_f16[..]))
             };
             let inputs = ProgramInputs::W8F16 { w: wpart, scales: spart, offsets: opart, x: &s.xt_f16 };
-            exec.run(d, inputs, w.key, &mut s.y)
+            exec.run(d, inputs, key, &mut s.y)
         }
         WeightForm::Half(h) => {
             fill_x_f16(act, &mut s.xt_f16, m0, m_len, k0, kp, mp);
@@ -287,7 +293,7 @@ fn run_part(
                 }
                 &s.w_f16
             };
-            exec.run(d, ProgramInputs::F16 { w: wpart, x: &s.xt_f16 }, w.key, &mut s.y)
+            exec.run(d, ProgramInputs::F16 { w: wpart, x: &s.xt_f16 }, key, &mut s.y)
         }
         WeightForm::Exact(_) => Err(ExecError::Unsupported(d.key(), "exact weights take no program".into())),
     }

@@ -116,6 +116,10 @@ pub trait Executor: Send + Sync {
 
     fn capabilities(&self) -> Capabilities;
 
+    /// Host threads the executor may use for its own work (the reference executor's GEMM); ggml's
+    /// `ggml_backend_set_n_threads` ends here. Executors that do not use host threads ignore it.
+    fn set_threads(&self, _n: usize) {}
+
     /// Makes `desc` ready to run (compile or load from the cache). Idempotent; cheap when ready.
     fn prepare(&self, desc: &ProgramDesc) -> Result<(), ExecError>;
 

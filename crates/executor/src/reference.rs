@@ -75,6 +75,10 @@ impl Executor for ReferenceExecutor {
         "reference"
     }
 
+    fn set_threads(&self, n: usize) {
+        ReferenceExecutor::set_threads(self, n);
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             variants: Variant::ALL.to_vec(),

@@ -1,15 +1,17 @@
 //! Process-wide state shared by every face and backend instance: the executor, the policy, the
 //! statistics and the configuration read from the environment.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use ggml_coreml_bridge::WeightType;
 use ggml_coreml_executor::Executor;
 use ggml_coreml_executor::driver::{Mode, PreparedWeight};
-use ggml_coreml_executor::reference::ReferenceExecutor;
+use ggml_coreml_executor::platform;
 use ggml_coreml_policy::Policy;
+use ggml_coreml_program::Variant;
 
 use crate::log;
 use crate::stats::Stats;
@@ -24,14 +26,49 @@ pub enum Repack {
     Lazy,
 }
 
+/// Per-weight parity record (`GGML_COREML_PARITY`): our output vs the CPU backend's on real activations.
+#[derive(Clone, Debug, Default)]
+pub struct ParityEntry {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub wtype: &'static str,
+    pub variant: &'static str,
+    pub calls: u64,
+    pub nmse_sum: f64,
+    pub nmse_max: f64,
+}
+
+/// File-based controls for hosts that cannot call our C functions (e.g. Bare JS).
+struct FileControls {
+    /// `GGML_COREML_CONTROL`: a file with lines `policy=<mode>`, re-read when its mtime changes.
+    control: Option<std::path::PathBuf>,
+    /// `GGML_COREML_STATS_FILE`: rewritten with the statistics JSON at most every 500 ms and at free.
+    stats: Option<std::path::PathBuf>,
+    state: Mutex<FileState>,
+}
+
+#[derive(Default)]
+struct FileState {
+    control_checked: Option<Instant>,
+    control_mtime: Option<std::time::SystemTime>,
+    stats_written: Option<Instant>,
+}
+
 pub struct Engine {
     pub executor: Arc<dyn Executor>,
-    reference: Option<Arc<ReferenceExecutor>>,
     pub policy: Policy,
     pub stats: Stats,
     pub repack: Repack,
     /// `GGML_COREML_VARIANT`: a program variant (or `exact`) for every weight type.
     pub mode_override: Option<Mode>,
+    files: FileControls,
+    /// `GGML_COREML_PARITY=<file.json>`: per-weight NMSE vs the CPU backend, written at free.
+    pub parity_path: Option<std::path::PathBuf>,
+    pub parity: Mutex<BTreeMap<String, ParityEntry>>,
+    /// `GGML_COREML_FAULT_INJECT=N`: every Nth executor call fails (tests of the fallback path).
+    fault_every: u64,
+    calls: AtomicU64,
 }
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -42,18 +79,34 @@ pub fn engine() -> &'static Engine {
 
 impl Engine {
     fn from_env() -> Engine {
-        let reference = Arc::new(ReferenceExecutor::new());
-        let executor: Arc<dyn Executor> = reference.clone();
+        let (executor, why) = platform::best_executor();
         let caps = executor.capabilities();
         let (policy, warning) = Policy::from_env(caps.accelerated);
         if let Some(w) = warning {
             log::warn(&w);
         }
+        #[cfg(target_vendor = "apple")]
+        {
+            let f = platform::facts();
+            let v = f
+                .os_version
+                .map(|v| ggml_coreml_policy::OsVersion::new(v.major as u32, v.minor as u32));
+            policy.set_device_facts(ggml_coreml_policy::DeviceFacts::apple(
+                &f.os,
+                v,
+                f.chip.as_deref(),
+                f.neural_engine.present(),
+            ));
+            platform::watch_app_lifecycle();
+        }
+        log::debug(&format!("executor choice: {why}"));
         let repack = match std::env::var("GGML_COREML_REPACK").ok().as_deref() {
             None | Some("load") => Repack::Load,
             Some("lazy") => Repack::Lazy,
             Some(other) => {
-                log::warn(&format!("GGML_COREML_REPACK={other} is not load|lazy; using load"));
+                log::warn(&format!(
+                    "GGML_COREML_REPACK={other} is not load|lazy; using load"
+                ));
                 Repack::Load
             }
         };
@@ -62,7 +115,9 @@ impl Engine {
             Some(v) => match Mode::parse(&v) {
                 Some(m) => Some(m),
                 None => {
-                    log::warn(&format!("GGML_COREML_VARIANT={v} is not i8i8|w8f16|f16|exact; using defaults"));
+                    log::warn(&format!(
+                        "GGML_COREML_VARIANT={v} is not i8i8|w8f16|f16|exact; using defaults"
+                    ));
                     None
                 }
             },
@@ -75,12 +130,184 @@ impl Engine {
             repack,
             mode_override.map_or("default per type", |m| m.name())
         ));
-        Engine { executor, reference: Some(reference), policy, stats: Stats::default(), repack, mode_override }
+        let path = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from)
+        };
+        let fault_every = std::env::var("GGML_COREML_FAULT_INJECT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if fault_every > 0 {
+            log::warn(&format!(
+                "GGML_COREML_FAULT_INJECT={fault_every}: every {fault_every}th executor call fails"
+            ));
+        }
+        Engine {
+            executor,
+            policy,
+            stats: Stats::default(),
+            repack,
+            mode_override,
+            files: FileControls {
+                control: path("GGML_COREML_CONTROL"),
+                stats: path("GGML_COREML_STATS_FILE"),
+                state: Mutex::new(FileState::default()),
+            },
+            parity_path: path("GGML_COREML_PARITY"),
+            parity: Mutex::new(BTreeMap::new()),
+            fault_every,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// The program variant a weight type runs with (for the policy's cost model).
+    pub fn variant_for(&self, wtype: WeightType) -> Variant {
+        match self.mode_for(wtype) {
+            Mode::Program(v) => v,
+            Mode::ExactF32 => Variant::I8I8,
+        }
+    }
+
+    /// Counts an executor call; true when fault injection says this one must fail.
+    pub fn inject_fault(&self) -> bool {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        self.fault_every > 0 && n.is_multiple_of(self.fault_every)
+    }
+
+    /// Applies `GGML_COREML_CONTROL` when the file changed (checked at most every 250 ms).
+    pub fn poll_control(&self) {
+        let Some(path) = &self.files.control else {
+            return;
+        };
+        let mut st = self.files.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st
+            .control_checked
+            .is_some_and(|t| t.elapsed().as_millis() < 250)
+        {
+            return;
+        }
+        st.control_checked = Some(Instant::now());
+        let Ok(mtime) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+            return;
+        };
+        if st.control_mtime == Some(mtime) {
+            return;
+        }
+        st.control_mtime = Some(mtime);
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        for line in text.lines() {
+            if let Some(v) = line.trim().strip_prefix("policy=") {
+                match ggml_coreml_policy::Mode::parse(v) {
+                    Some(m) => {
+                        if self.policy.mode() != m {
+                            log::info(&format!("control file: policy {}", m.name()));
+                        }
+                        self.policy.set_mode(m)
+                    }
+                    None => log::warn(&format!(
+                        "control file {}: unknown policy {v:?}",
+                        path.display()
+                    )),
+                }
+            }
+        }
+    }
+
+    pub fn stats_json(&self) -> String {
+        self.stats
+            .to_json(self.policy.mode().name(), self.executor.name())
+    }
+
+    /// Rewrites `GGML_COREML_STATS_FILE` (at most every 500 ms unless `force`), and the parity file.
+    pub fn write_files(&self, force: bool) {
+        if let Some(path) = &self.files.stats {
+            let mut st = self.files.state.lock().unwrap_or_else(|e| e.into_inner());
+            if force
+                || st
+                    .stats_written
+                    .is_none_or(|t| t.elapsed().as_millis() >= 500)
+            {
+                st.stats_written = Some(Instant::now());
+                drop(st);
+                write_atomic(path, self.stats_json().as_bytes());
+            }
+        }
+        if force && let Some(path) = &self.parity_path {
+            write_atomic(path, self.parity_json().as_bytes());
+        }
+    }
+
+    pub fn record_parity(&self, name: &str, e: ParityEntry, nmse: f64) {
+        let mut p = self.parity.lock().unwrap_or_else(|e| e.into_inner());
+        let x = p.entry(name.to_string()).or_insert(ParityEntry {
+            calls: 0,
+            nmse_sum: 0.0,
+            nmse_max: 0.0,
+            ..e
+        });
+        x.calls += 1;
+        x.nmse_sum += nmse;
+        x.nmse_max = x.nmse_max.max(nmse);
+    }
+
+    pub fn parity_json(&self) -> String {
+        let p = self.parity.lock().unwrap_or_else(|e| e.into_inner());
+        let nodes: Vec<String> = p
+            .iter()
+            .map(|(name, e)| {
+                format!(
+                    "{{\"name\":\"{}\",\"m\":{},\"k\":{},\"n\":{},\"type\":\"{}\",\"variant\":\"{}\",\"calls\":{},\"nmse_mean\":{:e},\"nmse_max\":{:e}}}",
+                    name.replace(['"', '\\'], "_"),
+                    e.m,
+                    e.k,
+                    e.n,
+                    e.wtype,
+                    e.variant,
+                    e.calls,
+                    if e.calls > 0 { e.nmse_sum / e.calls as f64 } else { 0.0 },
+                    e.nmse_max
+                )
+            })
+            .collect();
+        format!(
+            "{{\"executor\":\"{}\",\"nodes\":[{}]}}",
+            self.executor.name(),
+            nodes.join(",")
+        )
     }
 
     pub fn set_threads(&self, n: usize) {
-        if let Some(r) = &self.reference {
-            r.set_threads(n.max(1));
+        self.executor.set_threads(n.max(1));
+    }
+
+    /// Device state the policy reads (thermal, low power, iOS background), refreshed at most every
+    /// second from the platform probes ("n/a" off Apple: nothing changes there).
+    pub fn refresh_device_state(&self) {
+        #[cfg(target_vendor = "apple")]
+        {
+            static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+            let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed().as_secs() < 1) {
+                return;
+            }
+            *last = Some(Instant::now());
+            if let Some(t) = platform::thermal_state() {
+                use ggml_coreml_policy::Thermal as P;
+                self.policy.set_thermal(match t {
+                    platform::Thermal::Nominal => P::Nominal,
+                    platform::Thermal::Fair => P::Fair,
+                    platform::Thermal::Serious => P::Serious,
+                    platform::Thermal::Critical => P::Critical,
+                });
+            }
+            if let Some(lp) = platform::low_power_mode() {
+                self.policy.set_low_power(lp);
+            }
+            self.policy.set_background(platform::in_background());
         }
     }
 
@@ -112,10 +339,26 @@ impl Engine {
         let span = stride * n.saturating_sub(1) + bytes.len() / n.max(1);
         let released = registry.insert(addr, span, stride, w.clone());
         self.stats.weights_prepared.fetch_add(1, Ordering::Relaxed);
-        self.stats.prepare_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats
+            .prepare_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let held = w.bytes_held() as u64;
-        self.stats.weight_bytes_held.fetch_add(held, Ordering::Relaxed);
-        self.stats.weight_bytes_held.fetch_sub((released as u64).min(held), Ordering::Relaxed);
+        self.stats
+            .weight_bytes_held
+            .fetch_add(held, Ordering::Relaxed);
+        self.stats
+            .weight_bytes_held
+            .fetch_sub((released as u64).min(held), Ordering::Relaxed);
         Ok(w)
+    }
+}
+
+/// Temp file + rename, so a reader never sees half a file. Errors are logged once per call, not fatal.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let r = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        log::warn(&format!("cannot write {}: {e}", path.display()));
     }
 }

@@ -41,7 +41,10 @@ impl HostBackend {
             }
         };
         if dev.is_null() {
-            return Err(format!("no {} device registered", dev_name.unwrap_or("CPU")));
+            return Err(format!(
+                "no {} device registered",
+                dev_name.unwrap_or("CPU")
+            ));
         }
         // SAFETY: `dev` is a registered device; params NULL as llama.cpp does.
         let backend = unsafe { (api.dev_init)(dev, ptr::null()) };
@@ -58,13 +61,23 @@ impl HostBackend {
             } else {
                 (api.reg_get_proc_address)(reg, c"ggml_backend_set_n_threads".as_ptr())
             };
-            if p.is_null() { None } else { Some(std::mem::transmute::<*mut c_void, SetThreads>(p)) }
+            if p.is_null() {
+                None
+            } else {
+                Some(std::mem::transmute::<*mut c_void, SetThreads>(p))
+            }
         };
         let (ctx, graph) = new_graph(api).inspect_err(|_| {
             // SAFETY: backend was created above and is not used elsewhere.
             unsafe { (api.backend_free)(backend) };
         })?;
-        Ok(HostBackend { backend, ctx, graph, set_threads, name })
+        Ok(HostBackend {
+            backend,
+            ctx,
+            graph,
+            set_threads,
+            name,
+        })
     }
 
     pub fn set_threads(&self, n: c_int) {
@@ -79,8 +92,13 @@ impl HostBackend {
     }
 
     /// Hands a whole graph to the inner backend.
-    pub fn compute_graph(&mut self, graph: *mut GgmlCgraph) -> i32 {
-        let Some(api) = api() else { return GGML_STATUS_FAILED };
+    ///
+    /// # Safety
+    /// `graph` is a live graph whose tensors are allocated where the inner backend can use them.
+    pub unsafe fn compute_graph(&mut self, graph: *mut GgmlCgraph) -> i32 {
+        let Some(api) = api() else {
+            return GGML_STATUS_FAILED;
+        };
         // SAFETY: the graph ggml gave us; the inner backend computes it synchronously.
         unsafe { (api.backend_graph_compute)(self.backend, graph) }
     }
@@ -95,7 +113,9 @@ impl HostBackend {
 
     /// Computes `nodes` in order on the inner backend.
     pub fn compute(&mut self, nodes: &[*mut GgmlTensor]) -> i32 {
-        let Some(api) = api() else { return GGML_STATUS_FAILED };
+        let Some(api) = api() else {
+            return GGML_STATUS_FAILED;
+        };
         for chunk in nodes.chunks(GRAPH_SIZE) {
             // SAFETY: our private graph has room for GRAPH_SIZE nodes; nodes are live tensors of the
             // caller's graph, already allocated.
@@ -107,7 +127,10 @@ impl HostBackend {
                 (api.backend_graph_compute)(self.backend, self.graph)
             };
             if st != GGML_STATUS_SUCCESS {
-                log::error(&format!("inner backend {} failed with status {st}", self.name));
+                log::error(&format!(
+                    "inner backend {} failed with status {st}",
+                    self.name
+                ));
                 return st;
             }
         }
@@ -119,7 +142,11 @@ fn new_graph(api: &GgmlApi) -> Result<(*mut GgmlContext, *mut GgmlCgraph), Strin
     // SAFETY: plain ggml context creation with no tensor data; the graph lives in the context.
     unsafe {
         let size = (api.graph_overhead_custom)(GRAPH_SIZE, false) + 4096;
-        let ctx = (api.init)(GgmlInitParams { mem_size: size, mem_buffer: ptr::null_mut(), no_alloc: true });
+        let ctx = (api.init)(GgmlInitParams {
+            mem_size: size,
+            mem_buffer: ptr::null_mut(),
+            no_alloc: true,
+        });
         if ctx.is_null() {
             return Err("ggml_init failed".into());
         }

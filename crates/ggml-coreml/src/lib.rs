@@ -24,7 +24,11 @@ use ffi::guard::guard;
 /// every call, or NULL with one log line when the host's ggml cannot be served.
 #[unsafe(no_mangle)]
 pub extern "C" fn ggml_backend_init() -> *mut Reg {
-    guard("ggml_backend_init", std::ptr::null_mut(), faces::reg::registry)
+    guard(
+        "ggml_backend_init",
+        std::ptr::null_mut(),
+        faces::reg::registry,
+    )
 }
 
 /// Score for `ggml_backend_load`: 0 would make the host refuse the library, so any machine this
@@ -37,7 +41,11 @@ pub extern "C" fn ggml_backend_score() -> c_int {
 /// Static registration (iOS, static hosts): `ggml_backend_register(ggml_backend_coreml_reg())`.
 #[unsafe(no_mangle)]
 pub extern "C" fn ggml_backend_coreml_reg() -> *mut Reg {
-    guard("ggml_backend_coreml_reg", std::ptr::null_mut(), faces::reg::registry)
+    guard(
+        "ggml_backend_coreml_reg",
+        std::ptr::null_mut(),
+        faces::reg::registry,
+    )
 }
 
 /// Sets the policy (`latency`, `energy`, `off`, `always`). Returns 0 on success, -1 for an unknown name.
@@ -59,14 +67,16 @@ pub unsafe extern "C" fn ggml_backend_coreml_set_policy(name: *const c_char) -> 
 /// The current policy name (static string).
 #[unsafe(no_mangle)]
 pub extern "C" fn ggml_backend_coreml_get_policy() -> *const c_char {
-    guard("ggml_backend_coreml_get_policy", c"latency".as_ptr(), || {
-        match engine::engine().policy.mode() {
+    guard(
+        "ggml_backend_coreml_get_policy",
+        c"latency".as_ptr(),
+        || match engine::engine().policy.mode() {
             ggml_coreml_policy::Mode::Latency => c"latency".as_ptr(),
             ggml_coreml_policy::Mode::Energy => c"energy".as_ptr(),
             ggml_coreml_policy::Mode::Off => c"off".as_ptr(),
             ggml_coreml_policy::Mode::Always => c"always".as_ptr(),
-        }
-    })
+        },
+    )
 }
 
 /// Writes the statistics as JSON into `buf` (NUL-terminated, truncated to `len`); returns the full
@@ -94,7 +104,9 @@ pub unsafe extern "C" fn ggml_backend_coreml_get_stats(buf: *mut c_char, len: us
 /// Resets the statistics.
 #[unsafe(no_mangle)]
 pub extern "C" fn ggml_backend_coreml_reset_stats() {
-    guard("ggml_backend_coreml_reset_stats", (), || engine::engine().stats.reset())
+    guard("ggml_backend_coreml_reset_stats", (), || {
+        engine::engine().stats.reset()
+    })
 }
 
 /// Opts in to the hybrid face: registers the GPU-type device `CoreML-<inner>` wrapping the device (or
@@ -126,5 +138,6 @@ pub unsafe extern "C" fn ggml_backend_coreml_enable_hybrid(inner: *const c_char)
 #[unsafe(no_mangle)]
 pub extern "C" fn ggml_backend_coreml_version() -> *const c_char {
     static V: OnceLock<std::ffi::CString> = OnceLock::new();
-    V.get_or_init(|| std::ffi::CString::new(env!("CARGO_PKG_VERSION")).expect("no NUL")).as_ptr()
+    V.get_or_init(|| std::ffi::CString::new(env!("CARGO_PKG_VERSION")).expect("no NUL"))
+        .as_ptr()
 }

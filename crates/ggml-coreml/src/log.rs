@@ -34,7 +34,10 @@ impl Level {
 
 pub fn level() -> Level {
     INIT.get_or_init(|| {
-        let l = std::env::var("GGML_COREML_LOG").ok().and_then(|v| Level::parse(&v)).unwrap_or(Level::Warn);
+        let l = std::env::var("GGML_COREML_LOG")
+            .ok()
+            .and_then(|v| Level::parse(&v))
+            .unwrap_or(Level::Warn);
         LEVEL.store(l as u8, Ordering::Relaxed);
     });
     match LEVEL.load(Ordering::Relaxed) {

@@ -12,7 +12,7 @@ use ggml_coreml_bridge::WeightType;
 use ggml_coreml_executor::driver::{self, Activations, Scratch};
 use ggml_coreml_policy::{Decision, MatmulShape};
 
-use crate::engine::engine;
+use crate::engine::{ParityEntry, engine};
 use crate::ffi::abi::*;
 use crate::ffi::ggml::{GgmlApi, api};
 use crate::ffi::tensor::{RowsF32, TensorRef};
@@ -39,7 +39,9 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     if node.op() != GGML_OP_MUL_MAT {
         return Err("not a MUL_MAT");
     }
-    let (Some(w), Some(x)) = (node.src(0), node.src(1)) else { return Err("missing source") };
+    let (Some(w), Some(x)) = (node.src(0), node.src(1)) else {
+        return Err("missing source");
+    };
     let wtype = WeightType::from_ggml(w.type_id() as u32).ok_or("weight type not supported")?;
     if x.type_id() != GGML_TYPE_F32 || node.type_id() != GGML_TYPE_F32 {
         return Err("activations or output not F32");
@@ -49,7 +51,9 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
         return Err("empty or negative shape");
     }
     let (k, n) = (wne[0] as usize, wne[1] as usize);
-    let row = wtype.row_bytes(k).map_err(|_| "K is not a multiple of the block size")?;
+    let row = wtype
+        .row_bytes(k)
+        .map_err(|_| "K is not a multiple of the block size")?;
     // Rows must be runs of whole blocks; rows themselves may be strided (views, permutes).
     if wnb[0] != wtype.block_bytes() || wnb[1] < row {
         return Err("weight rows not contiguous");
@@ -72,14 +76,22 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     let src1_prec = node.op_param(3);
     if src1_prec > 0 && src1_prec < PREC_Q8 {
         let mode = engine().mode_for(wtype);
-        if matches!(mode, driver::Mode::Program(ggml_coreml_program::Variant::I8I8)) {
+        if matches!(
+            mode,
+            driver::Mode::Program(ggml_coreml_program::Variant::I8I8)
+        ) {
             return Err("graph forbids int8 activations");
         }
         if src1_prec < 20 {
             return Err("graph forbids fp16 activations");
         }
     }
-    Ok(Eligible { wtype, k, n, m: xne[1] as usize })
+    Ok(Eligible {
+        wtype,
+        k,
+        n,
+        m: xne[1] as usize,
+    })
 }
 
 /// `supports_op` of the ACCEL face for a MUL_MAT. `ours` says whether a buffer type is our weight buft.
@@ -89,7 +101,11 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
 ///   the current policy, so llama.cpp keeps every other weight in its own CPU buffers (CPU_REPACK too).
 /// - Scheduling (src0 already in our buffer): accept everything the host can run as well, because only
 ///   we can read our buffer: declined shapes run on the inner host backend at its speed.
-pub fn claim(node: &TensorRef<'_>, ours: impl Fn(BuftPtr) -> bool, host_supports: impl Fn() -> bool) -> bool {
+pub fn claim(
+    node: &TensorRef<'_>,
+    ours: impl Fn(BuftPtr) -> bool,
+    host_supports: impl Fn() -> bool,
+) -> bool {
     let Some(w) = node.src(0) else { return false };
     let probe = match w.buffer_size() {
         None => {
@@ -111,7 +127,11 @@ pub fn claim(node: &TensorRef<'_>, ours: impl Fn(BuftPtr) -> bool, host_supports
     let e = eligible(node);
     if probe {
         return match e {
-            Ok(e) => engine().policy.would_offload_weight(e.k, e.n),
+            Ok(e) => {
+                let eng = engine();
+                eng.policy
+                    .would_offload_weight_for(e.k, e.n, eng.variant_for(e.wtype))
+            }
             Err(why) => {
                 log::debug(&format!("declining {} at placement: {why}", node.name()));
                 false
@@ -126,10 +146,12 @@ fn is_view_of_leaf(t: &TensorRef<'_>) -> bool {
     for _ in 0..8 {
         match cur.op() {
             GGML_OP_NONE => return true,
-            GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => match cur.src(0) {
-                Some(s) => cur = s,
-                None => return false,
-            },
+            GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => {
+                match cur.src(0) {
+                    Some(s) => cur = s,
+                    None => return false,
+                }
+            }
             _ => return false,
         }
     }
@@ -158,10 +180,20 @@ pub fn route(node: &TensorRef<'_>, face: Face) -> Route {
     };
     // The hybrid face sees every matmul of the graph; only those over model weights may go to the ANE
     // (prepared weights are cached by address, and a KV-cache operand changes every step).
-    if face == Face::Hybrid && node.src(0).and_then(|w| w.buffer_usage()) != Some(BUFFER_USAGE_WEIGHTS) {
+    if face == Face::Hybrid
+        && node.src(0).and_then(|w| w.buffer_usage()) != Some(BUFFER_USAGE_WEIGHTS)
+    {
         return Route::Host("not a weight");
     }
-    match engine().policy.decide(&MatmulShape { m: e.m, k: e.k, n: e.n }) {
+    let eng = engine();
+    match eng.policy.decide_for(
+        &MatmulShape {
+            m: e.m,
+            k: e.k,
+            n: e.n,
+        },
+        eng.variant_for(e.wtype),
+    ) {
         Decision::Ane => Route::Ane(e),
         Decision::Host(r) => Route::Host(r.as_str()),
     }
@@ -200,7 +232,10 @@ impl RouterCtx {
 /// `registry_of` maps a weight tensor to the registry of prepared weights of its buffer (None: the
 /// backend's own registry). A graph in which no node goes to the ANE is handed to the inner backend
 /// whole (`graph`), so decode costs nothing extra.
-pub fn compute(
+///
+/// # Safety
+/// `graph` and `nodes` are the live graph (and its nodes) ggml passed to a face's `graph_compute`.
+pub unsafe fn compute(
     ctx: &mut RouterCtx,
     graph: *mut GgmlCgraph,
     nodes: &[*mut GgmlTensor],
@@ -208,17 +243,22 @@ pub fn compute(
     registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<&'t WeightRegistry>,
 ) -> i32 {
     let eng = engine();
+    eng.poll_control();
+    eng.refresh_device_state();
     if face == Face::Hybrid {
         let any_ane = nodes.iter().any(|&p| {
             // SAFETY: live graph nodes.
-            let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else { return false };
+            let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else {
+                return false;
+            };
             n.op() == GGML_OP_MUL_MAT
                 && n.flags() & GGML_TENSOR_FLAG_COMPUTE != 0
                 && matches!(route(&n, face), Route::Ane(_))
         });
         if !any_ane {
             ctx.unsplit_graphs += 1;
-            return ctx.host.compute_graph(graph);
+            // SAFETY: the graph ggml gave the hybrid face, allocated in the inner device's buffers.
+            return unsafe { ctx.host.compute_graph(graph) };
         }
         ctx.split_graphs += 1;
     }
@@ -227,12 +267,16 @@ pub fn compute(
     let mut pending_reason: Vec<&'static str> = Vec::new();
     for &p in nodes {
         // SAFETY: ggml hands us live graph nodes.
-        let Some(node) = (unsafe { TensorRef::from_ptr(p) }) else { continue };
+        let Some(node) = (unsafe { TensorRef::from_ptr(p) }) else {
+            continue;
+        };
         if node.flags() & GGML_TENSOR_FLAG_COMPUTE == 0 {
             continue;
         }
         match node.op() {
-            GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => continue,
+            GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => {
+                continue;
+            }
             GGML_OP_MUL_MAT => {}
             _ => {
                 pending.push(p);
@@ -252,13 +296,40 @@ pub fn compute(
                     return st;
                 }
                 let t0 = Instant::now();
+                let shape = MatmulShape {
+                    m: e.m,
+                    k: e.k,
+                    n: e.n,
+                };
+                let variant = eng.variant_for(e.wtype);
                 match run_ane(ctx, &node, e, face, registry_of) {
                     Ok(batches) => {
+                        let dt = t0.elapsed();
                         let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
-                        eng.stats.ane(t0.elapsed(), flops);
+                        eng.stats.ane(dt, flops);
+                        eng.policy.record(
+                            &shape,
+                            variant,
+                            dt.as_secs_f64() * 1e3 / batches.max(1) as f64,
+                            None,
+                        );
+                        if eng.parity_path.is_some() {
+                            parity_check(ctx, &node, e);
+                        }
                     }
                     Err(err) => {
-                        eng.stats.faults.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        eng.stats
+                            .faults
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if eng.policy.record_fault(&shape) {
+                            log::warn(&format!(
+                                "shape m={} k={} n={} disabled after {} executor faults; it stays on the host",
+                                e.m,
+                                e.k,
+                                e.n,
+                                eng.policy.max_faults()
+                            ));
+                        }
                         log::warn(&format!(
                             "executor failed on {} (m={} k={} n={} {}): {err}; running it on the host",
                             node.name(),
@@ -274,10 +345,52 @@ pub fn compute(
             }
         }
     }
-    flush(ctx, &mut pending, &mut pending_reason)
+    let st = flush(ctx, &mut pending, &mut pending_reason);
+    eng.write_files(false);
+    st
 }
 
-fn flush(ctx: &mut RouterCtx, pending: &mut Vec<*mut GgmlTensor>, reasons: &mut Vec<&'static str>) -> i32 {
+/// `GGML_COREML_PARITY`: runs the node again on the host, records NMSE(ours, host) under the weight's
+/// name, and puts our result back so the model goes on with what the ANE path computed.
+fn parity_check(ctx: &mut RouterCtx, node: &TensorRef<'_>, e: Eligible) {
+    let eng = engine();
+    // SAFETY: dst is an allocated F32 tensor in host-visible memory (ACCEL face) of ggml_nbytes bytes.
+    let Some(ours) = (unsafe { node.host_bytes() }) else {
+        return;
+    };
+    if ctx.host.compute(&[node.ptr().cast_mut()]) != GGML_STATUS_SUCCESS {
+        return;
+    }
+    // SAFETY: as above.
+    let Some(host) = (unsafe { node.host_bytes() }) else {
+        return;
+    };
+    let f = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let nmse = ggml_coreml_bridge::nmse(&f(&host), &f(&ours));
+    // SAFETY: as above; restores our bytes.
+    unsafe { node.write_host_bytes(&ours) };
+    let name = node.src(0).map(|w| w.name()).unwrap_or_default();
+    let name = name.strip_suffix(".weight").unwrap_or(&name).to_string();
+    let entry = ParityEntry {
+        m: e.m,
+        k: e.k,
+        n: e.n,
+        wtype: e.wtype.name(),
+        variant: eng.mode_for(e.wtype).name(),
+        ..Default::default()
+    };
+    eng.record_parity(&name, entry, nmse);
+}
+
+fn flush(
+    ctx: &mut RouterCtx,
+    pending: &mut Vec<*mut GgmlTensor>,
+    reasons: &mut Vec<&'static str>,
+) -> i32 {
     if pending.is_empty() {
         return GGML_STATUS_SUCCESS;
     }
@@ -306,6 +419,9 @@ fn run_ane(
 ) -> Result<usize, String> {
     let eng = engine();
     let api = api().ok_or("ggml not bound")?;
+    if eng.inject_fault() {
+        return Err("injected fault (GGML_COREML_FAULT_INJECT)".into());
+    }
     let (w, x) = (node.src(0).ok_or("no src0")?, node.src(1).ok_or("no src1")?);
     if w.data().is_null() || x.data().is_null() || node.data().is_null() {
         return Err("unallocated tensor".into());
@@ -355,10 +471,21 @@ fn run_ane(
                 Some(bytes) => gather_f32(bytes, x.ne(), x.nb(), i12, i13),
             };
             let (xs, xstride) = rows.as_slice();
-            let act = Activations { x: xs, m: e.m, x_stride: xstride };
+            let act = Activations {
+                x: xs,
+                m: e.m,
+                x_stride: xstride,
+            };
             ctx.out.resize(e.m * e.n, 0.0);
-            driver::matmul(eng.executor.as_ref(), &pw, &act, &mut ctx.out, e.n, &mut ctx.scratch)
-                .map_err(|err| err.to_string())?;
+            driver::matmul(
+                eng.executor.as_ref(),
+                &pw,
+                &act,
+                &mut ctx.out,
+                e.n,
+                &mut ctx.scratch,
+            )
+            .map_err(|err| err.to_string())?;
             if d_host {
                 // SAFETY: dst is F32 [n, m, ne12, ne13] (MUL_MAT contract), allocated, batch in range, and
                 // nothing else touches it during this node.
@@ -380,19 +507,34 @@ fn copy_rows(api: &GgmlApi, w: &TensorRef<'_>, i2: usize, i3: usize, row: usize)
     let mut out = vec![0u8; rows * row];
     for r in 0..rows {
         // SAFETY: the row lies within the tensor (ggml strides); tensor_get checks bounds itself.
-        unsafe { (api.tensor_get)(w.ptr(), out[r * row..].as_mut_ptr().cast(), off + r * nb[1], row) };
+        unsafe {
+            (api.tensor_get)(
+                w.ptr(),
+                out[r * row..].as_mut_ptr().cast(),
+                off + r * nb[1],
+                row,
+            )
+        };
     }
     out
 }
 
 /// f32 rows of batch `(i2, i3)` from a host copy of a whole tensor.
-fn gather_f32(bytes: &[u8], ne: [i64; 4], nb: [usize; 4], i2: usize, i3: usize) -> RowsF32<'static> {
+fn gather_f32(
+    bytes: &[u8],
+    ne: [i64; 4],
+    nb: [usize; 4],
+    i2: usize,
+    i3: usize,
+) -> RowsF32<'static> {
     let (k, m) = (ne[0] as usize, ne[1] as usize);
     let mut x = Vec::with_capacity(m * k);
     for r in 0..m {
         for c in 0..k {
             let o = i2 * nb[2] + i3 * nb[3] + r * nb[1] + c * nb[0];
-            let v = bytes.get(o..o + 4).map_or(0.0, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            let v = bytes
+                .get(o..o + 4)
+                .map_or(0.0, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             x.push(v);
         }
     }
@@ -400,13 +542,27 @@ fn gather_f32(bytes: &[u8], ne: [i64; 4], nb: [usize; 4], i2: usize, i3: usize) 
 }
 
 /// Writes `m` rows of `n` f32 into batch `(i2, i3)` of a tensor in a non-host buffer.
-fn write_rows_via_api(api: &GgmlApi, dst: &TensorRef<'_>, i2: usize, i3: usize, src: &[f32], n: usize) {
+fn write_rows_via_api(
+    api: &GgmlApi,
+    dst: &TensorRef<'_>,
+    i2: usize,
+    i3: usize,
+    src: &[f32],
+    n: usize,
+) {
     let (ne, nb) = (dst.ne(), dst.nb());
     let m = ne[1] as usize;
     let off = i2 * nb[2] + i3 * nb[3];
     for r in 0..m {
         let row = &src[r * n..(r + 1) * n];
         // SAFETY: the destination row lies within the tensor; tensor_set checks bounds itself.
-        unsafe { (api.tensor_set)(dst.ptr().cast_mut(), row.as_ptr().cast(), off + r * nb[1], n * 4) };
+        unsafe {
+            (api.tensor_set)(
+                dst.ptr().cast_mut(),
+                row.as_ptr().cast(),
+                off + r * nb[1],
+                n * 4,
+            )
+        };
     }
 }

@@ -23,13 +23,15 @@ pub struct Stats {
 impl Stats {
     pub fn ane(&self, t: Duration, flops: u64) {
         self.ane_ops.fetch_add(1, Ordering::Relaxed);
-        self.ane_ns.fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
+        self.ane_ns
+            .fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
         self.ane_flops.fetch_add(flops, Ordering::Relaxed);
     }
 
     pub fn host(&self, reason: &'static str, t: Duration) {
         self.host_ops.fetch_add(1, Ordering::Relaxed);
-        self.host_ns.fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
+        self.host_ns
+            .fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
         let mut r = self.host_reasons.lock().unwrap_or_else(|e| e.into_inner());
         match r.iter_mut().find(|(k, _)| *k == reason) {
             Some((_, n)) => *n += 1,
@@ -48,14 +50,20 @@ impl Stats {
         ] {
             a.store(0, Ordering::Relaxed);
         }
-        self.host_reasons.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.host_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// JSON snapshot (no serde in the cdylib: the format is small and fixed).
     pub fn to_json(&self, policy: &str, executor: &str) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let reasons = self.host_reasons.lock().unwrap_or_else(|e| e.into_inner());
-        let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        let reasons: Vec<String> = reasons
+            .iter()
+            .map(|(k, v)| format!("\"{k}\":{v}"))
+            .collect();
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
@@ -85,7 +93,11 @@ impl Stats {
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
             g(&self.host_ops),
-            if reasons.is_empty() { "none".to_string() } else { reasons.join(", ") },
+            if reasons.is_empty() {
+                "none".to_string()
+            } else {
+                reasons.join(", ")
+            },
             g(&self.faults),
             g(&self.weights_prepared),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),

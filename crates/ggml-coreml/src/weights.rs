@@ -23,15 +23,32 @@ pub struct WeightRegistry {
 impl WeightRegistry {
     pub fn get(&self, addr: usize, mode: Mode, stride: usize) -> Option<Arc<PreparedWeight>> {
         let e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        e.get(&addr).filter(|x| x.mode == mode && x.stride == stride).map(|x| x.weight.clone())
+        e.get(&addr)
+            .filter(|x| x.mode == mode && x.stride == stride)
+            .map(|x| x.weight.clone())
     }
 
     /// Inserts (replacing any entry at `addr`); returns bytes no longer held by a replaced entry.
     /// `len` is the span of the source bytes (first row to end of last row).
-    pub fn insert(&self, addr: usize, len: usize, stride: usize, weight: Arc<PreparedWeight>) -> usize {
+    pub fn insert(
+        &self,
+        addr: usize,
+        len: usize,
+        stride: usize,
+        weight: Arc<PreparedWeight>,
+    ) -> usize {
         let mode = weight.mode;
         let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        e.insert(addr, Entry { len, stride, mode, weight }).map_or(0, |old| old.weight.bytes_held())
+        e.insert(
+            addr,
+            Entry {
+                len,
+                stride,
+                mode,
+                weight,
+            },
+        )
+        .map_or(0, |old| old.weight.bytes_held())
     }
 
     /// Drops every entry overlapping `[addr, addr + len)`; returns the bytes released.
@@ -46,7 +63,11 @@ impl WeightRegistry {
             .take_while(|(start, x)| start.saturating_add(x.len) > addr)
             .map(|(k, _)| *k)
             .collect();
-        doomed.iter().filter_map(|k| e.remove(k)).map(|x| x.weight.bytes_held()).sum()
+        doomed
+            .iter()
+            .filter_map(|k| e.remove(k))
+            .map(|x| x.weight.bytes_held())
+            .sum()
     }
 
     pub fn clear(&self) -> usize {

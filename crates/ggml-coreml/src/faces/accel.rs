@@ -69,7 +69,9 @@ unsafe extern "C" fn dev_get_type(_dev: *mut Dev) -> c_int {
 unsafe extern "C" fn dev_get_props(dev: *mut Dev, props: *mut GgmlBackendDevProps) {
     guard("get_props", (), || {
         // SAFETY: ggml passes a props struct it zeroed.
-        let Some(p) = (unsafe { props.as_mut() }) else { return };
+        let Some(p) = (unsafe { props.as_mut() }) else {
+            return;
+        };
         // SAFETY: our own getters.
         unsafe {
             p.name = dev_get_name(dev);
@@ -80,7 +82,10 @@ unsafe extern "C" fn dev_get_props(dev: *mut Dev, props: *mut GgmlBackendDevProp
         p.type_ = DEV_TYPE_ACCEL;
         p.device_id = ptr::null();
         // No host-pointer buffers: weights must come through set_tensor to be repacked.
-        p.caps = GgmlBackendDevCaps { mmap_support: true, ..Default::default() };
+        p.caps = GgmlBackendDevCaps {
+            mmap_support: true,
+            ..Default::default()
+        };
     })
 }
 
@@ -95,9 +100,13 @@ unsafe extern "C" fn dev_supports_buft(_dev: *mut Dev, buft: BuftPtr) -> bool {
 unsafe extern "C" fn dev_supports_op(_dev: *mut Dev, op: *const GgmlTensor) -> bool {
     guard("supports_op", false, || {
         // SAFETY: ggml passes a live tensor.
-        let Some(node) = (unsafe { TensorRef::from_ptr(op) }) else { return false };
+        let Some(node) = (unsafe { TensorRef::from_ptr(op) }) else {
+            return false;
+        };
         match node.op() {
-            GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => true,
+            GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => {
+                true
+            }
             GGML_OP_MUL_MAT => {
                 let Some(g) = globals() else { return false };
                 router::claim(&node, |b| b == g.buft, || cpu_supports(op))
@@ -150,7 +159,9 @@ unsafe extern "C" fn dev_init_backend(dev: *mut Dev, _params: *const c_char) -> 
             }
         };
         let _ = engine();
-        let ctx = Box::new(BackendCtx { router: RouterCtx::new(host) });
+        let ctx = Box::new(BackendCtx {
+            router: RouterCtx::new(host),
+        });
         Box::into_raw(Box::new(GgmlBackend {
             guid: &GUID,
             iface: BACKEND_IFACE,
@@ -172,7 +183,9 @@ unsafe extern "C" fn backend_free(b: *mut GgmlBackend) {
         // SAFETY: `b` and its context were created by dev_init_backend; ggml frees a backend once.
         let backend = unsafe { Box::from_raw(b) };
         drop(unsafe { Box::from_raw(backend.context.cast::<BackendCtx>()) });
-        log::info(&format!("summary: {}", engine().stats.summary()));
+        let eng = engine();
+        eng.write_files(true);
+        log::info(&format!("summary: {}", eng.stats.summary()));
     })
 }
 
@@ -182,7 +195,9 @@ unsafe extern "C" fn backend_free(b: *mut GgmlBackend) {
 /// `b` is NULL or a live backend.
 pub unsafe fn set_threads(b: *mut GgmlBackend, n: c_int) -> bool {
     // SAFETY: compare guid pointers before touching the context.
-    let Some(be) = (unsafe { b.as_ref() }) else { return false };
+    let Some(be) = (unsafe { b.as_ref() }) else {
+        return false;
+    };
     if !ptr::eq(be.guid, &GUID) {
         return false;
     }
@@ -195,7 +210,9 @@ pub unsafe fn set_threads(b: *mut GgmlBackend, n: c_int) -> bool {
 
 unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgraph) -> c_int {
     guard("graph_compute", GGML_STATUS_FAILED, || {
-        let Some(api) = api() else { return GGML_STATUS_FAILED };
+        let Some(api) = api() else {
+            return GGML_STATUS_FAILED;
+        };
         // SAFETY: our backend; ggml drives one graph_compute at a time per backend.
         let ctx = unsafe { &mut *(*b).context.cast::<BackendCtx>() };
         // SAFETY: ggml graph accessors on the graph it passed us.
@@ -203,7 +220,16 @@ unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgra
             let n = (api.graph_n_nodes)(g);
             (0..n).map(|i| (api.graph_node)(g, i)).collect()
         };
-        router::compute(&mut ctx.router, g, &nodes, router::Face::Accel, &registry_of)
+        // SAFETY: the graph and nodes ggml passed to graph_compute.
+        unsafe {
+            router::compute(
+                &mut ctx.router,
+                g,
+                &nodes,
+                router::Face::Accel,
+                &registry_of,
+            )
+        }
     })
 }
 

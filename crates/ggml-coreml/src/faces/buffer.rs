@@ -28,7 +28,10 @@ pub struct BufferCtx {
 impl Drop for BufferCtx {
     fn drop(&mut self) {
         let released = self.weights.clear();
-        engine().stats.weight_bytes_held.fetch_sub(released as u64, Ordering::Relaxed);
+        engine()
+            .stats
+            .weight_bytes_held
+            .fetch_sub(released as u64, Ordering::Relaxed);
         // SAFETY: `mem` was allocated with exactly `layout` in `alloc_buffer`.
         unsafe { dealloc(self.mem, self.layout) };
     }
@@ -113,7 +116,9 @@ const BUFFER_IFACE: GgmlBackendBufferI = GgmlBackendBufferI {
 
 unsafe extern "C" fn buft_alloc_buffer(buft: BuftPtr, size: usize) -> *mut GgmlBackendBuffer {
     guard("alloc_buffer", ptr::null_mut(), || {
-        let Some(api) = api() else { return ptr::null_mut() };
+        let Some(api) = api() else {
+            return ptr::null_mut();
+        };
         let Ok(layout) = AllocLayout::from_size_align(size.max(ALIGNMENT), ALIGNMENT) else {
             log::error(&format!("cannot allocate a buffer of {size} bytes"));
             return ptr::null_mut();
@@ -124,7 +129,11 @@ unsafe extern "C" fn buft_alloc_buffer(buft: BuftPtr, size: usize) -> *mut GgmlB
             log::error(&format!("out of memory allocating {size} bytes"));
             return ptr::null_mut();
         }
-        let ctx = Box::into_raw(Box::new(BufferCtx { mem, layout, weights: WeightRegistry::default() }));
+        let ctx = Box::into_raw(Box::new(BufferCtx {
+            mem,
+            layout,
+            weights: WeightRegistry::default(),
+        }));
         // SAFETY: ggml-base allocates the buffer struct and copies the interface by value.
         let buf = unsafe { (api.buffer_init)(buft, BUFFER_IFACE, ctx.cast(), size) };
         if buf.is_null() {
@@ -139,7 +148,10 @@ unsafe extern "C" fn buft_alloc_buffer(buft: BuftPtr, size: usize) -> *mut GgmlB
 /// `buf` is a buffer created by [`buft_alloc_buffer`].
 unsafe fn ctx<'a>(buf: *mut GgmlBackendBuffer) -> Option<&'a BufferCtx> {
     // SAFETY: our buffers carry a BufferCtx as context.
-    unsafe { buf.as_ref().and_then(|b| b.context.cast::<BufferCtx>().as_ref()) }
+    unsafe {
+        buf.as_ref()
+            .and_then(|b| b.context.cast::<BufferCtx>().as_ref())
+    }
 }
 
 /// The prepared-weight registry of a buffer of ours.
@@ -172,7 +184,10 @@ unsafe extern "C" fn buffer_get_base(buf: *mut GgmlBackendBuffer) -> *mut c_void
 }
 
 fn released(n: usize) {
-    engine().stats.weight_bytes_held.fetch_sub(n as u64, Ordering::Relaxed);
+    engine()
+        .stats
+        .weight_bytes_held
+        .fetch_sub(n as u64, Ordering::Relaxed);
 }
 
 unsafe extern "C" fn buffer_memset_tensor(
@@ -209,7 +224,9 @@ unsafe extern "C" fn buffer_set_tensor(
             dst
         };
         // SAFETY: our buffer; `t` is a live tensor in it.
-        let (Some(c), Some(tr)) = (unsafe { ctx(buf) }, unsafe { TensorRef::from_ptr(t) }) else { return };
+        let (Some(c), Some(tr)) = (unsafe { ctx(buf) }, unsafe { TensorRef::from_ptr(t) }) else {
+            return;
+        };
         released(c.weights.invalidate(dst as usize, size));
         let eng = engine();
         if eng.repack == Repack::Load && offset == 0 {
@@ -224,7 +241,9 @@ unsafe extern "C" fn buffer_set_tensor(
 
 /// Repacks every 2-D slice of a weight as it is loaded, when the policy may ever offload it.
 fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
-    let Some(wtype) = WeightType::from_ggml(t.type_id() as u32) else { return };
+    let Some(wtype) = WeightType::from_ggml(t.type_id() as u32) else {
+        return;
+    };
     let ne = t.ne();
     if ne.iter().any(|&d| d <= 0) {
         return;
@@ -261,7 +280,9 @@ unsafe extern "C" fn buffer_get_tensor(
 ) {
     guard("get_tensor", (), || {
         // SAFETY: ggml-base checked bounds; we keep the original bytes, so this round-trips.
-        unsafe { ptr::copy_nonoverlapping((*t).data.cast::<u8>().add(offset), data.cast::<u8>(), size) };
+        unsafe {
+            ptr::copy_nonoverlapping((*t).data.cast::<u8>().add(offset), data.cast::<u8>(), size)
+        };
     })
 }
 

@@ -67,20 +67,30 @@ pub fn create(inner_name: &str, reg: *mut Reg) -> Result<*mut Dev, String> {
             return Ok(d);
         }
     }
-    let inner = find_inner(inner_name).ok_or_else(|| format!("no device or registry named {inner_name:?}"))?;
+    let inner = find_inner(inner_name)
+        .ok_or_else(|| format!("no device or registry named {inner_name:?}"))?;
     if crate::faces::accel::is_ours(inner) || list.0.contains(&inner) {
         return Err("cannot wrap a CoreML device".into());
     }
     let api = api().ok_or("ggml not bound")?;
     // SAFETY: live device; static strings.
-    let (iname, idesc) = unsafe { (cstr_or((api.dev_name)(inner), "?"), cstr_or((api.dev_description)(inner), "?")) };
+    let (iname, idesc) = unsafe {
+        (
+            cstr_or((api.dev_name)(inner), "?"),
+            cstr_or((api.dev_description)(inner), "?"),
+        )
+    };
     let ctx = Box::into_raw(Box::new(HybridDev {
         inner,
         inner_name: inner_name.to_string(),
         name: CString::new(format!("CoreML-{inner_name}")).map_err(|_| "bad name")?,
         description: CString::new(format!("ANE matmuls + {iname} ({idesc})")).unwrap_or_default(),
     }));
-    let dev = Box::into_raw(Box::new(GgmlBackendDevice { iface: DEVICE_IFACE, reg, context: ctx.cast() }));
+    let dev = Box::into_raw(Box::new(GgmlBackendDevice {
+        iface: DEVICE_IFACE,
+        reg,
+        context: ctx.cast(),
+    }));
     list.0.push(dev);
     log::info(&format!("hybrid device CoreML-{inner_name} wraps {iname}"));
     Ok(dev)
@@ -91,12 +101,18 @@ pub fn is_known(inner_name: &str) -> bool {
     let list = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
     list.0.iter().any(|&d| {
         // SAFETY: our own devices carry a HybridDev context.
-        unsafe { &*(*d).context.cast::<HybridDev>() }.inner_name.eq_ignore_ascii_case(inner_name)
+        unsafe { &*(*d).context.cast::<HybridDev>() }
+            .inner_name
+            .eq_ignore_ascii_case(inner_name)
     })
 }
 
 pub fn is_hybrid(dev: *mut Dev) -> bool {
-    DEVICES.lock().unwrap_or_else(|e| e.into_inner()).0.contains(&dev)
+    DEVICES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .0
+        .contains(&dev)
 }
 
 /// # Safety
@@ -169,27 +185,37 @@ unsafe extern "C" fn dev_get_props(dev: *mut Dev, props: *mut GgmlBackendDevProp
 
 unsafe extern "C" fn dev_get_buffer_type(dev: *mut Dev) -> BuftPtr {
     // SAFETY: forwards to the inner device.
-    api().map_or(ptr::null_mut(), |a| unsafe { (a.dev_buffer_type)(hctx(dev).inner) })
+    api().map_or(ptr::null_mut(), |a| unsafe {
+        (a.dev_buffer_type)(hctx(dev).inner)
+    })
 }
 
 unsafe extern "C" fn dev_get_host_buffer_type(dev: *mut Dev) -> BuftPtr {
     // SAFETY: forwards to the inner device.
-    api().map_or(ptr::null_mut(), |a| unsafe { (a.dev_host_buffer_type)(hctx(dev).inner) })
+    api().map_or(ptr::null_mut(), |a| unsafe {
+        (a.dev_host_buffer_type)(hctx(dev).inner)
+    })
 }
 
 unsafe extern "C" fn dev_supports_op(dev: *mut Dev, op: *const GgmlTensor) -> bool {
     // SAFETY: forwards to the inner device; the router decides per node at compute time.
-    guard("hybrid supports_op", false, || api().is_some_and(|a| unsafe { (a.dev_supports_op)(hctx(dev).inner, op) }))
+    guard("hybrid supports_op", false, || {
+        api().is_some_and(|a| unsafe { (a.dev_supports_op)(hctx(dev).inner, op) })
+    })
 }
 
 unsafe extern "C" fn dev_supports_buft(dev: *mut Dev, buft: BuftPtr) -> bool {
     // SAFETY: forwards to the inner device.
-    guard("hybrid supports_buft", false, || api().is_some_and(|a| unsafe { (a.dev_supports_buft)(hctx(dev).inner, buft) }))
+    guard("hybrid supports_buft", false, || {
+        api().is_some_and(|a| unsafe { (a.dev_supports_buft)(hctx(dev).inner, buft) })
+    })
 }
 
 unsafe extern "C" fn dev_offload_op(dev: *mut Dev, op: *const GgmlTensor) -> bool {
     // SAFETY: forwards to the inner device.
-    guard("hybrid offload_op", false, || api().is_some_and(|a| unsafe { (a.dev_offload_op)(hctx(dev).inner, op) }))
+    guard("hybrid offload_op", false, || {
+        api().is_some_and(|a| unsafe { (a.dev_offload_op)(hctx(dev).inner, op) })
+    })
 }
 
 struct BackendCtx {
@@ -220,18 +246,25 @@ unsafe extern "C" fn dev_init_backend(dev: *mut Dev, _params: *const c_char) -> 
     guard("hybrid init_backend", ptr::null_mut(), || {
         // SAFETY: our device.
         let h = unsafe { hctx(dev) };
-        let Some(api) = api() else { return ptr::null_mut() };
+        let Some(api) = api() else {
+            return ptr::null_mut();
+        };
         // SAFETY: static name of a live device.
         let inner_dev_name = unsafe { cstr_or((api.dev_name)(h.inner), "CPU") };
         let host = match HostBackend::new(Some(&inner_dev_name)) {
             Ok(host) => host,
             Err(e) => {
-                log::error(&format!("hybrid: cannot create the inner backend {inner_dev_name}: {e}"));
+                log::error(&format!(
+                    "hybrid: cannot create the inner backend {inner_dev_name}: {e}"
+                ));
                 return ptr::null_mut();
             }
         };
         let _ = engine();
-        let ctx = Box::new(BackendCtx { router: RouterCtx::new(host), name: h.name.clone() });
+        let ctx = Box::new(BackendCtx {
+            router: RouterCtx::new(host),
+            name: h.name.clone(),
+        });
         Box::into_raw(Box::new(GgmlBackend {
             guid: &GUID,
             iface: BACKEND_IFACE,
@@ -253,7 +286,9 @@ unsafe extern "C" fn backend_free(b: *mut GgmlBackend) {
         }
         // SAFETY: created by dev_init_backend; freed once by ggml.
         let backend = unsafe { Box::from_raw(b) };
+        // SAFETY: as above.
         let ctx = unsafe { Box::from_raw(backend.context.cast::<BackendCtx>()) };
+        engine().write_files(true);
         log::info(&format!(
             "hybrid summary: {} graphs unsplit to {}, {} split; {}",
             ctx.router.unsplit_graphs,
@@ -267,13 +302,18 @@ unsafe extern "C" fn backend_free(b: *mut GgmlBackend) {
 unsafe extern "C" fn backend_synchronize(b: *mut GgmlBackend) {
     guard("hybrid synchronize", (), || {
         // SAFETY: our backend.
-        unsafe { &*(*b).context.cast::<BackendCtx>() }.router.host.synchronize();
+        unsafe { &*(*b).context.cast::<BackendCtx>() }
+            .router
+            .host
+            .synchronize();
     })
 }
 
 unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgraph) -> c_int {
     guard("hybrid graph_compute", GGML_STATUS_FAILED, || {
-        let Some(api) = api() else { return GGML_STATUS_FAILED };
+        let Some(api) = api() else {
+            return GGML_STATUS_FAILED;
+        };
         // SAFETY: our backend; ggml drives one graph_compute at a time per backend.
         let ctx = unsafe { &mut *(*b).context.cast::<BackendCtx>() };
         // SAFETY: graph accessors on the graph ggml passed us.
@@ -281,7 +321,8 @@ unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgra
             let n = (api.graph_n_nodes)(g);
             (0..n).map(|i| (api.graph_node)(g, i)).collect()
         };
-        router::compute(&mut ctx.router, g, &nodes, Face::Hybrid, &|_| None)
+        // SAFETY: the graph and nodes ggml passed to graph_compute.
+        unsafe { router::compute(&mut ctx.router, g, &nodes, Face::Hybrid, &|_| None) }
     })
 }
 
@@ -291,7 +332,9 @@ unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgra
 /// `b` is NULL or a live backend.
 pub unsafe fn set_threads(b: *mut GgmlBackend, n: c_int) -> bool {
     // SAFETY: compare guid pointers before touching the context.
-    let Some(be) = (unsafe { b.as_ref() }) else { return false };
+    let Some(be) = (unsafe { b.as_ref() }) else {
+        return false;
+    };
     if !ptr::eq(be.guid, &GUID) {
         return false;
     }
@@ -303,7 +346,10 @@ pub unsafe fn set_threads(b: *mut GgmlBackend, n: c_int) -> bool {
 }
 
 /// Registers the hybrid device with ggml now (for `ggml_backend_coreml_enable_hybrid` after load).
-pub fn register_now(dev: *mut Dev) {
+///
+/// # Safety
+/// `dev` is a device made by [`create`].
+pub unsafe fn register_now(dev: *mut Dev) {
     if let Some(api) = api() {
         // SAFETY: a fully built device of our registry; ggml appends it to its device list.
         unsafe { (api.device_register)(dev) };

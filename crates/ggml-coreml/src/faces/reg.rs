@@ -40,7 +40,10 @@ pub fn globals() -> Option<&'static Globals> {
 
 /// The registry, or NULL (with one log line) when this host cannot be served.
 pub fn registry() -> *mut Reg {
-    GLOBALS.get_or_init(init).as_ref().map_or(ptr::null_mut(), |g| g.reg)
+    GLOBALS
+        .get_or_init(init)
+        .as_ref()
+        .map_or(ptr::null_mut(), |g| g.reg)
 }
 
 fn init() -> Option<Globals> {
@@ -54,8 +57,11 @@ fn init() -> Option<Globals> {
     };
     let eng = engine();
     let caps = eng.executor.capabilities();
-    let description = CString::new(format!("Apple Neural Engine via CoreML ({})", caps.description))
-        .unwrap_or_else(|_| c"Apple Neural Engine via CoreML".to_owned());
+    let description = CString::new(format!(
+        "Apple Neural Engine via CoreML ({})",
+        caps.description
+    ))
+    .unwrap_or_else(|_| c"Apple Neural Engine via CoreML".to_owned());
 
     let reg = Box::into_raw(Box::new(GgmlBackendReg {
         api_version: api.layout.api_version(),
@@ -83,7 +89,9 @@ fn init() -> Option<Globals> {
         {
             match hybrid::create(inner.trim(), reg) {
                 Ok(d) => devices.push(d),
-                Err(e) => log::warn(&format!("GGML_COREML_HYBRID={inner}: {e}; no hybrid device")),
+                Err(e) => log::warn(&format!(
+                    "GGML_COREML_HYBRID={inner}: {e}; no hybrid device"
+                )),
             }
         }
     }
@@ -95,13 +103,24 @@ fn init() -> Option<Globals> {
         ("COREML_VERSION", env!("CARGO_PKG_VERSION").to_string()),
     ]
     .into_iter()
-    .flat_map(|(k, v)| [CString::new(k).expect("no NUL"), CString::new(v).unwrap_or_default()])
+    .flat_map(|(k, v)| {
+        [
+            CString::new(k).expect("no NUL"),
+            CString::new(v).unwrap_or_default(),
+        ]
+    })
     .collect();
     let mut features: Vec<GgmlBackendFeature> = strings
         .chunks(2)
-        .map(|kv| GgmlBackendFeature { name: kv[0].as_ptr(), value: kv[1].as_ptr() })
+        .map(|kv| GgmlBackendFeature {
+            name: kv[0].as_ptr(),
+            value: kv[1].as_ptr(),
+        })
         .collect();
-    features.push(GgmlBackendFeature { name: ptr::null(), value: ptr::null() });
+    features.push(GgmlBackendFeature {
+        name: ptr::null(),
+        value: ptr::null(),
+    });
 
     log::info(&format!(
         "registered (ggml layout {:?}, API version {}, symbols from {}); {}",
@@ -131,7 +150,9 @@ unsafe extern "C" fn reg_get_device_count(_reg: *mut Reg) -> usize {
 }
 
 unsafe extern "C" fn reg_get_device(_reg: *mut Reg, i: usize) -> *mut Dev {
-    globals().and_then(|g| g.devices.get(i).copied()).unwrap_or(ptr::null_mut())
+    globals()
+        .and_then(|g| g.devices.get(i).copied())
+        .unwrap_or(ptr::null_mut())
 }
 
 unsafe extern "C" fn reg_get_proc_address(_reg: *mut Reg, name: *const c_char) -> *mut c_void {
@@ -147,9 +168,13 @@ unsafe extern "C" fn reg_get_proc_address(_reg: *mut Reg, name: *const c_char) -
             b"ggml_backend_coreml_set_policy" => crate::ggml_backend_coreml_set_policy as *const (),
             b"ggml_backend_coreml_get_policy" => crate::ggml_backend_coreml_get_policy as *const (),
             b"ggml_backend_coreml_get_stats" => crate::ggml_backend_coreml_get_stats as *const (),
-            b"ggml_backend_coreml_reset_stats" => crate::ggml_backend_coreml_reset_stats as *const (),
+            b"ggml_backend_coreml_reset_stats" => {
+                crate::ggml_backend_coreml_reset_stats as *const ()
+            }
             b"ggml_backend_coreml_version" => crate::ggml_backend_coreml_version as *const (),
-            b"ggml_backend_coreml_enable_hybrid" => crate::ggml_backend_coreml_enable_hybrid as *const (),
+            b"ggml_backend_coreml_enable_hybrid" => {
+                crate::ggml_backend_coreml_enable_hybrid as *const ()
+            }
             _ => ptr::null(),
         };
         f as *mut c_void
@@ -178,7 +203,8 @@ pub fn enable_hybrid(inner: &str) -> Result<(), String> {
         return Ok(());
     }
     let dev = hybrid::create(inner, g.reg)?;
-    hybrid::register_now(dev);
+    // SAFETY: `dev` was just made by hybrid::create.
+    unsafe { hybrid::register_now(dev) };
     Ok(())
 }
 
@@ -191,7 +217,9 @@ pub fn set_policy(name: &str) -> bool {
             true
         }
         None => {
-            log::warn(&format!("unknown policy {name:?} (latency, energy, off, always); unchanged"));
+            log::warn(&format!(
+                "unknown policy {name:?} (latency, energy, off, always); unchanged"
+            ));
             false
         }
     }

@@ -243,7 +243,8 @@ pub struct GgmlBackendFeature {
 
 pub type BuftGetName = unsafe extern "C" fn(BuftPtr) -> *const c_char;
 pub type BuftAlloc = unsafe extern "C" fn(BuftPtr, usize) -> *mut GgmlBackendBuffer;
-pub type BuftAllocN = unsafe extern "C" fn(BuftPtr, *mut *mut GgmlTensor, c_int) -> *mut GgmlBackendBuffer;
+pub type BuftAllocN =
+    unsafe extern "C" fn(BuftPtr, *mut *mut GgmlTensor, c_int) -> *mut GgmlBackendBuffer;
 pub type BuftSize = unsafe extern "C" fn(BuftPtr) -> usize;
 pub type BuftAllocSize = unsafe extern "C" fn(BuftPtr, *const GgmlTensor) -> usize;
 pub type BuftAllocSizeN = unsafe extern "C" fn(BuftPtr, *mut *mut GgmlTensor, c_int) -> usize;

@@ -76,6 +76,101 @@ pub struct GgmlApi {
     pub reg_dev_count: unsafe extern "C" fn(*mut Reg) -> usize,
     pub reg_dev_get: unsafe extern "C" fn(*mut Reg, usize) -> *mut Dev,
     pub device_register: unsafe extern "C" fn(*mut Dev),
+    /// The host's values of the ops we look at (see [`OpIds`]).
+    pub ops: OpIds,
+}
+
+/// Host values of the ops the backend inspects, found by name at init. Trees disagree on
+/// `enum ggml_op`: QVAC's fabric (0.15) adds five ops before MUL_MAT (MUL_MAT = 34, upstream 29)
+/// and two after it, so comparing raw values against upstream's constants misses every matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpIds {
+    pub none: c_int,
+    pub mul_mat: c_int,
+    pub reshape: c_int,
+    pub view: c_int,
+    pub permute: c_int,
+    pub transpose: c_int,
+}
+
+/// Value for host ops that have no upstream constant we use (never equal to one of them).
+pub const OP_OTHER: c_int = -1;
+
+impl OpIds {
+    /// Upstream's numbering (ggml 0.21, 0.25.3, 0.26.0): the identity mapping.
+    pub const UPSTREAM: OpIds = OpIds {
+        none: GGML_OP_NONE,
+        mul_mat: GGML_OP_MUL_MAT,
+        reshape: GGML_OP_RESHAPE,
+        view: GGML_OP_VIEW,
+        permute: GGML_OP_PERMUTE,
+        transpose: GGML_OP_TRANSPOSE,
+    };
+
+    /// Scans `ggml_op_name(0..)` until every op we need is found. The scan stops at the last of
+    /// them (TRANSPOSE), well before GGML_OP_COUNT in every tree, so it never reads past the
+    /// host's name table.
+    fn find(op_name: unsafe extern "C" fn(c_int) -> *const c_char) -> Result<OpIds, String> {
+        const WANTED: [&str; 6] = ["NONE", "MUL_MAT", "RESHAPE", "VIEW", "PERMUTE", "TRANSPOSE"];
+        let mut found: [Option<c_int>; 6] = [None; 6];
+        let mut op: c_int = 0;
+        while found.iter().any(Option::is_none) && op < 512 {
+            // SAFETY: `op` is below the index of a wanted op not yet found, so inside the table.
+            let p = unsafe { op_name(op) };
+            if p.is_null() {
+                break;
+            }
+            // SAFETY: ggml_op_name returns a static NUL-terminated string.
+            let name = unsafe { CStr::from_ptr(p) }.to_bytes();
+            if let Some(i) = WANTED.iter().position(|w| w.as_bytes() == name) {
+                found[i].get_or_insert(op);
+            }
+            op += 1;
+        }
+        match found {
+            [
+                Some(none),
+                Some(mul_mat),
+                Some(reshape),
+                Some(view),
+                Some(permute),
+                Some(transpose),
+            ] => Ok(OpIds {
+                none,
+                mul_mat,
+                reshape,
+                view,
+                permute,
+                transpose,
+            }),
+            _ => Err(
+                "ggml_op_name does not name NONE, MUL_MAT, RESHAPE, VIEW, PERMUTE and TRANSPOSE"
+                    .into(),
+            ),
+        }
+    }
+
+    /// The upstream constant for a host op value, or [`OP_OTHER`].
+    pub fn canonical(&self, raw: c_int) -> c_int {
+        match raw {
+            r if r == self.none => GGML_OP_NONE,
+            r if r == self.mul_mat => GGML_OP_MUL_MAT,
+            r if r == self.reshape => GGML_OP_RESHAPE,
+            r if r == self.view => GGML_OP_VIEW,
+            r if r == self.permute => GGML_OP_PERMUTE,
+            r if r == self.transpose => GGML_OP_TRANSPOSE,
+            _ => OP_OTHER,
+        }
+    }
+}
+
+/// A host op value as the upstream constant the rest of the crate compares against. Before
+/// resolution (unit tests build tensors with upstream values) the value is taken as is.
+pub fn canonical_op(raw: c_int) -> c_int {
+    match api() {
+        Some(a) if a.ops != OpIds::UPSTREAM => a.ops.canonical(raw),
+        _ => raw,
+    }
 }
 
 static API: OnceLock<Result<GgmlApi, String>> = OnceLock::new();
@@ -87,7 +182,9 @@ pub fn api() -> Option<&'static GgmlApi> {
 
 /// Resolves the table once; later calls return the first outcome.
 pub fn resolve() -> Result<&'static GgmlApi, String> {
-    API.get_or_init(resolve_uncached).as_ref().map_err(Clone::clone)
+    API.get_or_init(resolve_uncached)
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// Images that may hold ggml-base when it is not in the global scope (matched by soname / install name).
@@ -117,7 +214,10 @@ impl Lookup {
 
 fn find_ggml_base() -> Option<Lookup> {
     let probe = "ggml_backend_buffer_init";
-    let global = Lookup { handle: libc::RTLD_DEFAULT, source: "global scope".into() };
+    let global = Lookup {
+        handle: libc::RTLD_DEFAULT,
+        source: "global scope".into(),
+    };
     if !global.sym(probe).is_null() {
         return Some(global);
     }
@@ -126,7 +226,10 @@ fn find_ggml_base() -> Option<Lookup> {
         // SAFETY: RTLD_NOLOAD only returns an image that is already loaded; it never runs initialisers.
         let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_NOW) };
         if !h.is_null() {
-            let l = Lookup { handle: h, source: (*name).to_string() };
+            let l = Lookup {
+                handle: h,
+                source: (*name).to_string(),
+            };
             if !l.sym(probe).is_null() {
                 return Some(l);
             }
@@ -135,6 +238,8 @@ fn find_ggml_base() -> Option<Lookup> {
     None
 }
 
+// The field each symbol is assigned to names its type; spelling every signature twice adds nothing.
+#[allow(clippy::missing_transmute_annotations)]
 fn resolve_uncached() -> Result<GgmlApi, String> {
     let l = find_ggml_base().ok_or_else(|| {
         "ggml-base symbols not found in the global scope nor in a loaded ggml runtime".to_string()
@@ -149,7 +254,10 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
     } else {
         None
     };
-    let layout = match std::env::var("GGML_COREML_GGML_API_VERSION").ok().as_deref() {
+    let layout = match std::env::var("GGML_COREML_GGML_API_VERSION")
+        .ok()
+        .as_deref()
+    {
         Some("2") => Some(Layout::V2),
         Some("3") => Some(Layout::V3),
         Some("6") => Some(Layout::V6),
@@ -177,6 +285,9 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
             unsafe { std::mem::transmute::<*mut c_void, _>(p) }
         }};
     }
+
+    let op_name: unsafe extern "C" fn(c_int) -> *const c_char = get!("ggml_op_name");
+    let ops = OpIds::find(op_name)?;
 
     Ok(GgmlApi {
         layout,
@@ -218,6 +329,7 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
         reg_dev_count: get!("ggml_backend_reg_dev_count"),
         reg_dev_get: get!("ggml_backend_reg_dev_get"),
         device_register: get!("ggml_backend_device_register"),
+        ops,
     })
 }
 

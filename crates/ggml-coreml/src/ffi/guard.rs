@@ -12,7 +12,9 @@ pub fn guard<T>(entry: &'static str, fallback: T, f: impl FnOnce() -> T) -> T {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            crate::log::error(&format!("internal error in {entry}: {msg}; declining the call"));
+            crate::log::error(&format!(
+                "internal error in {entry}: {msg}; declining the call"
+            ));
             fallback
         }
     }

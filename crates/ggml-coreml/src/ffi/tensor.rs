@@ -24,8 +24,9 @@ impl<'a> TensorRef<'a> {
     pub fn type_id(&self) -> c_int {
         self.t.type_
     }
+    /// The op as upstream's constant (`GGML_OP_*` in abi.rs), whatever the host's enum numbering.
     pub fn op(&self) -> c_int {
-        self.t.op
+        super::ggml::canonical_op(self.t.op)
     }
     pub fn op_param(&self, i: usize) -> i32 {
         self.t.op_params[i]
@@ -69,7 +70,8 @@ impl<'a> TensorRef<'a> {
     }
     pub fn name(&self) -> String {
         // SAFETY: `name` is a fixed array that ggml keeps NUL-terminated; fall back to lossy if not.
-        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(self.t.name.as_ptr().cast(), GGML_MAX_NAME) };
+        let bytes: &[u8] =
+            unsafe { std::slice::from_raw_parts(self.t.name.as_ptr().cast(), GGML_MAX_NAME) };
         match CStr::from_bytes_until_nul(bytes) {
             Ok(c) => c.to_string_lossy().into_owned(),
             Err(_) => String::from_utf8_lossy(bytes).into_owned(),
@@ -78,6 +80,46 @@ impl<'a> TensorRef<'a> {
     /// Number of elements.
     pub fn nelements(&self) -> i64 {
         self.t.ne.iter().product()
+    }
+}
+
+impl TensorRef<'_> {
+    /// A copy of a contiguous tensor's bytes (`ne` product × element size), or None if not contiguous.
+    ///
+    /// # Safety
+    /// The tensor is allocated in host-visible memory.
+    pub unsafe fn host_bytes(&self) -> Option<Vec<u8>> {
+        let len = self.contiguous_len()?;
+        // SAFETY: per the contract, `len` bytes at data are readable.
+        Some(unsafe { std::slice::from_raw_parts(self.t.data.cast::<u8>(), len) }.to_vec())
+    }
+
+    /// Writes back bytes taken with [`Self::host_bytes`].
+    ///
+    /// # Safety
+    /// As for `host_bytes`, and nobody else accesses the tensor meanwhile.
+    pub unsafe fn write_host_bytes(&self, bytes: &[u8]) {
+        if self.contiguous_len() == Some(bytes.len()) {
+            // SAFETY: same region `host_bytes` read.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.t.data.cast::<u8>(), bytes.len())
+            };
+        }
+    }
+
+    /// Byte length of an F32 tensor whose strides are the packed ones.
+    fn contiguous_len(&self) -> Option<usize> {
+        if self.t.type_ != GGML_TYPE_F32 || self.t.data.is_null() {
+            return None;
+        }
+        let mut expect = 4usize;
+        for d in 0..4 {
+            if self.t.nb[d] != expect {
+                return None;
+            }
+            expect = expect.checked_mul(usize::try_from(self.t.ne[d]).ok()?)?;
+        }
+        Some(expect)
     }
 }
 
@@ -111,19 +153,33 @@ impl<'a> TensorRef<'a> {
     ///
     /// # Safety
     /// The tensor's data is allocated, `(i2, i3)` is within `ne[2]`, `ne[3]`, and `nb[1] >= row_bytes`.
-    pub unsafe fn slice2d_rows(&self, i2: usize, i3: usize, row_bytes: usize) -> std::borrow::Cow<'a, [u8]> {
+    pub unsafe fn slice2d_rows(
+        &self,
+        i2: usize,
+        i3: usize,
+        row_bytes: usize,
+    ) -> std::borrow::Cow<'a, [u8]> {
         let rows = self.t.ne[1] as usize;
         let stride = self.t.nb[1];
         // SAFETY: caller contract: the slice's rows lie in the tensor's allocation.
-        let base = unsafe { self.t.data.cast::<u8>().add(i2 * self.t.nb[2] + i3 * self.t.nb[3]) };
+        let base = unsafe {
+            self.t
+                .data
+                .cast::<u8>()
+                .add(i2 * self.t.nb[2] + i3 * self.t.nb[3])
+        };
         if stride == row_bytes {
             // SAFETY: ggml allocated `rows` adjacent rows of row_bytes here.
-            return std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(base, rows * row_bytes) });
+            return std::borrow::Cow::Borrowed(unsafe {
+                std::slice::from_raw_parts(base, rows * row_bytes)
+            });
         }
         let mut v = Vec::with_capacity(rows * row_bytes);
         for r in 0..rows {
             // SAFETY: row r starts at base + r * stride and holds row_bytes bytes.
-            v.extend_from_slice(unsafe { std::slice::from_raw_parts(base.add(r * stride), row_bytes) });
+            v.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(base.add(r * stride), row_bytes)
+            });
         }
         std::borrow::Cow::Owned(v)
     }
@@ -138,9 +194,12 @@ impl<'a> TensorRef<'a> {
         // SAFETY: offsets computed from ggml's strides stay inside the tensor's allocation.
         let base = unsafe { self.t.data.cast::<u8>().add(i2 * nb[2] + i3 * nb[3]) };
         if m == 0 || k == 0 {
-            return RowsF32::Gathered { x: Vec::new(), stride: k };
+            return RowsF32::Gathered {
+                x: Vec::new(),
+                stride: k,
+            };
         }
-        if nb[0] == 4 && nb[1] % 4 == 0 && base as usize % 4 == 0 {
+        if nb[0] == 4 && nb[1].is_multiple_of(4) && (base as usize).is_multiple_of(4) {
             let stride = nb[1] / 4;
             // SAFETY: m rows of k f32 at `stride` elements apart lie in the tensor (rows may overlap
             // for views, which is fine for a shared borrow).
@@ -151,7 +210,11 @@ impl<'a> TensorRef<'a> {
         for r in 0..m {
             for c in 0..k {
                 // SAFETY: element (c, r) of this batch, by ggml's strides; unaligned read tolerated.
-                x.push(unsafe { base.add(r * nb[1] + c * nb[0]).cast::<f32>().read_unaligned() });
+                x.push(unsafe {
+                    base.add(r * nb[1] + c * nb[0])
+                        .cast::<f32>()
+                        .read_unaligned()
+                });
             }
         }
         RowsF32::Gathered { x, stride: k }
@@ -172,12 +235,20 @@ impl<'a> TensorRef<'a> {
             if nb[0] == 4 {
                 // SAFETY: row r holds n contiguous f32 in the destination.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(row.as_ptr().cast::<u8>(), base.add(r * nb[1]), n * 4)
+                    std::ptr::copy_nonoverlapping(
+                        row.as_ptr().cast::<u8>(),
+                        base.add(r * nb[1]),
+                        n * 4,
+                    )
                 };
             } else {
                 for (c, v) in row.iter().enumerate() {
                     // SAFETY: element (c, r) of the batch.
-                    unsafe { base.add(r * nb[1] + c * nb[0]).cast::<f32>().write_unaligned(*v) };
+                    unsafe {
+                        base.add(r * nb[1] + c * nb[0])
+                            .cast::<f32>()
+                            .write_unaligned(*v)
+                    };
                 }
             }
         }
