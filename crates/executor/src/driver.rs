@@ -168,7 +168,8 @@ pub fn matmul(
         WeightForm::Block { group, offsets, .. } => (*group, offsets.is_some()),
         _ => (0, false),
     };
-    let align = if group > 0 { group } else { 1 };
+    // K parts keep whole ggml blocks (the same rule `ggml-coreml cache warm` uses to predict programs).
+    let align = w.wtype.block_len().max(group).max(1);
     let plan = SplitPlan::new(variant, m, k, n, group, offsets, align).map_err(bad)?;
 
     if variant == Variant::I8I8 {
