@@ -63,6 +63,7 @@ const STAGES: &[Stage] = &[
     Stage { name: "conformance", run: conformance },
     Stage { name: "conformance-v3", run: conformance_v3 },
     Stage { name: "support-listing", run: support_listing },
+    Stage { name: "valgrind", run: valgrind },
     Stage { name: "llama-bench", run: llama_bench_smoke },
     Stage { name: "api-mismatch", run: api_mismatch },
 ];
@@ -311,6 +312,31 @@ fn support_listing(env: &Env) -> Result<String> {
     let yes = out.lines().filter(|l| l.contains("MUL_MAT") && l.contains("yes")).count();
     Ok(format!("CoreML listed; {yes} MUL_MAT cases supported"))
 }
+
+/// The conformance run under valgrind memcheck (a subset of cases for time): no invalid reads or
+/// writes, no uninitialised use in our library or in what it hands ggml.
+fn valgrind(env: &Env) -> Result<String> {
+    if crate::util::which("valgrind").is_none() {
+        bail!("valgrind is not installed (apt-get install -y valgrind)");
+    }
+    let mut c = Command::new("valgrind");
+    c.args(["--error-exitcode=99", "-q"])
+        .arg(env.bin.join("test-backend-ops"))
+        .args(["test", "-b", "CoreML", "-o", "MUL_MAT", "-p"])
+        .arg(VALGRIND_CASES)
+        .env("GGML_BACKEND_PATH", &env.lib)
+        .env("GGML_COREML_POLICY", "always")
+        .stdin(Stdio::null());
+    let out = run_capture(&mut c)?;
+    let report = ConformanceReport::parse(&out);
+    if report.failed > 0 || !report.backend_ok || report.passed == 0 {
+        bail!("under valgrind: {}", report.line());
+    }
+    Ok(format!("memcheck clean; {}", report.line()))
+}
+
+/// Every weight format, broadcasting and a K split part, small enough for memcheck.
+pub const VALGRIND_CASES: &str = "type_a=(q4_0|q8_0|q4_K|q5_K|q6_K|f16),type_b=f32,m=16,n=(1|16),k=256";
 
 fn model(env: &Env, m: Model, quant: &str) -> Result<PathBuf> {
     let p = model_path(&env.models, m, quant);
