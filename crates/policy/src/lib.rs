@@ -219,6 +219,8 @@ pub struct Policy {
     /// f64 bits; 0 means the device class default.
     energy_factor: AtomicU64,
     min_m: AtomicUsize,
+    /// 0: `always` takes every M; otherwise the explicit `GGML_COREML_MIN_M`.
+    always_min_m: AtomicUsize,
     ubatch: AtomicUsize,
     max_faults: AtomicU32,
     chip_override: Option<ChipGen>,
@@ -247,6 +249,7 @@ impl Policy {
             state: AtomicU8::new(DeviceState::default().to_bits()),
             energy_factor: AtomicU64::new(s.energy_factor.map_or(0, f64::to_bits)),
             min_m: AtomicUsize::new(s.min_m.max(1)),
+            always_min_m: AtomicUsize::new(s.always_min_m.unwrap_or(0)),
             ubatch: AtomicUsize::new(s.ubatch.max(1)),
             max_faults: AtomicU32::new(s.max_faults.max(1)),
             chip_override: s.chip,
@@ -687,6 +690,9 @@ impl Policy {
             }
         }
         if mode == Mode::Always {
+            if shape.m < self.always_min_m.load(Ordering::Relaxed) {
+                return host(Reason::SmallBatch);
+            }
             return (Decision::Ane, None);
         }
         let Some(chip) = class.chip() else {

@@ -36,6 +36,9 @@ pub struct Settings {
     pub max_faults: u32,
     /// Overrides the detected chip (a chip the tables do not know yet, or experiments).
     pub chip: Option<ChipGen>,
+    /// `GGML_COREML_MIN_M` was set explicitly: then mode `always` also keeps smaller M on the host (to
+    /// test prefill-only offload, e.g. decode graphs going unsplit through the hybrid face).
+    pub always_min_m: Option<usize>,
 }
 
 impl Default for Settings {
@@ -47,6 +50,7 @@ impl Default for Settings {
             ubatch: DEFAULT_UBATCH,
             max_faults: DEFAULT_MAX_FAULTS,
             chip: None,
+            always_min_m: None,
         }
     }
 }
@@ -100,7 +104,11 @@ impl Settings {
                 }
             }
         };
+        let before = warnings.len();
         s.min_m = count(ENV_MIN_M, s.min_m, &mut warnings);
+        if var(ENV_MIN_M).is_some() && warnings.len() == before {
+            s.always_min_m = Some(s.min_m);
+        }
         s.ubatch = count(ENV_UBATCH, s.ubatch, &mut warnings);
         if let Some(v) = var(ENV_MAX_FAULTS) {
             match v.parse::<u32>() {
@@ -163,7 +171,8 @@ mod tests {
                 min_m: 16,
                 ubatch: 2048,
                 max_faults: 5,
-                chip: Some(ChipGen::M4Pro)
+                chip: Some(ChipGen::M4Pro),
+                always_min_m: Some(16),
             }
         );
     }

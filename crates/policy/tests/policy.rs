@@ -520,3 +520,30 @@ fn environment() {
     // from_env reads the real environment; whatever it holds, it never panics.
     let (_p, _w) = Policy::from_env(false);
 }
+
+#[test]
+fn always_respects_an_explicit_min_m() {
+    let (p, w) = Policy::from_lookup(false, |k| match k {
+        "GGML_COREML_POLICY" => Some("always".into()),
+        "GGML_COREML_MIN_M" => Some("16".into()),
+        _ => None,
+    });
+    assert!(w.is_empty(), "{w:?}");
+    let small = MatmulShape {
+        m: 1,
+        k: 256,
+        n: 256,
+    };
+    let big = MatmulShape {
+        m: 16,
+        k: 256,
+        n: 256,
+    };
+    assert_eq!(p.decide(&small), Decision::Host(Reason::SmallBatch));
+    assert_eq!(p.decide(&big), Decision::Ane);
+    // Without the variable `always` takes every M.
+    let (p, _) = Policy::from_lookup(false, |k| {
+        (k == "GGML_COREML_POLICY").then(|| "always".into())
+    });
+    assert_eq!(p.decide(&small), Decision::Ane);
+}
