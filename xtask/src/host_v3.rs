@@ -32,11 +32,16 @@ const CMAKE_FLAGS: &[&str] = &[
 ];
 
 fn dir() -> PathBuf {
-    paths::dev_cache_root().join("host").join(format!("{CRATE}-{VERSION}"))
+    paths::dev_cache_root()
+        .join("host")
+        .join(format!("{CRATE}-{VERSION}"))
 }
 
 fn recipe() -> String {
-    format!("{CRATE} {VERSION}\n{}\ntargets: ggml-base ggml ggml-cpu + test-backend-ops.cpp (v2 tree) -O1\n", CMAKE_FLAGS.join(" "))
+    format!(
+        "{CRATE} {VERSION}\n{}\ntargets: ggml-base ggml ggml-cpu + test-backend-ops.cpp (v2 tree) -O1\n",
+        CMAKE_FLAGS.join(" ")
+    )
 }
 
 /// Builds (or reuses) the v3 host; returns its bin dir (libggml-base.so.0.26.0, libggml-cpu.so,
@@ -45,7 +50,10 @@ pub fn ensure_host_v3() -> Result<PathBuf> {
     let root = dir();
     let bin = root.join("build/bin");
     let marker = root.join("build/.ggml-coreml-host-ok");
-    let done = || util::read_marker(&marker).as_deref() == Some(recipe().as_str()) && bin.join("test-backend-ops").is_file();
+    let done = || {
+        util::read_marker(&marker).as_deref() == Some(recipe().as_str())
+            && bin.join("test-backend-ops").is_file()
+    };
     if done() {
         return Ok(bin);
     }
@@ -56,22 +64,42 @@ pub fn ensure_host_v3() -> Result<PathBuf> {
     }
     let t = Timer::start();
     let v2_bin = host::ensure_host(None)?;
-    let v2_src = v2_bin.parent().and_then(Path::parent).context("v2 host layout")?.join("src");
+    let v2_src = v2_bin
+        .parent()
+        .and_then(Path::parent)
+        .context("v2 host layout")?
+        .join("src");
     let tree = fetch_tree(&root)?;
     let build = root.join("build");
     let mut cfg = Command::new("cmake");
-    cfg.arg("-S").arg(&tree).arg("-B").arg(&build).args(["-G", "Ninja"]).args(CMAKE_FLAGS);
+    cfg.arg("-S")
+        .arg(&tree)
+        .arg("-B")
+        .arg(&build)
+        .args(["-G", "Ninja"])
+        .args(CMAKE_FLAGS);
     util::run(&mut cfg)?;
     let jobs = util::default_jobs().max(1);
-    util::run(Command::new("cmake").arg("--build").arg(&build).arg(format!("-j{jobs}")).args(["--target", "ggml-base", "ggml", "ggml-cpu"]))?;
+    util::run(
+        Command::new("cmake")
+            .arg("--build")
+            .arg(&build)
+            .arg(format!("-j{jobs}"))
+            .args(["--target", "ggml-base", "ggml", "ggml-cpu"]),
+    )?;
     let mut gxx = Command::new("g++");
-    gxx.args(["-O1", "-std=c++17", "-DGGML_SHARED", "-DGGML_BACKEND_SHARED"])
-        .arg(format!("-I{}", tree.join("ggml/include").display()))
-        .arg(v2_src.join("tests/test-backend-ops.cpp"))
-        .arg(format!("-L{}", bin.display()))
-        .arg(format!("-Wl,-rpath,{}", bin.display()))
-        .args(["-lggml", "-lggml-base", "-o"])
-        .arg(bin.join("test-backend-ops"));
+    gxx.args([
+        "-O1",
+        "-std=c++17",
+        "-DGGML_SHARED",
+        "-DGGML_BACKEND_SHARED",
+    ])
+    .arg(format!("-I{}", tree.join("ggml/include").display()))
+    .arg(v2_src.join("tests/test-backend-ops.cpp"))
+    .arg(format!("-L{}", bin.display()))
+    .arg(format!("-Wl,-rpath,{}", bin.display()))
+    .args(["-lggml", "-lggml-base", "-o"])
+    .arg(bin.join("test-backend-ops"));
     util::run(&mut gxx)?;
     util::write_atomic(&marker, recipe().as_bytes())?;
     log!("v3 host ready in {:.1} s: {}", t.secs(), bin.display());
@@ -91,9 +119,16 @@ fn fetch_tree(root: &Path) -> Result<PathBuf> {
     )?;
     fs::write(proj.join("src/lib.rs"), "")?;
     let manifest = proj.join("Cargo.toml");
-    util::run(Command::new("cargo").arg("fetch").arg("--manifest-path").arg(&manifest))?;
+    util::run(
+        Command::new("cargo")
+            .arg("fetch")
+            .arg("--manifest-path")
+            .arg(&manifest),
+    )?;
     let meta = util::output(
-        Command::new("cargo").args(["metadata", "--format-version", "1", "--manifest-path"]).arg(&manifest),
+        Command::new("cargo")
+            .args(["metadata", "--format-version", "1", "--manifest-path"])
+            .arg(&manifest),
     )?;
     let v: serde_json::Value = serde_json::from_str(&meta).context("cargo metadata output")?;
     let pkg = v["packages"]
@@ -101,7 +136,10 @@ fn fetch_tree(root: &Path) -> Result<PathBuf> {
         .and_then(|ps| ps.iter().find(|p| p["name"] == CRATE))
         .context("llama-cpp-sys-2 not in cargo metadata")?;
     let manifest_path = pkg["manifest_path"].as_str().context("manifest_path")?;
-    let tree = Path::new(manifest_path).parent().context("crate dir")?.join("llama.cpp");
+    let tree = Path::new(manifest_path)
+        .parent()
+        .context("crate dir")?
+        .join("llama.cpp");
     if !tree.join("ggml/src/ggml-backend-impl.h").is_file() {
         bail!("{} does not hold a ggml tree", tree.display());
     }

@@ -29,7 +29,11 @@ fn parse(args: &[String]) -> Result<Args> {
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
-        let mut val = || it.next().cloned().with_context(|| format!("{k} needs a value"));
+        let mut val = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{k} needs a value"))
+        };
         match k.as_str() {
             "--model" | "-m" => a.model = val()?,
             "--quant" | "-q" => a.quant = val()?,
@@ -63,34 +67,75 @@ fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Resul
     let mut c = Command::new(env.bin.join("llama-completion"));
     c.arg("-m")
         .arg(model)
-        .args(["-p", &a.prompt, "-n", &a.n.to_string(), "--temp", "0", "--seed", "1", "-ngl", "0", "-no-cnv"])
+        .args([
+            "-p",
+            &a.prompt,
+            "-n",
+            &a.n.to_string(),
+            "--temp",
+            "0",
+            "--seed",
+            "1",
+            "-ngl",
+            "0",
+            "-no-cnv",
+        ])
         .args(["-t", "2", "--no-warmup"])
         .stdin(Stdio::null());
+    let stats = std::env::temp_dir().join(format!("ggml-coreml-run-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&stats);
     if with_backend {
-        c.env("GGML_BACKEND_PATH", &env.lib).env("GGML_COREML_POLICY", &a.policy).env("GGML_COREML_LOG", "info");
+        c.env("GGML_BACKEND_PATH", &env.lib)
+            .env("GGML_COREML_POLICY", &a.policy)
+            .env("GGML_COREML_LOG", "info")
+            .env("GGML_COREML_STATS_FILE", &stats);
     }
     let line = crate::util::display_cmd(&c);
-    log!("$ {}{line}", if with_backend { "GGML_BACKEND_PATH=… " } else { "" });
+    log!(
+        "$ {}{line}",
+        if with_backend {
+            "GGML_BACKEND_PATH=… "
+        } else {
+            ""
+        }
+    );
     let out = c.output().with_context(|| format!("cannot start {line}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
-        let tail: Vec<&str> = stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-        bail!("llama-completion failed ({}):\n{}", out.status, tail.join("\n"));
+        let tail: Vec<&str> = stderr
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        bail!(
+            "llama-completion failed ({}):\n{}",
+            out.status,
+            tail.join("\n")
+        );
     }
     let tps = |key: &str| {
-        stderr.lines().find(|l| l.contains(key) && l.contains("tokens per second")).and_then(|l| {
-            let i = l.find("tokens per second")?;
-            let head = &l[..i];
-            let num = head.rsplit(',').next()?.trim().split_whitespace().next()?;
-            num.parse::<f64>().ok()
-        })
+        stderr
+            .lines()
+            .find(|l| l.contains(key) && l.contains("tokens per second"))
+            .and_then(|l| {
+                let i = l.find("tokens per second")?;
+                let head = &l[..i];
+                let num = head.rsplit(',').next()?.trim().split_whitespace().next()?;
+                num.parse::<f64>().ok()
+            })
     };
     Ok(RunOut {
         text: stdout.trim().to_string(),
         prompt_tps: tps("prompt eval time"),
         eval_tps: tps(" eval time").or_else(|| tps("eval time")),
-        summary: stderr.lines().find(|l| l.contains("ggml-coreml: summary:")).map(|l| l.trim().to_string()),
+        summary: std::fs::read_to_string(&stats).ok().map(|j| {
+            let _ = std::fs::remove_file(&stats);
+            summarize_stats(&j)
+        }),
         loaded: stderr.contains("loaded CoreML backend"),
     })
 }
@@ -105,12 +150,19 @@ pub fn main(args: &[String]) -> Result<()> {
         model_path(&env.models, m, &a.quant)
     };
     if !model.is_file() {
-        bail!("{} not found (cargo xtask models --quants {})", model.display(), a.quant);
+        bail!(
+            "{} not found (cargo xtask models --quants {})",
+            model.display(),
+            a.quant
+        );
     }
     let stock = completion(&env, &model, &a, false)?;
     let ours = completion(&env, &model, &a, true)?;
     if !ours.loaded {
-        bail!("llama.cpp did not load the backend from {}", env.lib.display());
+        bail!(
+            "llama.cpp did not load the backend from {}",
+            env.lib.display()
+        );
     }
     let f = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.1}"));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -121,12 +173,21 @@ pub fn main(args: &[String]) -> Result<()> {
     println!("ggml-coreml run report");
     println!("  model    {}", model.display());
     println!("  library  {}", env.lib.display());
-    println!("  policy   {} (executor: reference on Linux; CoreML on Apple devices)", a.policy);
-    println!("  routing  {}", ours.summary.as_deref().unwrap_or("(no summary line)").trim_start_matches("ggml-coreml: summary: "));
+    println!(
+        "  policy   {} (executor: reference on Linux; CoreML on Apple devices)",
+        a.policy
+    );
+    println!(
+        "  routing  {}",
+        ours.summary.as_deref().unwrap_or("(no statistics written)")
+    );
     println!("  prompt   {:?}", a.prompt);
     println!("  stock    {}", one_line(&stock.text));
     println!("  coreml   {}", one_line(&ours.text));
-    println!("  agree    {same} leading words identical of {}", stock.text.split_whitespace().count());
+    println!(
+        "  agree    {same} leading words identical of {}",
+        stock.text.split_whitespace().count()
+    );
     println!(
         "  speed    prompt {} t/s stock, {} t/s coreml ({}); generation {} t/s stock, {} t/s coreml ({})",
         f(stock.prompt_tps),
@@ -139,11 +200,48 @@ pub fn main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// One line from the backend's statistics JSON.
+fn summarize_stats(json: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return json.to_string();
+    };
+    let reasons = v["host_reasons"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    format!(
+        "MUL_MAT offloaded to the {} executor: {} ({} ms, {} GFLOP); on the host: {}{}; executor faults {}",
+        v["executor"].as_str().unwrap_or("?"),
+        v["ane_ops"],
+        v["ane_ms"],
+        v["ane_gflop"],
+        v["host_ops"],
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({reasons})")
+        },
+        v["faults"]
+    )
+}
+
 fn one_line(s: &str) -> String {
     let s: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if s.chars().count() > 160 { format!("{}…", s.chars().take(160).collect::<String>()) } else { s }
+    if s.chars().count() > 160 {
+        format!("{}…", s.chars().take(160).collect::<String>())
+    } else {
+        s
+    }
 }
 
 fn common_prefix_words(a: &str, b: &str) -> usize {
-    a.split_whitespace().zip(b.split_whitespace()).take_while(|(x, y)| x == y).count()
+    a.split_whitespace()
+        .zip(b.split_whitespace())
+        .take_while(|(x, y)| x == y)
+        .count()
 }

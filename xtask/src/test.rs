@@ -28,7 +28,12 @@ impl Env {
         let python = venv::ensure_venv().context("python venv")?;
         let models = ensure_models(&ModelSet::default_set()).context("models")?;
         let lib = backend::build_backend(true).context("backend build")?;
-        Ok(Env { bin, python, models, lib })
+        Ok(Env {
+            bin,
+            python,
+            models,
+            lib,
+        })
     }
 
     /// A host tool with the backend on GGML_BACKEND_PATH.
@@ -54,18 +59,58 @@ struct Stage {
 }
 
 const STAGES: &[Stage] = &[
-    Stage { name: "fmt", run: fmt },
-    Stage { name: "clippy-linux", run: clippy_linux },
-    Stage { name: "clippy-apple-darwin", run: |_| clippy_target("aarch64-apple-darwin") },
-    Stage { name: "clippy-apple-ios", run: |_| clippy_target("aarch64-apple-ios") },
-    Stage { name: "ios-staticlib", run: ios_staticlib },
-    Stage { name: "cargo-test", run: cargo_test },
-    Stage { name: "conformance", run: conformance },
-    Stage { name: "conformance-v3", run: conformance_v3 },
-    Stage { name: "support-listing", run: support_listing },
-    Stage { name: "valgrind", run: valgrind },
-    Stage { name: "llama-bench", run: llama_bench_smoke },
-    Stage { name: "api-mismatch", run: api_mismatch },
+    Stage {
+        name: "fmt",
+        run: fmt,
+    },
+    Stage {
+        name: "clippy-linux",
+        run: clippy_linux,
+    },
+    Stage {
+        name: "clippy-apple-darwin",
+        run: |_| clippy_target("aarch64-apple-darwin"),
+    },
+    Stage {
+        name: "clippy-apple-ios",
+        run: |_| clippy_target("aarch64-apple-ios"),
+    },
+    Stage {
+        name: "ios-staticlib",
+        run: ios_staticlib,
+    },
+    Stage {
+        name: "cargo-test",
+        run: cargo_test,
+    },
+    Stage {
+        name: "conformance",
+        run: conformance,
+    },
+    Stage {
+        name: "conformance-v3",
+        run: conformance_v3,
+    },
+    Stage {
+        name: "support-listing",
+        run: support_listing,
+    },
+    Stage {
+        name: "valgrind",
+        run: valgrind,
+    },
+    Stage {
+        name: "llama-bench",
+        run: llama_bench_smoke,
+    },
+    Stage {
+        name: "hybrid",
+        run: hybrid,
+    },
+    Stage {
+        name: "api-mismatch",
+        run: api_mismatch,
+    },
 ];
 
 pub fn main(args: &[String]) -> Result<()> {
@@ -74,8 +119,16 @@ pub fn main(args: &[String]) -> Result<()> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--only" => only.extend(it.next().map(|s| s.split(',').map(String::from).collect::<Vec<_>>()).unwrap_or_default()),
-            "--skip" => skip.extend(it.next().map(|s| s.split(',').map(String::from).collect::<Vec<_>>()).unwrap_or_default()),
+            "--only" => only.extend(
+                it.next()
+                    .map(|s| s.split(',').map(String::from).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            ),
+            "--skip" => skip.extend(
+                it.next()
+                    .map(|s| s.split(',').map(String::from).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            ),
             "--list" => {
                 for s in STAGES {
                     println!("{}", s.name);
@@ -100,7 +153,9 @@ pub fn main(args: &[String]) -> Result<()> {
     let (mut passed, mut failed) = (0, 0);
     let mut failures = Vec::new();
     for s in STAGES {
-        if (!only.is_empty() && !only.iter().any(|o| o == s.name)) || skip.iter().any(|o| o == s.name) {
+        if (!only.is_empty() && !only.iter().any(|o| o == s.name))
+            || skip.iter().any(|o| o == s.name)
+        {
             continue;
         }
         let t = Instant::now();
@@ -108,11 +163,19 @@ pub fn main(args: &[String]) -> Result<()> {
         match (s.run)(&env) {
             Ok(note) => {
                 passed += 1;
-                eprintln!("=== stage {}: PASS ({:.0} s) {note}", s.name, t.elapsed().as_secs_f64());
+                eprintln!(
+                    "=== stage {}: PASS ({:.0} s) {note}",
+                    s.name,
+                    t.elapsed().as_secs_f64()
+                );
             }
             Err(e) => {
                 failed += 1;
-                eprintln!("=== stage {}: FAIL ({:.0} s): {e:#}", s.name, t.elapsed().as_secs_f64());
+                eprintln!(
+                    "=== stage {}: FAIL ({:.0} s): {e:#}",
+                    s.name,
+                    t.elapsed().as_secs_f64()
+                );
                 failures.push(s.name);
             }
         }
@@ -139,7 +202,11 @@ fn run_capture(c: &mut Command) -> Result<String> {
     let line = crate::util::display_cmd(c);
     log!("$ {line}");
     let out = c.output().with_context(|| format!("cannot start {line}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
         let tail: Vec<&str> = text.lines().rev().take(60).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -151,7 +218,10 @@ fn run_capture(c: &mut Command) -> Result<String> {
 fn run_status(c: &mut Command) -> Result<()> {
     let line = crate::util::display_cmd(c);
     log!("$ {line}");
-    let st = c.stdout(Stdio::from(std::io::stderr())).status().with_context(|| format!("cannot start {line}"))?;
+    let st = c
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .with_context(|| format!("cannot start {line}"))?;
     if !st.success() {
         bail!("`{line}` failed ({st})");
     }
@@ -164,20 +234,40 @@ fn fmt(_: &Env) -> Result<String> {
 }
 
 fn clippy_linux(_: &Env) -> Result<String> {
-    run_status(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run_status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     Ok(String::new())
 }
 
 fn clippy_target(target: &str) -> Result<String> {
     ensure_rust_target(target)?;
-    run_status(cargo().args(["clippy", "--workspace", "--all-targets", "--target", target, "--", "-D", "warnings"]))?;
+    run_status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--target",
+        target,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     Ok(format!("(target {target})"))
 }
 
 fn ensure_rust_target(target: &str) -> Result<()> {
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
     if let Ok(o) = installed
-        && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == target)
+        && String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.trim() == target)
     {
         return Ok(());
     }
@@ -198,8 +288,14 @@ fn ios_staticlib(_: &Env) -> Result<String> {
     ]))?;
     let dir = target_dir()?.join("aarch64-apple-ios/release");
     let lib = dir.join("libggml_coreml.a");
-    let size = std::fs::metadata(&lib).with_context(|| format!("{} missing", lib.display()))?.len();
-    Ok(format!("{} ({:.1} MiB)", lib.display(), size as f64 / 1048576.0))
+    let size = std::fs::metadata(&lib)
+        .with_context(|| format!("{} missing", lib.display()))?
+        .len();
+    Ok(format!(
+        "{} ({:.1} MiB)",
+        lib.display(),
+        size as f64 / 1048576.0
+    ))
 }
 
 fn target_dir() -> Result<PathBuf> {
@@ -233,7 +329,9 @@ fn conformance_v3(env: &Env) -> Result<String> {
 }
 
 fn conformance_with(_env: &Env, mut c: Command) -> Result<String> {
-    c.args(["test", "-b", "CoreML", "-o", "MUL_MAT"]).env("GGML_COREML_POLICY", "always").env("GGML_COREML_LOG", "info");
+    c.args(["test", "-b", "CoreML", "-o", "MUL_MAT"])
+        .env("GGML_COREML_POLICY", "always")
+        .env("GGML_COREML_LOG", "info");
     let out = run_capture(&mut c)?;
     let report = ConformanceReport::parse(&out);
     log!("conformance: {}", report.line());
@@ -304,12 +402,16 @@ impl ConformanceReport {
 
 fn support_listing(env: &Env) -> Result<String> {
     let mut c = env.tool("test-backend-ops");
-    c.args(["support", "-o", "MUL_MAT", "-b", "CoreML"]).env("GGML_COREML_POLICY", "always");
+    c.args(["support", "-o", "MUL_MAT", "-b", "CoreML"])
+        .env("GGML_COREML_POLICY", "always");
     let out = run_capture(&mut c)?;
     if !out.contains("CoreML") {
         bail!("test-backend-ops support does not list the CoreML device");
     }
-    let yes = out.lines().filter(|l| l.contains("MUL_MAT") && l.contains("yes")).count();
+    let yes = out
+        .lines()
+        .filter(|l| l.contains("MUL_MAT") && l.contains("yes"))
+        .count();
     Ok(format!("CoreML listed; {yes} MUL_MAT cases supported"))
 }
 
@@ -336,7 +438,8 @@ fn valgrind(env: &Env) -> Result<String> {
 }
 
 /// Every weight format, broadcasting and a K split part, small enough for memcheck.
-pub const VALGRIND_CASES: &str = "type_a=(q4_0|q8_0|q4_K|q5_K|q6_K|f16),type_b=f32,m=16,n=(1|16),k=256";
+pub const VALGRIND_CASES: &str =
+    "type_a=(q4_0|q8_0|q4_K|q5_K|q6_K|f16),type_b=f32,m=16,n=(1|16),k=256";
 
 fn model(env: &Env, m: Model, quant: &str) -> Result<PathBuf> {
     let p = model_path(&env.models, m, quant);
@@ -351,21 +454,136 @@ fn model(env: &Env, m: Model, quant: &str) -> Result<PathBuf> {
 fn llama_bench_smoke(env: &Env) -> Result<String> {
     let m = model(env, Model::Gemma3_270m, "Q8_0")?;
     let mut c = env.tool("llama-bench");
-    c.arg("-m").arg(&m).args(["-p", "64", "-n", "4", "-r", "1", "-ngl", "0", "-o", "md"]).env("GGML_COREML_POLICY", "always");
+    c.arg("-m")
+        .arg(&m)
+        .args(["-p", "64", "-n", "4", "-r", "1", "-ngl", "0", "-o", "md"])
+        .env("GGML_COREML_POLICY", "always");
     let out = run_capture(&mut c)?;
-    let row = out.lines().find(|l| l.contains("pp64")).unwrap_or("").to_string();
+    let row = out
+        .lines()
+        .find(|l| l.contains("pp64"))
+        .unwrap_or("")
+        .to_string();
     if !row.contains("CoreML") {
         bail!("llama-bench's backends column does not show CoreML:\n{out}");
     }
     Ok(row.trim().to_string())
 }
 
+const HYBRID_PROMPT: &str = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog again and again.";
+
+fn completion_cmd(env: &Env, model: &std::path::Path, hybrid: bool) -> Command {
+    let mut c = Command::new(env.bin.join("llama-completion"));
+    c.arg("-m")
+        .arg(model)
+        .args([
+            "-p",
+            HYBRID_PROMPT,
+            "-n",
+            "8",
+            "-no-cnv",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+            "-lv",
+            "4",
+        ])
+        .stdin(Stdio::null());
+    if hybrid {
+        c.args(["-ngl", "99", "--device", "CoreML-CPU"])
+            .env("GGML_BACKEND_PATH", &env.lib)
+            .env("GGML_COREML_HYBRID", "CPU")
+            .env("GGML_COREML_LOG", "info");
+    } else {
+        c.args(["-ngl", "0"]);
+    }
+    c
+}
+
+fn stdout_of(c: &mut Command) -> Result<(String, String)> {
+    let line = crate::util::display_cmd(c);
+    log!("$ {line}");
+    let out = c.output().with_context(|| format!("cannot start {line}"))?;
+    if !out.status.success() {
+        bail!("`{line}` failed ({})", out.status);
+    }
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The hybrid face with the CPU as the inner device (`--device CoreML-CPU -ngl 99`):
+/// policy `off` gives output bit-identical to stock; with prefill-only offload (policy `always`,
+/// `GGML_COREML_MIN_M=16`) decode graphs reach the inner backend unsplit and the prefill graph is
+/// split only around the offloaded MUL_MATs.
+fn hybrid(env: &Env) -> Result<String> {
+    let mut notes = Vec::new();
+    for (m, q) in [(Model::Qwen3Tiny, "Q8_0"), (Model::Gemma3_270m, "Q8_0")] {
+        let path = model(env, m, q)?;
+        let (stock, _) = stdout_of(&mut completion_cmd(env, &path, false))?;
+        let (off, _) =
+            stdout_of(completion_cmd(env, &path, true).env("GGML_COREML_POLICY", "off"))?;
+        if stock != off {
+            bail!(
+                "{}: hybrid with policy off differs from stock:\n stock: {stock:?}\n ours:  {off:?}",
+                m.name()
+            );
+        }
+        notes.push(format!("{} off bit-identical", m.name()));
+    }
+    let path = model(env, Model::Qwen3Tiny, "Q8_0")?;
+    let (_, err) = stdout_of(
+        completion_cmd(env, &path, true)
+            .env("GGML_COREML_POLICY", "always")
+            .env("GGML_COREML_MIN_M", "16"),
+    )?;
+    let line = err
+        .lines()
+        .find(|l| l.contains("hybrid summary:"))
+        .context("no hybrid summary line")?;
+    let num = |key: &str| -> Option<u64> {
+        let i = line.find(key)?;
+        line[..i]
+            .split_whitespace()
+            .last()?
+            .trim_start_matches('(')
+            .parse()
+            .ok()
+    };
+    let (unsplit, split, over) = (
+        num("graphs unsplit"),
+        num("split ("),
+        num("split elsewhere"),
+    );
+    match (unsplit, split, over) {
+        (Some(u), Some(s), Some(0)) if u >= 7 && s >= 1 && line.contains("offloaded") => {
+            notes.push(format!(
+                "{u} decode graphs unsplit, {s} prefill graph split only around offloaded MUL_MATs"
+            ));
+        }
+        _ => bail!("unexpected hybrid routing: {line}"),
+    }
+    Ok(notes.join("; "))
+}
+
 /// A host with another API version: the library is refused with one clear line and the host goes on.
 fn api_mismatch(env: &Env) -> Result<String> {
     let mut c = env.tool("test-backend-ops");
-    c.args(["test", "-o", "MUL_MAT", "-p", "type_a=q8_0,type_b=f32,m=16,n=1,k=256"]).env("GGML_COREML_GGML_API_VERSION", "3");
+    c.args([
+        "test",
+        "-o",
+        "MUL_MAT",
+        "-p",
+        "type_a=q8_0,type_b=f32,m=16,n=1,k=256",
+    ])
+    .env("GGML_COREML_GGML_API_VERSION", "3");
     let out = run_capture(&mut c)?;
-    let line = out.lines().find(|l| l.contains("incompatible API version")).map(str::to_string);
+    let line = out
+        .lines()
+        .find(|l| l.contains("incompatible API version"))
+        .map(str::to_string);
     match line {
         Some(l) if !out.contains("Backend CoreML") => Ok(l.trim().to_string()),
         _ => bail!("expected the host to refuse the library with an API-version line:\n{out}"),

@@ -211,6 +211,9 @@ pub struct RouterCtx {
     pub split_graphs: u64,
     /// Inner-backend calls made by the last split graph (for tests and the debug log).
     pub last_host_calls: usize,
+    /// Split graphs in which the inner backend was called more often than once per offloaded
+    /// MUL_MAT plus one — i.e. split somewhere else than around an offloaded MUL_MAT. Should stay 0.
+    pub oversplit_graphs: u64,
 }
 
 impl RouterCtx {
@@ -223,6 +226,7 @@ impl RouterCtx {
             unsplit_graphs: 0,
             split_graphs: 0,
             last_host_calls: 0,
+            oversplit_graphs: 0,
         }
     }
 }
@@ -263,6 +267,7 @@ pub unsafe fn compute(
         ctx.split_graphs += 1;
     }
     ctx.last_host_calls = 0;
+    let mut ane_nodes = 0usize;
     let mut pending: Vec<*mut GgmlTensor> = Vec::new();
     let mut pending_reason: Vec<&'static str> = Vec::new();
     for &p in nodes {
@@ -290,6 +295,7 @@ pub unsafe fn compute(
                 pending_reason.push(why);
             }
             Route::Ane(e) => {
+                ane_nodes += 1;
                 // The ANE node may read what pending host nodes write: run them first.
                 let st = flush(ctx, &mut pending, &mut pending_reason);
                 if st != GGML_STATUS_SUCCESS {
@@ -346,6 +352,9 @@ pub unsafe fn compute(
         }
     }
     let st = flush(ctx, &mut pending, &mut pending_reason);
+    if face == Face::Hybrid && ctx.last_host_calls > ane_nodes + 1 {
+        ctx.oversplit_graphs += 1;
+    }
     eng.write_files(false);
     st
 }

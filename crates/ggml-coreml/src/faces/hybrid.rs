@@ -290,10 +290,11 @@ unsafe extern "C" fn backend_free(b: *mut GgmlBackend) {
         let ctx = unsafe { Box::from_raw(backend.context.cast::<BackendCtx>()) };
         engine().write_files(true);
         log::info(&format!(
-            "hybrid summary: {} graphs unsplit to {}, {} split; {}",
+            "hybrid summary: {} graphs unsplit to {}, {} split ({} split elsewhere than around offloaded MUL_MATs); {}",
             ctx.router.unsplit_graphs,
             ctx.router.host.name,
             ctx.router.split_graphs,
+            ctx.router.oversplit_graphs,
             engine().stats.summary()
         ));
     })
