@@ -124,7 +124,7 @@ fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Resul
             .and_then(|l| {
                 let i = l.find("tokens per second")?;
                 let head = &l[..i];
-                let num = head.rsplit(',').next()?.trim().split_whitespace().next()?;
+                let num = head.rsplit(',').next()?.split_whitespace().next()?;
                 num.parse::<f64>().ok()
             })
     };
