@@ -69,7 +69,12 @@ pub struct Engine {
     /// `GGML_COREML_FAULT_INJECT=N`: every Nth executor call fails (tests of the fallback path).
     fault_every: u64,
     calls: AtomicU64,
+    /// Per-device disk cache for the policy's measurements (accelerated executors only: reference
+    /// timings say nothing about a device).
+    measurements: Option<ggml_coreml_cache::Cache>,
 }
+
+const MEASUREMENTS: &str = "policy-measurements";
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
 
@@ -144,6 +149,24 @@ impl Engine {
                 "GGML_COREML_FAULT_INJECT={fault_every}: every {fault_every}th executor call fails"
             ));
         }
+        let measurements = caps.accelerated.then(|| {
+            let log: ggml_coreml_cache::LogFn =
+                Arc::new(|_, m: &str| log::warn(&format!("cache: {m}")));
+            let cache = ggml_coreml_cache::Cache::open(
+                ggml_coreml_cache::CacheConfig::from_env(env_key()).with_log(log),
+            );
+            let key = ggml_coreml_cache::EntryKey::measurement(MEASUREMENTS);
+            if let Some(json) = cache
+                .get(&key)
+                .and_then(|e| e.blob().map(|b| String::from_utf8_lossy(b).into_owned()))
+            {
+                match policy.load_measurements_json(&json) {
+                    Ok(n) => log::info(&format!("loaded {n} measured shapes from the cache")),
+                    Err(e) => log::warn(&format!("ignoring cached measurements: {e}")),
+                }
+            }
+            cache
+        });
         Engine {
             executor,
             policy,
@@ -159,6 +182,7 @@ impl Engine {
             parity: Mutex::new(BTreeMap::new()),
             fault_every,
             calls: AtomicU64::new(0),
+            measurements,
         }
     }
 
@@ -238,6 +262,12 @@ impl Engine {
         }
         if force && let Some(path) = &self.parity_path {
             write_atomic(path, self.parity_json().as_bytes());
+        }
+        if force && let Some(cache) = &self.measurements {
+            let key = ggml_coreml_cache::EntryKey::measurement(MEASUREMENTS);
+            if let Err(e) = cache.put_blob(&key, "", self.policy.measurements_json().as_bytes()) {
+                log::debug(&format!("measurements not kept: {e}"));
+            }
         }
     }
 
@@ -360,5 +390,18 @@ fn write_atomic(path: &std::path::Path, bytes: &[u8]) {
     if let Err(e) = r {
         let _ = std::fs::remove_file(&tmp);
         log::warn(&format!("cannot write {}: {e}", path.display()));
+    }
+}
+
+/// The cache key of this machine: OS build and chip on Apple (the same key the CoreML executor uses),
+/// the reference key elsewhere.
+fn env_key() -> ggml_coreml_cache::EnvKey {
+    #[cfg(target_vendor = "apple")]
+    {
+        ggml_coreml_executor::coreml::env_key(&platform::facts())
+    }
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        ggml_coreml_cache::EnvKey::reference()
     }
 }
