@@ -415,6 +415,47 @@ fn support_listing(env: &Env) -> Result<String> {
     Ok(format!("CoreML listed; {yes} MUL_MAT cases supported"))
 }
 
+/// Executor faults mid-graph: every 3rd executor call fails; each failed node must run on the host with a
+/// correct result (the suite still passes), faults are counted and a shape is disabled after repeats.
+fn fault_injection(env: &Env) -> Result<String> {
+    let mut c = env.tool("test-backend-ops");
+    c.args([
+        "test",
+        "-b",
+        "CoreML",
+        "-o",
+        "MUL_MAT",
+        "-p",
+        "type_a=(q8_0|q4_K|f16),type_b=f32",
+    ])
+    .env("GGML_COREML_POLICY", "always")
+    .env("GGML_COREML_FAULT_INJECT", "3")
+    .env("GGML_COREML_LOG", "info");
+    let out = run_capture(&mut c)?;
+    let report = ConformanceReport::parse(&out);
+    let summary = out
+        .lines()
+        .find(|l| l.contains("ggml-coreml: summary:"))
+        .unwrap_or("")
+        .to_string();
+    let disabled = out.lines().filter(|l| l.contains("disabled after")).count();
+    if report.failed > 0
+        || !report.backend_ok
+        || report.passed == 0
+        || !summary.contains("executor error")
+        || disabled == 0
+    {
+        bail!(
+            "with injected faults: {}; {summary}; {disabled} shapes disabled",
+            report.line()
+        );
+    }
+    Ok(format!(
+        "{}; {disabled} shapes disabled after repeated faults",
+        report.line()
+    ))
+}
+
 /// The conformance run under valgrind memcheck (a subset of cases for time): no invalid reads or
 /// writes, no uninitialised use in our library or in what it hands ggml.
 fn valgrind(env: &Env) -> Result<String> {
