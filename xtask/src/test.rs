@@ -96,6 +96,10 @@ const STAGES: &[Stage] = &[
         run: support_listing,
     },
     Stage {
+        name: "fault-injection",
+        run: fault_injection,
+    },
+    Stage {
         name: "valgrind",
         run: valgrind,
     },
