@@ -412,10 +412,14 @@ fn support_listing(env: &Env) -> Result<String> {
     if !out.contains("CoreML") {
         bail!("test-backend-ops support does not list the CoreML device");
     }
+    let out = strip_ansi(&out);
     let yes = out
         .lines()
-        .filter(|l| l.contains("MUL_MAT") && l.contains("yes"))
+        .filter(|l| l.contains("MUL_MAT") && l.trim_end().ends_with(": SUPPORTED"))
         .count();
+    if yes == 0 {
+        bail!("test-backend-ops support lists no supported MUL_MAT case for CoreML");
+    }
     Ok(format!("CoreML listed; {yes} MUL_MAT cases supported"))
 }
 
