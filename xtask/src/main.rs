@@ -5,10 +5,12 @@
 //! (`BIN=$(cargo xtask host | tail -1)`); progress goes to stderr.
 
 mod backend;
+mod bench;
 mod gguf;
 mod host;
 mod host_v3;
 mod models;
+mod parity;
 mod paths;
 mod run;
 mod test;
@@ -76,6 +78,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// End-to-end parity on real models (per-layer NMSE, perplexity, KL divergence, greedy text) vs stock;
+    /// writes docs/parity.md.
+    Parity(parity::ParityArgs),
+    /// Stock vs ggml-coreml llama-bench runs, alternating, over a model × type × policy matrix; writes
+    /// bench-out/<time>/ and (default matrix) docs/benchmarks.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -125,5 +133,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
             run::main(&args)?;
             return Ok(None);
         }
+        Cmd::Parity(args) => return parity::main(args),
+        Cmd::Bench(args) => return bench::main(args),
     }))
 }

@@ -1,0 +1,1295 @@
+//! `cargo xtask bench`: llama-bench with and without the backend, alternating in one run (stock, ours per
+//! policy, stock, ours… for r repetitions), over a model × quant × policy matrix. Reports prefill latency,
+//! TTFT, decode speed, peak RSS, energy and thermal samples where the platform exposes them, and ratios;
+//! writes `bench-out/<UTC time>/{results.json,report.md,prefill_speedup.png}`, and for the default matrix
+//! `docs/benchmarks.md`. Also prints the projected pp4096 speed-ups per chip (a projection, not a
+//! measurement) from the policy's cost model.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use ggml_coreml_policy::{ChipGen, ModelDims, project_speedup};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::models::{self, Model, ModelSet};
+use crate::{backend, gguf, host, log, paths, util, venv};
+
+/// Arguments of `cargo xtask bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// `default` (under 10 minutes on 2 Linux cores) or `full` (every model, type and policy; hours).
+    #[arg(long, default_value = "default")]
+    matrix: String,
+    /// Comma-separated models (overrides the matrix).
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    /// Comma-separated weight types (overrides the matrix).
+    #[arg(long, value_delimiter = ',')]
+    quants: Vec<String>,
+    /// Comma-separated policies for our runs: latency, energy, always (overrides the matrix).
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<String>,
+    /// Comma-separated prompt lengths in tokens (overrides the matrix).
+    #[arg(long, value_delimiter = ',')]
+    prompt: Vec<usize>,
+    /// Repetitions (each one: stock, then ours per policy).
+    #[arg(long, short)]
+    reps: Option<usize>,
+    /// Tokens generated for the decode speed.
+    #[arg(long = "gen")]
+    n_gen: Option<usize>,
+    /// Output directory (default: bench-out/<UTC time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// What a matrix runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Matrix {
+    pub name: String,
+    pub models: Vec<String>,
+    pub quants: Vec<String>,
+    pub policies: Vec<String>,
+    pub prompts: Vec<usize>,
+    pub reps: usize,
+    pub n_gen: usize,
+}
+
+impl Matrix {
+    /// Two real-shaped models in Q8_0, the default and the testing policy, two prompt lengths, once.
+    pub fn default_matrix() -> Matrix {
+        Matrix {
+            name: "default".into(),
+            models: vec!["gemma-3-270m".into(), "qwen3-tiny".into()],
+            quants: vec!["Q8_0".into()],
+            policies: vec!["latency".into(), "always".into()],
+            prompts: vec![512, 1024],
+            reps: 1,
+            n_gen: 16,
+        }
+    }
+
+    /// Every model × type × policy, prompts up to 4K, three repetitions.
+    pub fn full_matrix() -> Matrix {
+        Matrix {
+            name: "full".into(),
+            models: Model::ALL.iter().map(|m| m.name().to_string()).collect(),
+            quants: models::FULL_QUANTS.iter().map(|q| q.to_string()).collect(),
+            policies: vec!["latency".into(), "energy".into(), "always".into()],
+            prompts: vec![512, 1024, 2048, 4096],
+            reps: 3,
+            n_gen: 64,
+        }
+    }
+}
+
+/// Facts about the machine a run was made on.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub date: String,
+    pub nproc: usize,
+    pub cpu: String,
+    pub os: String,
+    /// `/proc/loadavg` (1, 5, 15 min) at start.
+    pub load: String,
+    pub host: String,
+    pub git: String,
+}
+
+impl Machine {
+    pub fn probe() -> Machine {
+        let cpu = fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .or_else(|| cmd_out("sysctl", &["-n", "machdep.cpu.brand_string"]))
+            .unwrap_or_else(|| "unknown".into());
+        let load = fs::read_to_string("/proc/loadavg")
+            .ok()
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .or_else(|| {
+                cmd_out("sysctl", &["-n", "vm.loadavg"]).map(|s| {
+                    s.trim_matches(|c| c == '{' || c == '}' || c == ' ')
+                        .to_string()
+                })
+            })
+            .unwrap_or_else(|| "n/a".into());
+        let os = cmd_out("uname", &["-srm"]).unwrap_or_else(|| std::env::consts::OS.to_string());
+        let git = cmd_out(
+            "git",
+            &[
+                "-C",
+                &paths::workspace_root().to_string_lossy(),
+                "describe",
+                "--always",
+                "--dirty",
+            ],
+        )
+        .unwrap_or_else(|| "n/a".into());
+        Machine {
+            date: utc_iso(),
+            nproc: util::default_jobs(),
+            cpu,
+            os,
+            load,
+            host: format!(
+                "llama.cpp via llama-cpp-python {}",
+                host::LLAMA_CPP_PYTHON_VERSION
+            ),
+            git,
+        }
+    }
+}
+
+fn cmd_out(prog: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// One llama-bench test (a prompt length or the generation).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TestResult {
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub avg_ns: f64,
+    pub avg_ts: f64,
+    pub samples: usize,
+}
+
+/// One llama-bench process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub model: String,
+    pub quant: String,
+    /// `stock` or the policy of our run.
+    pub policy: String,
+    pub rep: usize,
+    pub backends: String,
+    pub tests: Vec<TestResult>,
+    pub wall_s: f64,
+    pub peak_rss_mib: Option<f64>,
+    /// Whole-process package energy (RAPL) and tokens processed.
+    pub energy_j: Option<f64>,
+    pub tokens: usize,
+    pub thermal_before: Option<String>,
+    pub thermal_after: Option<String>,
+    /// MUL_MATs our backend offloaded (its stats file), for our runs.
+    pub offloaded_ops: Option<u64>,
+}
+
+impl RunRecord {
+    fn prompt_ms(&self, n: usize) -> Option<f64> {
+        self.tests
+            .iter()
+            .find(|t| t.n_prompt == n && t.n_gen == 0)
+            .map(|t| t.avg_ns / 1e6)
+    }
+    fn decode(&self) -> Option<&TestResult> {
+        self.tests.iter().find(|t| t.n_prompt == 0 && t.n_gen > 0)
+    }
+    /// Milliseconds per generated token.
+    fn decode_ms(&self) -> Option<f64> {
+        self.decode()
+            .map(|t| t.avg_ns / 1e6 / t.n_gen.max(1) as f64)
+    }
+    fn energy_per_token(&self) -> Option<f64> {
+        self.energy_j
+            .filter(|_| self.tokens > 0)
+            .map(|j| j / self.tokens as f64)
+    }
+}
+
+/// Medians over repetitions for one model × quant × policy × prompt length, with ratios to stock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Row {
+    pub model: String,
+    pub quant: String,
+    pub policy: String,
+    pub prompt: usize,
+    pub stock_prefill_ms: f64,
+    pub ours_prefill_ms: f64,
+    /// stock time / our time, median of per-repetition ratios (> 1: we are faster).
+    pub prefill_speedup: f64,
+    pub stock_ttft_ms: Option<f64>,
+    pub ours_ttft_ms: Option<f64>,
+    pub stock_decode_tps: Option<f64>,
+    pub ours_decode_tps: Option<f64>,
+    pub decode_ratio: Option<f64>,
+    pub stock_rss_mib: Option<f64>,
+    pub ours_rss_mib: Option<f64>,
+    pub stock_j_per_token: Option<f64>,
+    pub ours_j_per_token: Option<f64>,
+    pub offloaded_ops: Option<u64>,
+}
+
+/// A projected pp4096 speed-up (cost model, not a measurement).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProjectionRow {
+    pub model: String,
+    pub chip: String,
+    pub matmul_speedup: f64,
+    pub prefill_speedup: f64,
+    pub offloaded: usize,
+    pub total: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub command: String,
+    pub machine: Machine,
+    pub matrix: Matrix,
+    pub energy_source: String,
+    pub thermal_source: String,
+    pub rss_source: String,
+    pub runs: Vec<RunRecord>,
+    pub rows: Vec<Row>,
+    pub projection: Vec<ProjectionRow>,
+    pub seconds: f64,
+}
+
+pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
+    let t0 = Instant::now();
+    let command = std::iter::once("cargo xtask bench".to_string())
+        .chain(std::env::args().skip(2))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let machine = Machine::probe();
+    let mut matrix = match args.matrix.as_str() {
+        "default" => Matrix::default_matrix(),
+        "full" => Matrix::full_matrix(),
+        other => bail!("unknown matrix `{other}` (default, full)"),
+    };
+    let overridden = !(args.models.is_empty()
+        && args.quants.is_empty()
+        && args.policies.is_empty()
+        && args.prompt.is_empty())
+        || args.reps.is_some()
+        || args.n_gen.is_some();
+    if !args.models.is_empty() {
+        matrix.models = args.models.clone();
+    }
+    if !args.quants.is_empty() {
+        matrix.quants = args.quants.iter().map(|q| q.to_ascii_uppercase()).collect();
+    }
+    if !args.policies.is_empty() {
+        matrix.policies = args
+            .policies
+            .iter()
+            .map(|p| p.to_ascii_lowercase())
+            .collect();
+    }
+    if !args.prompt.is_empty() {
+        matrix.prompts = args.prompt.clone();
+    }
+    matrix.reps = args.reps.unwrap_or(matrix.reps);
+    matrix.n_gen = args.n_gen.unwrap_or(matrix.n_gen);
+    if overridden {
+        matrix.name = format!("{} (modified)", matrix.name);
+    }
+    for p in &matrix.policies {
+        ensure!(
+            matches!(p.as_str(), "latency" | "energy" | "always" | "off"),
+            "unknown policy `{p}` (latency, energy, always, off)"
+        );
+    }
+    ensure!(
+        matrix.reps >= 1 && !matrix.prompts.is_empty() && matrix.prompts.iter().all(|&p| p > 0),
+        "need at least one repetition and positive prompt lengths"
+    );
+    let model_list: Vec<Model> = matrix
+        .models
+        .iter()
+        .map(|m| m.parse())
+        .collect::<Result<_>>()?;
+
+    let bin = host::ensure_host(None).context("host build")?;
+    let models_dir = models::ensure_models(&ModelSet {
+        models: model_list.clone(),
+        quants: matrix.quants.clone(),
+    })
+    .context("models")?;
+    let lib = backend::build_backend(true).context("backend build")?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| paths::workspace_root().join("bench-out").join(utc_stamp()));
+    fs::create_dir_all(out.join("logs"))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+
+    let meter = Meters::probe();
+    let per_config = 1 + matrix.policies.len();
+    let total = model_list.len() * matrix.quants.len() * matrix.reps * per_config;
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut runs = Vec::new();
+    for &m in &model_list {
+        for q in &matrix.quants {
+            let model = models::model_path(&models_dir, m, q);
+            ensure!(
+                model.is_file(),
+                "{} missing (cargo xtask models --quants {q})",
+                model.display()
+            );
+            for rep in 0..matrix.reps {
+                // Alternate: stock, then ours per policy, so drift (load, heat) hits both sides alike.
+                for policy in
+                    std::iter::once("stock").chain(matrix.policies.iter().map(String::as_str))
+                {
+                    bar.set_message(format!("{} {q} {policy} rep {}", m.name(), rep + 1));
+                    let ours = (policy != "stock").then_some(policy);
+                    let rec =
+                        bench_once(&bin, &lib, &model, m, q, ours, rep, &matrix, &meter, &out)?;
+                    bar.inc(1);
+                    runs.push(rec);
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let rows = summarise(&runs, &matrix);
+    let projection = projections(&model_list, &models_dir, &matrix.quants);
+    let results = Results {
+        command: command.clone(),
+        machine,
+        matrix: matrix.clone(),
+        energy_source: meter.energy_source(),
+        thermal_source: meter.thermal_source(),
+        rss_source: meter.rss_source(),
+        runs,
+        rows,
+        projection,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    let json = out.join("results.json");
+    fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
+    let plot = plot(&json, &out.join("prefill_speedup.png"));
+    let md = render(
+        &results,
+        plot.as_deref().ok().map(|_| "prefill_speedup.png"),
+        plot.as_ref().err().map(|e| format!("{e:#}")),
+    );
+    fs::write(out.join("report.md"), &md)?;
+    if matrix.name == "default" {
+        let doc = paths::workspace_root().join("docs").join("benchmarks.md");
+        fs::write(&doc, render_doc(&results, &out))
+            .with_context(|| format!("cannot write {}", doc.display()))?;
+        log!("bench: wrote {}", doc.display());
+    }
+    log!(
+        "bench: {} runs in {:.0} s; report {}",
+        results.runs.len(),
+        results.seconds,
+        out.join("report.md").display()
+    );
+    for r in &results.rows {
+        log!(
+            "bench: {} {} {} pp{}: prefill {:.2}x, decode {}",
+            r.model,
+            r.quant,
+            r.policy,
+            r.prompt,
+            r.prefill_speedup,
+            r.decode_ratio.map_or("n/a".into(), |x| format!("{x:.2}x"))
+        );
+    }
+    Ok(Some(out))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_once(
+    bin: &Path,
+    lib: &Path,
+    model: &Path,
+    m: Model,
+    q: &str,
+    policy: Option<&str>,
+    rep: usize,
+    mx: &Matrix,
+    meter: &Meters,
+    out: &Path,
+) -> Result<RunRecord> {
+    let tag = format!("{}-{q}-{}-r{rep}", m.name(), policy.unwrap_or("stock"));
+    let stats = out.join("logs").join(format!("{tag}.stats.json"));
+    let tool = bin.join("llama-bench");
+    let mut c = match &meter.time {
+        Some((time, flag)) => {
+            let mut c = Command::new(time);
+            c.arg(flag).arg(&tool);
+            c
+        }
+        None => Command::new(&tool),
+    };
+    let prompts: Vec<String> = mx.prompts.iter().map(|p| p.to_string()).collect();
+    c.arg("-m").arg(model).args([
+        "-p",
+        &prompts.join(","),
+        "-n",
+        &mx.n_gen.to_string(),
+        "-r",
+        "1",
+        "-t",
+        "2",
+        "-ngl",
+        "0",
+        "-o",
+        "json",
+    ]);
+    c.env_remove("GGML_BACKEND_PATH");
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("GGML_COREML_")
+            && !k.starts_with("GGML_COREML_CACHE")
+            && k != "GGML_COREML_DEV_CACHE"
+        {
+            c.env_remove(k.as_ref());
+        }
+    }
+    if let Some(p) = policy {
+        c.env("GGML_BACKEND_PATH", lib)
+            .env("GGML_COREML_POLICY", p)
+            .env("GGML_COREML_STATS_FILE", &stats);
+    }
+    let line = util::display_cmd(&c);
+    let thermal_before = meter.thermal();
+    let e0 = meter.energy_uj();
+    let t = Instant::now();
+    let o = c
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {line}"))?;
+    let wall_s = t.elapsed().as_secs_f64();
+    let e1 = meter.energy_uj();
+    let thermal_after = meter.thermal();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let log_path = out.join("logs").join(format!("{tag}.log"));
+    fs::write(
+        &log_path,
+        format!("$ {line}\n{stdout}\n--- stderr\n{stderr}"),
+    )?;
+    ensure!(
+        o.status.success(),
+        "`{line}` failed ({}); log {}",
+        o.status,
+        log_path.display()
+    );
+    let (tests, backends) = parse_bench_json(&stdout).with_context(|| {
+        format!(
+            "llama-bench output not understood; log {}",
+            log_path.display()
+        )
+    })?;
+    if policy.is_some() && !backends.contains("CoreML") {
+        bail!(
+            "llama-bench did not load the backend (backends: {backends}); log {}",
+            log_path.display()
+        );
+    }
+    let tokens = tests
+        .iter()
+        .map(|t| (t.n_prompt + t.n_gen) * t.samples)
+        .sum();
+    let offloaded_ops = policy
+        .and_then(|_| fs::read(&stats).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("ane_ops")?.as_u64());
+    Ok(RunRecord {
+        model: m.name().into(),
+        quant: q.into(),
+        policy: policy.unwrap_or("stock").into(),
+        rep,
+        backends,
+        tests,
+        wall_s,
+        peak_rss_mib: parse_peak_rss(&stderr),
+        energy_j: match (e0, e1) {
+            (Some(a), Some(b)) => Some(meter.energy_delta(a, b) / 1e6),
+            _ => None,
+        },
+        tokens,
+        thermal_before,
+        thermal_after,
+        offloaded_ops,
+    })
+}
+
+/// Tests of a `llama-bench -o json` run, and its `backends` column.
+pub fn parse_bench_json(stdout: &str) -> Result<(Vec<TestResult>, String)> {
+    let start = stdout.find('[').context("no JSON array")?;
+    let end = stdout.rfind(']').context("no JSON array end")?;
+    let v: Vec<serde_json::Value> = serde_json::from_str(&stdout[start..=end])?;
+    let mut tests = Vec::new();
+    let mut backends = String::new();
+    for t in &v {
+        let u = |k: &str| t.get(k).and_then(|x| x.as_u64()).unwrap_or(0) as usize;
+        let f = |k: &str| t.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+        if backends.is_empty() {
+            backends = t
+                .get("backends")
+                .and_then(|b| b.as_str())
+                .unwrap_or("")
+                .to_string();
+        }
+        let samples = t
+            .get("samples_ns")
+            .and_then(|s| s.as_array())
+            .map_or(1, |a| a.len().max(1));
+        tests.push(TestResult {
+            n_prompt: u("n_prompt"),
+            n_gen: u("n_gen"),
+            avg_ns: f("avg_ns"),
+            avg_ts: f("avg_ts"),
+            samples,
+        });
+    }
+    ensure!(!tests.is_empty(), "llama-bench reported no tests");
+    Ok((tests, backends))
+}
+
+/// Peak RSS from `/usr/bin/time -v` (kbytes, GNU) or `-l` (bytes, BSD/macOS), in MiB.
+pub fn parse_peak_rss(stderr: &str) -> Option<f64> {
+    for l in stderr.lines() {
+        let l = l.trim();
+        if let Some(v) = l.strip_prefix("Maximum resident set size (kbytes):") {
+            return v.trim().parse::<f64>().ok().map(|kb| kb / 1024.0);
+        }
+        if let Some(v) = l.strip_suffix("maximum resident set size") {
+            return v.trim().parse::<f64>().ok().map(|b| b / 1048576.0);
+        }
+    }
+    None
+}
+
+/// The platform's meters: `/usr/bin/time` for peak RSS, RAPL for energy, thermal zones.
+struct Meters {
+    time: Option<(PathBuf, &'static str)>,
+    /// Top-level RAPL package domains: (energy_uj path, max_energy_range_uj).
+    rapl: Vec<(PathBuf, u64)>,
+    thermal: Vec<PathBuf>,
+}
+
+impl Meters {
+    fn probe() -> Meters {
+        let time = Path::new("/usr/bin/time").is_file().then(|| {
+            (
+                PathBuf::from("/usr/bin/time"),
+                if cfg!(target_os = "macos") {
+                    "-l"
+                } else {
+                    "-v"
+                },
+            )
+        });
+        let mut rapl = Vec::new();
+        if let Ok(rd) = fs::read_dir("/sys/class/powercap") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // `intel-rapl:0` is a package; `intel-rapl:0:1` a sub-domain already counted in it.
+                if name.starts_with("intel-rapl:") && name.matches(':').count() == 1 {
+                    let p = e.path().join("energy_uj");
+                    let max = fs::read_to_string(e.path().join("max_energy_range_uj"))
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                        .unwrap_or(u64::MAX);
+                    if fs::read_to_string(&p).is_ok_and(|s| s.trim().parse::<u64>().is_ok()) {
+                        rapl.push((p, max));
+                    }
+                }
+            }
+        }
+        let mut thermal: Vec<PathBuf> = fs::read_dir("/sys/class/thermal")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path().join("temp"))
+                    .filter(|p| fs::read_to_string(p).is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        thermal.sort();
+        Meters {
+            time,
+            rapl,
+            thermal,
+        }
+    }
+
+    fn energy_uj(&self) -> Option<Vec<u64>> {
+        if self.rapl.is_empty() {
+            return None;
+        }
+        self.rapl
+            .iter()
+            .map(|(p, _)| fs::read_to_string(p).ok()?.trim().parse().ok())
+            .collect()
+    }
+
+    /// Microjoules between two readings, counters wrapping at their range.
+    fn energy_delta(&self, a: Vec<u64>, b: Vec<u64>) -> f64 {
+        a.iter()
+            .zip(&b)
+            .zip(&self.rapl)
+            .map(|((&x, &y), (_, max))| {
+                if y >= x {
+                    (y - x) as f64
+                } else {
+                    (max - x + y) as f64
+                }
+            })
+            .sum()
+    }
+
+    /// Highest zone temperature (°C) on Linux; `pmset -g therm` on macOS (no sudo needed).
+    fn thermal(&self) -> Option<String> {
+        if !self.thermal.is_empty() {
+            let max = self
+                .thermal
+                .iter()
+                .filter_map(|p| fs::read_to_string(p).ok()?.trim().parse::<f64>().ok())
+                .fold(f64::NAN, f64::max);
+            return max.is_finite().then(|| format!("{:.1} °C", max / 1000.0));
+        }
+        if cfg!(target_os = "macos") {
+            return cmd_out("pmset", &["-g", "therm"]).map(|s| {
+                s.lines()
+                    .filter(|l| l.contains('=') || l.contains("level"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            });
+        }
+        None
+    }
+
+    fn energy_source(&self) -> String {
+        if !self.rapl.is_empty() {
+            format!(
+                "RAPL package energy ({} domain(s)), whole llama-bench process, divided by the tokens it processed",
+                self.rapl.len()
+            )
+        } else if cfg!(target_os = "macos") {
+            "n/a: macOS exposes energy only through `sudo powermetrics` (see below)".into()
+        } else {
+            "n/a: no readable /sys/class/powercap/intel-rapl:*/energy_uj on this machine".into()
+        }
+    }
+
+    fn thermal_source(&self) -> String {
+        if !self.thermal.is_empty() {
+            format!(
+                "max of {} /sys/class/thermal zone(s), before and after each run",
+                self.thermal.len()
+            )
+        } else if cfg!(target_os = "macos") {
+            "`pmset -g therm` before and after each run".into()
+        } else {
+            "n/a: no /sys/class/thermal zones on this machine".into()
+        }
+    }
+
+    fn rss_source(&self) -> String {
+        match &self.time {
+            Some((p, f)) => format!(
+                "`{} {f}` around each llama-bench process (peak of the whole process)",
+                p.display()
+            ),
+            None => "n/a: /usr/bin/time not installed".into(),
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    })
+}
+
+/// Rows with ratios per repetition (our run against the stock run of the same repetition), then medians.
+pub fn summarise(runs: &[RunRecord], mx: &Matrix) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut configs: Vec<(String, String)> = Vec::new();
+    for r in runs {
+        let key = (r.model.clone(), r.quant.clone());
+        if !configs.contains(&key) {
+            configs.push(key);
+        }
+    }
+    for (model, quant) in configs {
+        let of = |policy: &str| -> BTreeMap<usize, &RunRecord> {
+            runs.iter()
+                .filter(|r| r.model == model && r.quant == quant && r.policy == policy)
+                .map(|r| (r.rep, r))
+                .collect()
+        };
+        let stock = of("stock");
+        for policy in &mx.policies {
+            let ours = of(policy);
+            for &p in &mx.prompts {
+                let pairs: Vec<(&RunRecord, &RunRecord)> = ours
+                    .iter()
+                    .filter_map(|(rep, o)| Some((*stock.get(rep)?, *o)))
+                    .collect();
+                if pairs.is_empty() {
+                    continue;
+                }
+                let col = |f: &dyn Fn(&RunRecord) -> Option<f64>, side: usize| {
+                    median(
+                        pairs
+                            .iter()
+                            .filter_map(|(s, o)| f(if side == 0 { s } else { o }))
+                            .collect(),
+                    )
+                };
+                let ttft = |r: &RunRecord| Some(r.prompt_ms(p)? + r.decode_ms()?);
+                let tps = |r: &RunRecord| r.decode().map(|t| t.avg_ts);
+                let speed = median(
+                    pairs
+                        .iter()
+                        .filter_map(|(s, o)| Some(s.prompt_ms(p)? / o.prompt_ms(p)?))
+                        .collect(),
+                );
+                let dratio = median(
+                    pairs
+                        .iter()
+                        .filter_map(|(s, o)| Some(tps(o)? / tps(s)?))
+                        .collect(),
+                );
+                let (Some(sp), Some(op), Some(speed)) = (
+                    col(&|r| r.prompt_ms(p), 0),
+                    col(&|r| r.prompt_ms(p), 1),
+                    speed,
+                ) else {
+                    continue;
+                };
+                rows.push(Row {
+                    model: model.clone(),
+                    quant: quant.clone(),
+                    policy: policy.clone(),
+                    prompt: p,
+                    stock_prefill_ms: sp,
+                    ours_prefill_ms: op,
+                    prefill_speedup: speed,
+                    stock_ttft_ms: col(&ttft, 0),
+                    ours_ttft_ms: col(&ttft, 1),
+                    stock_decode_tps: col(&tps, 0),
+                    ours_decode_tps: col(&tps, 1),
+                    decode_ratio: dratio,
+                    stock_rss_mib: col(&|r| r.peak_rss_mib, 0),
+                    ours_rss_mib: col(&|r| r.peak_rss_mib, 1),
+                    stock_j_per_token: col(&|r| r.energy_per_token(), 0),
+                    ours_j_per_token: col(&|r| r.energy_per_token(), 1),
+                    offloaded_ops: pairs.iter().filter_map(|(_, o)| o.offloaded_ops).max(),
+                });
+            }
+        }
+    }
+    rows
+}
+
+/// The chips the projection table shows.
+const PROJECTED_CHIPS: [ChipGen; 5] = [
+    ChipGen::M3,
+    ChipGen::M4,
+    ChipGen::M5,
+    ChipGen::A17Pro,
+    ChipGen::A18,
+];
+const PROJECTED_TOKENS: usize = 4096;
+
+/// Weight matmuls (K, N) of a GGUF model's blocks: 2-D `blk.*` tensors of the projection's kinds (the LM
+/// head is left out, as in `ModelDims`: prefill computes logits for the last token only).
+fn gguf_dims(path: &Path) -> Result<Vec<(usize, usize)>> {
+    let info = gguf::read_info(path)?;
+    const KINDS: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    Ok(info
+        .tensors
+        .iter()
+        .filter(|t| {
+            t.dims.len() == 2
+                && t.name.starts_with("blk.")
+                && KINDS
+                    .iter()
+                    .any(|k| t.name.ends_with(&format!(".{k}.weight")))
+        })
+        .map(|t| (t.dims[0] as usize, t.dims[1] as usize))
+        .collect())
+}
+
+/// Projected pp4096 speed-ups: the benchmarked models (from their GGUF) and three reference models.
+fn projections(model_list: &[Model], models_dir: &Path, quants: &[String]) -> Vec<ProjectionRow> {
+    let mut sets: Vec<(String, Vec<(usize, usize)>)> = Vec::new();
+    for &m in model_list {
+        let Some(q) = quants.first() else { break };
+        match gguf_dims(&models::model_path(models_dir, m, q)) {
+            Ok(d) if !d.is_empty() => sets.push((m.name().to_string(), d)),
+            Ok(_) => {}
+            Err(e) => log!("bench: no projection for {}: {e:#}", m.name()),
+        }
+    }
+    for md in [
+        ModelDims::QWEN3_0_6B,
+        ModelDims::QWEN3_4B,
+        ModelDims::LLAMA3_8B,
+    ] {
+        sets.push((md.name.to_string(), md.matmuls()));
+    }
+    let mut rows = Vec::new();
+    for (name, dims) in &sets {
+        for chip in PROJECTED_CHIPS {
+            let p = project_speedup(chip, dims, PROJECTED_TOKENS);
+            rows.push(ProjectionRow {
+                model: name.clone(),
+                chip: chip.to_string(),
+                matmul_speedup: p.speedup,
+                prefill_speedup: p.end_to_end,
+                offloaded: p.offloaded,
+                total: p.total,
+            });
+        }
+    }
+    rows
+}
+
+/// Runs tools/plot_bench.py with the venv's python; returns the PNG path.
+fn plot(json: &Path, png: &Path) -> Result<PathBuf> {
+    let python = match std::env::var_os("GGML_COREML_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => venv::ensure_venv().context("python venv (for matplotlib)")?,
+    };
+    let script = paths::workspace_root().join("tools/plot_bench.py");
+    let o = Command::new(&python)
+        .arg(&script)
+        .arg(json)
+        .arg(png)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    if !o.status.success() || !png.is_file() {
+        bail!(
+            "plot_bench.py failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    Ok(png.to_path_buf())
+}
+
+fn opt(x: Option<f64>, prec: usize) -> String {
+    x.filter(|v| v.is_finite())
+        .map_or("n/a".into(), |v| format!("{v:.prec$}"))
+}
+
+fn ratio(x: Option<f64>) -> String {
+    x.filter(|v| v.is_finite())
+        .map_or("n/a".into(), |v| format!("{v:.2}x"))
+}
+
+/// The report of one run (report.md).
+fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let m = &r.machine;
+    let _ = writeln!(o, "# Benchmark: stock llama.cpp vs ggml-coreml\n");
+    let _ = writeln!(o, "- Command: `{}`", r.command);
+    let _ = writeln!(
+        o,
+        "- Date: {}; {:.0} s in all; repo {}",
+        m.date, r.seconds, m.git
+    );
+    let _ = writeln!(
+        o,
+        "- Machine: {} ({}), `nproc` {}, load average at start {}",
+        m.cpu, m.os, m.nproc, m.load
+    );
+    let _ = writeln!(o, "- Host: {}, CPU backend, 2 threads, `-ngl 0`", m.host);
+    let mx = &r.matrix;
+    let _ = writeln!(
+        o,
+        "- Matrix `{}`: models {}; types {}; policies {}; prompts {}; {} repetition(s); decode {} tokens",
+        mx.name,
+        mx.models.join(", "),
+        mx.quants.join(", "),
+        mx.policies.join(", "),
+        mx.prompts
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        mx.reps,
+        mx.n_gen
+    );
+    let _ = writeln!(
+        o,
+        "- Executor: the portable reference executor (Linux has no ANE): these ratios measure the integration's overhead and the reference executor, not the Neural Engine.\n"
+    );
+
+    let _ = writeln!(o, "## Prefill and TTFT\n");
+    let _ = writeln!(
+        o,
+        "| model | type | policy | prompt | stock ms | ours ms | prefill speed-up | stock TTFT ms | ours TTFT ms | MUL_MATs offloaded |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
+    for x in &r.rows {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2}x | {} | {} | {} |",
+            x.model,
+            x.quant,
+            x.policy,
+            x.prompt,
+            x.stock_prefill_ms,
+            x.ours_prefill_ms,
+            x.prefill_speedup,
+            opt(x.stock_ttft_ms, 0),
+            opt(x.ours_ttft_ms, 0),
+            x.offloaded_ops.map_or("n/a".into(), |n| n.to_string())
+        );
+    }
+    let _ = writeln!(o, "\n## Decode, memory, energy\n");
+    let _ = writeln!(
+        o,
+        "| model | type | policy | stock tok/s | ours tok/s | decode ratio | stock peak RSS MiB | ours peak RSS MiB | stock J/token | ours J/token |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
+    let mut seen = Vec::new();
+    for x in &r.rows {
+        let key = (x.model.clone(), x.quant.clone(), x.policy.clone());
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            x.model,
+            x.quant,
+            x.policy,
+            opt(x.stock_decode_tps, 1),
+            opt(x.ours_decode_tps, 1),
+            ratio(x.decode_ratio),
+            opt(x.stock_rss_mib, 0),
+            opt(x.ours_rss_mib, 0),
+            opt(x.stock_j_per_token, 3),
+            opt(x.ours_j_per_token, 3)
+        );
+    }
+    let thermal: Vec<String> = r
+        .runs
+        .iter()
+        .filter_map(|x| {
+            Some(format!(
+                "{} {} {} r{}: {} → {}",
+                x.model,
+                x.quant,
+                x.policy,
+                x.rep,
+                x.thermal_before.as_deref()?,
+                x.thermal_after.as_deref().unwrap_or("n/a")
+            ))
+        })
+        .collect();
+    let _ = writeln!(
+        o,
+        "\nThermal samples: {}",
+        if thermal.is_empty() {
+            "n/a".to_string()
+        } else {
+            thermal.join("; ")
+        }
+    );
+    match (plot, plot_err) {
+        (Some(p), _) => {
+            let _ = writeln!(o, "\n![prefill speed-up vs prompt length]({p})");
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(o, "\n(no plot: {e})");
+        }
+        _ => {}
+    }
+
+    let _ = writeln!(o, "\n## How the numbers are made\n");
+    let _ = writeln!(
+        o,
+        "- One llama-bench process per model × type × side: `llama-bench -m <gguf> -p <prompts> -n {} -r 1 -t 2 -ngl 0 -o json` \
+         (warm-up on); \"ours\" adds `GGML_BACKEND_PATH=<libggml-coreml>` and `GGML_COREML_POLICY=<policy>`. Runs alternate \
+         stock, ours per policy, stock… for each repetition; ratios are taken within a repetition, then the median.\n\
+         - Prefill = llama-bench's `ppN` time. **TTFT ≈ ppN time + one decode step** (the `tg{}` time / {}): the \
+         first token needs the whole prompt and one sampling step. It slightly under-states a real TTFT (the decode step \
+         after a long prompt attends to more context than llama-bench's `tg` test, which starts at position 0).\n\
+         - Decode = llama-bench's `tg{}` tokens/s. Peak RSS: {}. Energy: {}. Thermal: {}.\n\
+         - MUL_MATs offloaded: the backend's statistics (`GGML_COREML_STATS_FILE`) for the whole process (all tests \
+         and warm-ups); `latency` declines everything the cost model does not predict faster, which on Linux (reference \
+         executor, not accelerated) is everything.",
+        mx.n_gen, mx.n_gen, mx.n_gen, mx.n_gen, r.rss_source, r.energy_source, r.thermal_source
+    );
+    render_projection(&mut o, &r.projection);
+    render_device_only(&mut o);
+    o
+}
+
+fn render_projection(o: &mut String, rows: &[ProjectionRow]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        o,
+        "\n## Projection (not a measurement): pp{PROJECTED_TOKENS} on Apple chips\n"
+    );
+    let _ = writeln!(
+        o,
+        "**A projection** from public figures through the policy's cost model (`ggml_coreml_policy::projection::project_speedup`, \
+         `latency` routing, int8 × int8 programs, ubatch 512; constants and sources in docs/policy.md). Matmul speed-up = \
+         host weight-matmul time / ANE-path time; prefill speed-up adds the unchanged rest of the prefill (attention, norms). \
+         Nothing here was run on the chips named.\n"
+    );
+    let chips: Vec<String> = PROJECTED_CHIPS.iter().map(|c| c.to_string()).collect();
+    let _ = writeln!(
+        o,
+        "| model | {} |",
+        chips
+            .iter()
+            .map(|c| format!("{c} matmul / prefill"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(o, "|---|{}", "---|".repeat(chips.len()));
+    let mut models: Vec<&str> = Vec::new();
+    for r in rows {
+        if !models.contains(&r.model.as_str()) {
+            models.push(&r.model);
+        }
+    }
+    for m in models {
+        let cells: Vec<String> = chips
+            .iter()
+            .map(|c| {
+                rows.iter()
+                    .find(|r| r.model == m && &r.chip == c)
+                    .map_or("n/a".into(), |r| {
+                        format!(
+                            "{:.2}x / {:.2}x ({}/{})",
+                            r.matmul_speedup, r.prefill_speedup, r.offloaded, r.total
+                        )
+                    })
+            })
+            .collect();
+        let _ = writeln!(o, "| {m} | {} |", cells.join(" | "));
+    }
+    let _ = writeln!(
+        o,
+        "\n(offloaded/total = weight matmuls routed to the ANE over all ubatches.)"
+    );
+}
+
+fn render_device_only(o: &mut String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(o, "\n## What only a device can measure\n");
+    let _ = writeln!(
+        o,
+        "- The real prefill speed-up: the ANE's throughput for these programs, dispatch and IOSurface overheads, and \
+         whether CoreML keeps every op on the ANE (run `cargo xtask bench` on a Mac: the same command uses the CoreML \
+         executor there).\n\
+         - Energy per token: macOS reports it only through `sudo powermetrics --samplers cpu_power,gpu_power,ane_power -i 200` \
+         (run alongside, integrate the ANE/CPU/GPU power over the run, divide by tokens); iOS through Xcode's energy \
+         gauges / Instruments. This harness never invents a number: without a readable meter the column says n/a.\n\
+         - Thermal behaviour under sustained prefill (`pmset -g therm` is sampled on macOS; the ANE's own throttling is \
+         not exposed).\n\
+         - Peak memory of the compiled programs and IOSurfaces, and first-load compile time (the shape cache makes later \
+         loads fast)."
+    );
+}
+
+/// docs/benchmarks.md: the last default run's report plus where it came from.
+fn render_doc(r: &Results, out: &Path) -> String {
+    let mut md = render(r, None, None);
+    let rel = out.strip_prefix(paths::workspace_root()).unwrap_or(out);
+    md = md.replacen(
+        "# Benchmark: stock llama.cpp vs ggml-coreml\n",
+        &format!(
+            "# Benchmarks\n\n_Generated by `cargo xtask bench` (default matrix; this file is overwritten by each default run, \
+             do not edit by hand). The run's raw results and plot: `{}/` (results.json, report.md, prefill_speedup.png). \
+             `cargo xtask bench --matrix full` covers every model (gemma-3-270m, smollm2-135m, qwen3-tiny, qwen3-tiny-moe) × \
+             Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K, F16 × policies latency, energy, always × prompts 512, 1K, 2K, 4K × 3 \
+             repetitions, decode 64 tokens (hours on 2 cores)._\n",
+            rel.display()
+        ),
+        1,
+    );
+    md
+}
+
+/// `20261125-210944` (UTC), for directory names.
+pub fn utc_stamp() -> String {
+    let (y, mo, d, h, mi, s) = utc_now();
+    format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
+}
+
+/// `2026-11-25T21:09:44Z`.
+pub fn utc_iso() -> String {
+    let (y, mo, d, h, mi, s) = utc_now();
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+fn utc_now() -> (i64, u32, u32, u32, u32, u32) {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    civil(secs)
+}
+
+/// Unix seconds to a UTC civil date and time (days-from-civil inverted, proleptic Gregorian).
+fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem % 3600 / 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(civil(951_782_400), (2000, 2, 29, 0, 0, 0));
+        assert_eq!(civil(1_764_104_984), (2025, 11, 25, 21, 9, 44));
+    }
+
+    #[test]
+    fn parses_llama_bench_json() {
+        let out = r#"noise
+[
+  {"backends": "CPU,CoreML", "n_prompt": 512, "n_gen": 0, "avg_ns": 316652208, "avg_ts": 1616.9, "samples_ns": [ 316652208 ]},
+  {"backends": "CPU,CoreML", "n_prompt": 0, "n_gen": 16, "avg_ns": 160000000, "avg_ts": 100.0, "samples_ns": [ 1, 2 ]}
+]
+"#;
+        let (t, b) = parse_bench_json(out).expect("parsed");
+        assert_eq!(b, "CPU,CoreML");
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].n_prompt, t[0].samples), (512, 1));
+        assert_eq!((t[1].n_gen, t[1].samples), (16, 2));
+        assert!(parse_bench_json("no json").is_err());
+    }
+
+    #[test]
+    fn parses_peak_rss() {
+        assert_eq!(
+            parse_peak_rss("\tMaximum resident set size (kbytes): 148988\n"),
+            Some(148988.0 / 1024.0)
+        );
+        assert_eq!(
+            parse_peak_rss("  157286400  maximum resident set size\n"),
+            Some(150.0)
+        );
+        assert_eq!(parse_peak_rss("nothing"), None);
+    }
+
+    fn run(policy: &str, rep: usize, pp_ms: f64, tg_ts: f64) -> RunRecord {
+        RunRecord {
+            model: "m".into(),
+            quant: "Q8_0".into(),
+            policy: policy.into(),
+            rep,
+            backends: String::new(),
+            tests: vec![
+                TestResult {
+                    n_prompt: 512,
+                    n_gen: 0,
+                    avg_ns: pp_ms * 1e6,
+                    avg_ts: 0.0,
+                    samples: 1,
+                },
+                TestResult {
+                    n_prompt: 0,
+                    n_gen: 16,
+                    avg_ns: 16.0 / tg_ts * 1e9,
+                    avg_ts: tg_ts,
+                    samples: 1,
+                },
+            ],
+            wall_s: 1.0,
+            peak_rss_mib: Some(100.0),
+            energy_j: None,
+            tokens: 528,
+            thermal_before: None,
+            thermal_after: None,
+            offloaded_ops: Some(7),
+        }
+    }
+
+    #[test]
+    fn ratios_within_repetitions() {
+        let mx = Matrix {
+            policies: vec!["always".into()],
+            prompts: vec![512],
+            reps: 2,
+            ..Matrix::default_matrix()
+        };
+        // Rep 0: ours twice as fast; rep 1: ours 4x as fast → median 3x.
+        let runs = vec![
+            run("stock", 0, 200.0, 10.0),
+            run("always", 0, 100.0, 5.0),
+            run("stock", 1, 400.0, 10.0),
+            run("always", 1, 100.0, 5.0),
+        ];
+        let rows = summarise(&runs, &mx);
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert!((r.prefill_speedup - 3.0).abs() < 1e-9);
+        assert_eq!(r.decode_ratio, Some(0.5));
+        assert_eq!(r.offloaded_ops, Some(7));
+        // TTFT = prefill + one decode step (100 ms at 10 tok/s).
+        assert!((r.stock_ttft_ms.expect("ttft") - 400.0).abs() < 1e-6);
+        assert_eq!(r.stock_j_per_token, None);
+    }
+}
