@@ -12,6 +12,7 @@ mod host_v3;
 mod models;
 mod parity;
 mod paths;
+mod qvac;
 mod run;
 mod test;
 mod util;
@@ -72,6 +73,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the QVAC suite: Bare with @qvac/llm-llamacpp and @qvac/embed-llamacpp, stock vs ggml-coreml.
+    Qvac,
     /// Run llama.cpp tools with the backend loaded; arguments (including --help) go to it.
     #[command(disable_help_flag = true)]
     Run {
@@ -125,6 +128,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
             ensure_models(&set)?
         }
         Cmd::Build { debug } => backend::build_backend(!debug)?,
+        Cmd::Qvac => qvac::main()?,
         Cmd::Test { args } => {
             test::main(&args)?;
             return Ok(None);
