@@ -54,7 +54,12 @@ pub enum WeightForm {
     /// i8i8: row-wise int8 with one scale per output row.
     Rowwise(RowwiseInt8),
     /// w8f16: exact block values with fp16 block scales (and offsets).
-    Block { q: Vec<i8>, scales: Vec<f16>, offsets: Option<Vec<f16>>, group: usize },
+    Block {
+        q: Vec<i8>,
+        scales: Vec<f16>,
+        offsets: Option<Vec<f16>>,
+        group: usize,
+    },
     /// f16: the exact values rounded to fp16.
     Half(Vec<f16>),
     /// ExactF32: the exact values.
@@ -83,12 +88,17 @@ impl PreparedWeight {
         key: u64,
     ) -> Result<PreparedWeight, BridgeError> {
         let form = match mode {
-            Mode::Program(Variant::I8I8) => WeightForm::Rowwise(bridge::rowwise_int8(wtype, bytes, n, k)?),
+            Mode::Program(Variant::I8I8) => {
+                WeightForm::Rowwise(bridge::rowwise_int8(wtype, bytes, n, k)?)
+            }
             Mode::Program(Variant::W8F16) => {
                 let b = bridge::block_form(wtype, bytes, n, k)?;
                 WeightForm::Block {
                     scales: b.scales.iter().map(|&s| f16::from_f32(s)).collect(),
-                    offsets: b.offsets.as_ref().map(|o| o.iter().map(|&s| f16::from_f32(s)).collect()),
+                    offsets: b
+                        .offsets
+                        .as_ref()
+                        .map(|o| o.iter().map(|&s| f16::from_f32(s)).collect()),
                     group: b.group,
                     q: b.q,
                 }
@@ -96,16 +106,23 @@ impl PreparedWeight {
             Mode::Program(Variant::F16) => WeightForm::Half(bridge::to_f16(wtype, bytes, n, k)?),
             Mode::ExactF32 => WeightForm::Exact(bridge::dequantize(wtype, bytes, n, k)?),
         };
-        Ok(PreparedWeight { wtype, n, k, mode, form, key })
+        Ok(PreparedWeight {
+            wtype,
+            n,
+            k,
+            mode,
+            form,
+            key,
+        })
     }
 
     /// Bytes this form keeps alive (the original ggml bytes are not counted).
     pub fn bytes_held(&self) -> usize {
         match &self.form {
             WeightForm::Rowwise(r) => r.q.len() + r.scales.len() * 4,
-            WeightForm::Block { q, scales, offsets, .. } => {
-                q.len() + scales.len() * 2 + offsets.as_ref().map_or(0, |o| o.len() * 2)
-            }
+            WeightForm::Block {
+                q, scales, offsets, ..
+            } => q.len() + scales.len() * 2 + offsets.as_ref().map_or(0, |o| o.len() * 2),
             WeightForm::Half(h) => h.len() * 2,
             WeightForm::Exact(e) => e.len() * 4,
         }
@@ -118,6 +135,7 @@ pub struct Scratch {
     xq: Vec<i8>,
     xs: Vec<f32>,
     xt_i8: Vec<i8>,
+    x_f16: Vec<f16>,
     xt_f16: Vec<f16>,
     w_i8: Vec<i8>,
     w_f16: Vec<f16>,
@@ -154,9 +172,6 @@ pub fn matmul(
     if out_stride < n || out.len() < (m - 1) * out_stride + n {
         return Err(bad("output slice too short".into()));
     }
-    for r in 0..m {
-        out[r * out_stride..r * out_stride + n].fill(0.0);
-    }
     let variant = match w.mode {
         Mode::ExactF32 => {
             exact(w, act, out, out_stride);
@@ -179,35 +194,94 @@ pub fn matmul(
             .map_err(|e| bad(e.to_string()))?;
     }
 
+    // With one K part every output is written exactly once: store instead of zero-fill + add.
+    let accumulate = plan.parts.iter().any(|p| p.k0 != 0 || p.desc.k != k);
+    if accumulate {
+        for r in 0..m {
+            out[r * out_stride..r * out_stride + n].fill(0.0);
+        }
+    }
     for part in &plan.parts {
         let d = part.desc;
-        run_part(exec, w, act, scratch, part.m0, part.m_len, part.k0, part.n0, &d)?;
-        // Accumulate y[N, Mp] (fp16) into out[m][n].
-        let mp = d.m;
-        match &w.form {
+        run_part(
+            exec, w, act, scratch, part.m0, part.m_len, part.k0, part.n0, &d,
+        )?;
+        // y[N, Mp] (fp16) into out[m][n], rescaled for i8i8.
+        let rescale = match &w.form {
             WeightForm::Rowwise(r) => {
                 let s = d.i8_scale().to_f32();
                 let inv = 1.0 / (s * s);
-                for mi in 0..part.m_len {
-                    let sx = scratch.xs[part.m0 + mi] * inv;
-                    let orow = &mut out[(part.m0 + mi) * out_stride..];
-                    for ni in 0..d.n {
-                        let y = scratch.y[ni * mp + mi].to_f32();
-                        orow[part.n0 + ni] += y * sx * r.scales[part.n0 + ni];
+                Some((inv, &r.scales[part.n0..part.n0 + d.n]))
+            }
+            _ => None,
+        };
+        let sx = &scratch.xs;
+        store_y(
+            &scratch.y,
+            d.m,
+            d.n,
+            part.m_len,
+            &mut out[part.m0 * out_stride + part.n0..],
+            out_stride,
+            accumulate,
+            |mi| rescale.map(|(inv, sw)| (sx[part.m0 + mi] * inv, sw)),
+        );
+    }
+    Ok(())
+}
+
+/// Rows and columns of the tiles `store_y` transposes through (fits L1 as f32).
+const TILE_N: usize = 16;
+const TILE_M: usize = 64;
+
+/// Writes (or adds) `y[N, Mp]` columns `0..m_len` into `out[mi][ni]` (row stride `out_stride`).
+/// `scales(mi)` gives the token's factor and the rows' factors for i8i8: `out = y · sx · sw[ni]`,
+/// multiplied in that order. Goes through small tiles so reads and writes stay contiguous.
+#[allow(clippy::too_many_arguments)]
+fn store_y<'s>(
+    y: &[f16],
+    mp: usize,
+    np: usize,
+    m_len: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    accumulate: bool,
+    scales: impl Fn(usize) -> Option<(f32, &'s [f32])>,
+) {
+    use half::slice::HalfFloatSliceExt;
+    let mut tile = [[0f32; TILE_M]; TILE_N];
+    let mut row = [0f32; TILE_N];
+    for n0 in (0..np).step_by(TILE_N) {
+        let tn = TILE_N.min(np - n0);
+        for m0 in (0..m_len).step_by(TILE_M) {
+            let tm = TILE_M.min(m_len - m0);
+            for (j, t) in tile.iter_mut().enumerate().take(tn) {
+                y[(n0 + j) * mp + m0..(n0 + j) * mp + m0 + tm].convert_to_f32_slice(&mut t[..tm]);
+            }
+            for mi in 0..tm {
+                for (j, v) in row.iter_mut().enumerate().take(tn) {
+                    *v = tile[j][mi];
+                }
+                let row = &mut row[..tn];
+                if let Some((sx, sw)) = scales(m0 + mi) {
+                    for (v, &w) in row.iter_mut().zip(&sw[n0..n0 + tn]) {
+                        *v = *v * sx * w;
                     }
                 }
-            }
-            _ => {
-                for mi in 0..part.m_len {
-                    let orow = &mut out[(part.m0 + mi) * out_stride..];
-                    for ni in 0..d.n {
-                        orow[part.n0 + ni] += scratch.y[ni * mp + mi].to_f32();
+                let o = &mut out[(m0 + mi) * out_stride + n0..(m0 + mi) * out_stride + n0 + tn];
+                if accumulate {
+                    for (o, &v) in o.iter_mut().zip(row.iter()) {
+                        *o += v;
+                    }
+                } else {
+                    // `0 + v`, as accumulating into zeros would (turns -0 into +0).
+                    for (o, &v) in o.iter_mut().zip(row.iter()) {
+                        *o = 0.0 + v;
                     }
                 }
             }
         }
     }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -234,14 +308,7 @@ fn run_part(
     match &w.form {
         WeightForm::Rowwise(r) => {
             // x [K, Mp] int8, zero padding past m_len.
-            s.xt_i8.clear();
-            s.xt_i8.resize(kp * mp, 0);
-            for mi in 0..m_len {
-                let row = &s.xq[(m0 + mi) * k + k0..(m0 + mi) * k + k0 + kp];
-                for (kk, &v) in row.iter().enumerate() {
-                    s.xt_i8[kk * mp + mi] = v;
-                }
-            }
+            transpose_into(&s.xq[m0 * k + k0..], k, m_len, kp, mp, &mut s.xt_i8, 0);
             let wpart: &[i8] = if whole_k {
                 &r.q[n0 * k..(n0 + np) * k]
             } else {
@@ -252,10 +319,23 @@ fn run_part(
                 }
                 &s.w_i8
             };
-            exec.run(d, ProgramInputs::I8I8 { w: wpart, x: &s.xt_i8 }, key, &mut s.y)
+            exec.run(
+                d,
+                ProgramInputs::I8I8 {
+                    w: wpart,
+                    x: &s.xt_i8,
+                },
+                key,
+                &mut s.y,
+            )
         }
-        WeightForm::Block { q, scales, offsets, group } => {
-            fill_x_f16(act, &mut s.xt_f16, m0, m_len, k0, kp, mp);
+        WeightForm::Block {
+            q,
+            scales,
+            offsets,
+            group,
+        } => {
+            fill_x_f16(act, &mut s.x_f16, &mut s.xt_f16, m0, m_len, k0, kp, mp);
             let g = *group;
             let (kg, kpg, k0g) = (k / g, kp / g, k0 / g);
             let (wpart, spart, opart): (&[i8], &[f16], Option<&[f16]>) = if whole_k {
@@ -279,11 +359,16 @@ fn run_part(
                 }
                 (&s.w_i8, &s.s_f16, offsets.as_ref().map(|_| &s.o_f16[..]))
             };
-            let inputs = ProgramInputs::W8F16 { w: wpart, scales: spart, offsets: opart, x: &s.xt_f16 };
+            let inputs = ProgramInputs::W8F16 {
+                w: wpart,
+                scales: spart,
+                offsets: opart,
+                x: &s.xt_f16,
+            };
             exec.run(d, inputs, key, &mut s.y)
         }
         WeightForm::Half(h) => {
-            fill_x_f16(act, &mut s.xt_f16, m0, m_len, k0, kp, mp);
+            fill_x_f16(act, &mut s.x_f16, &mut s.xt_f16, m0, m_len, k0, kp, mp);
             let wpart: &[f16] = if whole_k {
                 &h[n0 * k..(n0 + np) * k]
             } else {
@@ -294,26 +379,78 @@ fn run_part(
                 }
                 &s.w_f16
             };
-            exec.run(d, ProgramInputs::F16 { w: wpart, x: &s.xt_f16 }, key, &mut s.y)
+            exec.run(
+                d,
+                ProgramInputs::F16 {
+                    w: wpart,
+                    x: &s.xt_f16,
+                },
+                key,
+                &mut s.y,
+            )
         }
-        WeightForm::Exact(_) => Err(ExecError::Unsupported(d.key(), "exact weights take no program".into())),
+        WeightForm::Exact(_) => Err(ExecError::Unsupported(
+            d.key(),
+            "exact weights take no program".into(),
+        )),
     }
 }
 
 /// x [K, Mp] fp16 from f32 rows, zero padding past `m_len`.
-fn fill_x_f16(act: &Activations<'_>, xt: &mut Vec<f16>, m0: usize, m_len: usize, k0: usize, kp: usize, mp: usize) {
-    xt.clear();
-    xt.resize(kp * mp, f16::ZERO);
+#[allow(clippy::too_many_arguments)]
+fn fill_x_f16(
+    act: &Activations<'_>,
+    rows: &mut Vec<f16>,
+    xt: &mut Vec<f16>,
+    m0: usize,
+    m_len: usize,
+    k0: usize,
+    kp: usize,
+    mp: usize,
+) {
+    use half::slice::HalfFloatSliceExt;
+    // Rows converted contiguously first (vectorised), then transposed in tiles.
+    rows.resize(m_len * kp, f16::ZERO);
     for mi in 0..m_len {
         let base = (m0 + mi) * act.x_stride + k0;
-        for (kk, &v) in act.x[base..base + kp].iter().enumerate() {
-            xt[kk * mp + mi] = f16::from_f32(v);
+        rows[mi * kp..(mi + 1) * kp].convert_from_f32_slice(&act.x[base..base + kp]);
+    }
+    transpose_into(rows, kp, m_len, kp, mp, xt, f16::ZERO);
+}
+
+/// `dst [kp, mp]` = the first `kp` values of `m_len` rows of `src` (row stride `stride`) transposed,
+/// columns past `m_len` set to `zero`. In tiles so reads and writes stay in cache.
+fn transpose_into<T: Copy>(
+    src: &[T],
+    stride: usize,
+    m_len: usize,
+    kp: usize,
+    mp: usize,
+    dst: &mut Vec<T>,
+    zero: T,
+) {
+    const TK: usize = 64;
+    const TMI: usize = 16;
+    dst.clear();
+    dst.resize(kp * mp, zero);
+    for mb in (0..m_len).step_by(TMI) {
+        let tm = TMI.min(m_len - mb);
+        for kb in (0..kp).step_by(TK) {
+            let tk = TK.min(kp - kb);
+            for kk in kb..kb + tk {
+                let d = &mut dst[kk * mp + mb..kk * mp + mb + tm];
+                for (mi, v) in d.iter_mut().enumerate() {
+                    *v = src[(mb + mi) * stride + kk];
+                }
+            }
         }
     }
 }
 
 fn exact(w: &PreparedWeight, act: &Activations<'_>, out: &mut [f32], out_stride: usize) {
-    let WeightForm::Exact(wf) = &w.form else { return };
+    let WeightForm::Exact(wf) = &w.form else {
+        return;
+    };
     let k = w.k;
     for r in 0..act.m {
         let x = &act.x[r * act.x_stride..r * act.x_stride + k];
@@ -321,6 +458,151 @@ fn exact(w: &PreparedWeight, act: &Activations<'_>, out: &mut [f32], out_stride:
         for (ni, o) in orow.iter_mut().enumerate() {
             let wr = &wf[ni * k..(ni + 1) * k];
             *o = wr.iter().zip(x).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::ReferenceExecutor;
+
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+
+        fn unit(&mut self) -> f32 {
+            self.next() as f32 / u32::MAX as f32 - 0.5
+        }
+    }
+
+    /// `n` rows of `k` Q8_0 values (fp16 scale + 32 int8 per block).
+    fn q8_0_bytes(n: usize, k: usize, rng: &mut Lcg) -> Vec<u8> {
+        let mut b = Vec::new();
+        for _ in 0..n * k / 32 {
+            let d = f16::from_f32(0.001 + (rng.next() % 1000) as f32 * 1e-5);
+            b.extend_from_slice(&d.to_le_bytes());
+            b.extend((0..32).map(|_| rng.next() as u8));
+        }
+        b
+    }
+
+    /// The straightforward host side (zero-fill, one transpose per element, accumulate): what
+    /// `matmul` computed before its tiles and stores.
+    fn oracle(
+        exec: &dyn Executor,
+        w: &PreparedWeight,
+        x: &[f32],
+        m: usize,
+        stride: usize,
+    ) -> Vec<f32> {
+        let (k, n) = (w.k, w.n);
+        let Mode::Program(variant) = w.mode else {
+            unreachable!()
+        };
+        let (group, offsets) = match &w.form {
+            WeightForm::Block { group, offsets, .. } => (*group, offsets.is_some()),
+            _ => (0, false),
+        };
+        let align = w.wtype.block_len().max(group).max(1);
+        let plan = SplitPlan::new(variant, m, k, n, group, offsets, align).unwrap();
+        let (mut xq, mut xs) = (vec![0i8; m * k], vec![0f32; m]);
+        bridge::quantize_rows_i8(x, m, k, stride, &mut xq, &mut xs);
+        let mut out = vec![0f32; m * n];
+        for p in &plan.parts {
+            let d = p.desc;
+            let (mp, kp, np) = (d.m, d.k, d.n);
+            let mut y = vec![f16::ZERO; np * mp];
+            let rows = |i: usize| (p.n0 + i) * k + p.k0..(p.n0 + i) * k + p.k0 + kp;
+            match &w.form {
+                WeightForm::Rowwise(r) => {
+                    let mut xt = vec![0i8; kp * mp];
+                    for mi in 0..p.m_len {
+                        for kk in 0..kp {
+                            xt[kk * mp + mi] = xq[(p.m0 + mi) * k + p.k0 + kk];
+                        }
+                    }
+                    let wq: Vec<i8> = (0..np).flat_map(|i| r.q[rows(i)].to_vec()).collect();
+                    exec.run(&d, ProgramInputs::I8I8 { w: &wq, x: &xt }, 0, &mut y)
+                        .unwrap();
+                }
+                WeightForm::Half(h) => {
+                    let mut xt = vec![f16::ZERO; kp * mp];
+                    for mi in 0..p.m_len {
+                        for kk in 0..kp {
+                            xt[kk * mp + mi] = f16::from_f32(x[(p.m0 + mi) * stride + p.k0 + kk]);
+                        }
+                    }
+                    let wh: Vec<f16> = (0..np).flat_map(|i| h[rows(i)].to_vec()).collect();
+                    exec.run(&d, ProgramInputs::F16 { w: &wh, x: &xt }, 0, &mut y)
+                        .unwrap();
+                }
+                _ => unreachable!(),
+            }
+            for mi in 0..p.m_len {
+                for ni in 0..np {
+                    let v = y[ni * mp + mi].to_f32();
+                    let o = &mut out[(p.m0 + mi) * n + p.n0 + ni];
+                    *o += match &w.form {
+                        WeightForm::Rowwise(r) => {
+                            let s = d.i8_scale().to_f32();
+                            v * (xs[p.m0 + mi] * (1.0 / (s * s))) * r.scales[p.n0 + ni]
+                        }
+                        _ => v,
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_the_straightforward_host_side() {
+        let exec = ReferenceExecutor::new();
+        exec.set_threads(2);
+        let mut rng = Lcg(3);
+        let mut scratch = Scratch::default();
+        // (m, k, n): padding, several M chunks, a K split (k > 16384), odd n.
+        for &(m, k, n) in &[
+            (1, 64, 40),
+            (7, 96, 33),
+            (64, 128, 16),
+            (130, 256, 70),
+            (3, 16640, 6),
+            (4100, 32, 3),
+        ] {
+            for mode in [Mode::Program(Variant::I8I8), Mode::Program(Variant::F16)] {
+                let bytes = q8_0_bytes(n, k, &mut rng);
+                let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
+                let stride = k + 3;
+                let x: Vec<f32> = (0..m * stride).map(|_| rng.unit() * 4.0).collect();
+                let want = oracle(&exec, &w, &x, m, stride);
+                let act = Activations {
+                    x: &x,
+                    m,
+                    x_stride: stride,
+                };
+                let out_stride = n + 1;
+                let mut out = vec![f32::NAN; m * out_stride];
+                matmul(&exec, &w, &act, &mut out, out_stride, &mut scratch).unwrap();
+                for r in 0..m {
+                    for c in 0..n {
+                        assert_eq!(
+                            out[r * out_stride + c].to_bits(),
+                            want[r * n + c].to_bits(),
+                            "{} m={m} k={k} n={n} at {r},{c}",
+                            mode.name()
+                        );
+                    }
+                }
+            }
         }
     }
 }

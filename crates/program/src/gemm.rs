@@ -1,36 +1,67 @@
-//! Matrix kernels of the interpreter: `out[n, m] = finish(dot(a[n, :], bt[m, :]))`.
+//! Matrix kernels of the interpreter: `out[n, m] = finish(Σ_k a[n, k] · b[k, m])`.
 //!
-//! Both operands are row-major with K contiguous (`a [N, K]`, `bt [M, K]`), so every output is one
-//! contiguous dot product. The int8 kernel accumulates exactly in i32; the f32 kernel accumulates in
-//! eight fixed lanes reduced in a fixed order, so the AVX2 and portable paths give the same bits.
-//! Rows of the output are split across threads; columns are walked in blocks that stay in cache.
+//! `a` is row-major `[N, K]`; `b` is either the program's `[K, M]` (tokens innermost) or `[M, K]`.
+//! The output is row-major `[N, M]` fp16.
+//!
+//! - int8 × int8 accumulates exactly in i32 and rounds `sum · scale` once to fp16 (see
+//!   [`f16_round_once`]). With AVX-512 VNNI the product runs on packed panels of `b`; elsewhere on
+//!   contiguous dot products. Both give the same bits.
+//! - f32 accumulates in eight fixed lanes reduced in a fixed order, so the AVX2 and portable paths
+//!   give the same bits; each output is rounded once to fp16.
+//!
+//! Trailing all-zero columns of `b` (the M padding of a bucket) are not multiplied: identical columns
+//! give identical outputs, so their value is computed once and copied. Rows of the output are split
+//! across threads when the work is large enough to pay for the spawn.
 
 use half::f16;
 
-/// Bytes of `bt` one column block should occupy (fits a typical L2 with room for rows of `a`).
+/// Bytes of `b` one column block should occupy (fits a typical L2 with room for rows of `a`).
 const BLOCK_BYTES: usize = 256 * 1024;
 
-/// Splits the `n` output rows (each `m` long) into up to `threads` even-row chunks and runs `f` on
-/// each as `(first_row, rows, out_chunk)`.
+/// Multiply-adds below which a matmul runs on the calling thread only (a spawn costs tens of µs).
+const MIN_WORK_PER_THREAD: usize = 1 << 23;
+
+/// How the right operand `b` is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BLayout {
+    /// `[K, M]` row-major: the program's `x`, tokens innermost.
+    KM,
+    /// `[M, K]` row-major.
+    MK,
+}
+
+/// Threads worth using for `macs` multiply-adds.
+fn useful_threads(threads: usize, macs: usize) -> usize {
+    threads.clamp(1, (macs / MIN_WORK_PER_THREAD).max(1))
+}
+
+/// Splits the `n` output rows (each `m` long) into up to `threads` chunks whose row counts are
+/// multiples of `align` (but the last), and runs `f(first_row, rows, out_chunk)` on each. The calling
+/// thread takes the last chunk.
 fn par_rows(
     out: &mut [f16],
     n: usize,
     m: usize,
     threads: usize,
+    align: usize,
     f: impl Fn(usize, usize, &mut [f16]) + Sync,
 ) {
-    let threads = threads.clamp(1, n.div_ceil(2).max(1));
+    let threads = threads.clamp(1, n.div_ceil(align.max(1)).max(1));
     if threads == 1 || m == 0 {
         f(0, n, out);
         return;
     }
-    // Even chunk sizes keep the 2-row kernel busy.
-    let rows_per = n.div_ceil(threads).next_multiple_of(2);
+    let rows_per = n.div_ceil(threads).next_multiple_of(align.max(1));
+    let f = &f;
     std::thread::scope(|s| {
-        for (i, chunk) in out.chunks_mut(rows_per * m).enumerate() {
-            let f = &f;
+        let mut chunks = out.chunks_mut(rows_per * m).enumerate().peekable();
+        while let Some((i, chunk)) = chunks.next() {
             let rows = chunk.len() / m;
-            s.spawn(move || f(i * rows_per, rows, chunk));
+            if chunks.peek().is_none() {
+                f(i * rows_per, rows, chunk);
+            } else {
+                s.spawn(move || f(i * rows_per, rows, chunk));
+            }
         }
     });
 }
@@ -40,11 +71,98 @@ fn col_block(k: usize, elem: usize) -> usize {
     (BLOCK_BYTES / (k * elem).max(1)).max(4) / 4 * 4
 }
 
-/// int8 × int8 → i32 exact, then `fp16(sum · scale)` (scale applied in f64: one rounding, to fp16).
+/// `fp16(d)` with a single rounding (round to nearest, ties to even), also where `half` would round
+/// twice (its F16C route converts f64 to f32 first).
+///
+/// The f32 step rounds to odd (truncate, then set the last bit when inexact): f32 keeps more than
+/// two bits beyond fp16's precision over the whole fp16 range, so the final rounding to fp16 gives
+/// the correctly rounded result.
+#[inline]
+pub(crate) fn f16_round_once(d: f64) -> f16 {
+    let t = d as f32;
+    let back = f64::from(t);
+    if back == d || d.is_nan() {
+        return f16::from_f32(t);
+    }
+    let mut bits = t.to_bits();
+    if back.abs() > d.abs() {
+        // `t` was rounded away from zero (finite or to infinity): one step back toward zero.
+        bits -= 1;
+    }
+    f16::from_f32(f32::from_bits(bits | 1))
+}
+
+/// One past the last column of `b` with a nonzero element (`is_zero` decides per element).
+fn live_cols<T: Copy>(
+    b: &[T],
+    layout: BLayout,
+    m: usize,
+    k: usize,
+    is_zero: impl Fn(T) -> bool,
+) -> usize {
+    if m == 0 || k == 0 {
+        return 0;
+    }
+    match layout {
+        BLayout::KM => {
+            let mut live = 0;
+            for row in b[..k * m].chunks_exact(m) {
+                if live == m {
+                    break;
+                }
+                if let Some(p) = row[live..].iter().rposition(|&v| !is_zero(v)) {
+                    live += p + 1;
+                }
+            }
+            live
+        }
+        BLayout::MK => (0..m)
+            .rev()
+            .find(|&c| b[c * k..(c + 1) * k].iter().any(|&v| !is_zero(v)))
+            .map_or(0, |c| c + 1),
+    }
+}
+
+/// Columns `0..cols` of `b` as `[cols, K]` rows, converted by `f`.
+fn cols_as_rows<T: Copy, U: Copy + Default>(
+    b: &[T],
+    layout: BLayout,
+    m: usize,
+    k: usize,
+    cols: usize,
+    f: impl Fn(T) -> U,
+) -> Vec<U> {
+    let mut bt = vec![U::default(); cols * k];
+    match layout {
+        BLayout::MK => {
+            for (d, &s) in bt.iter_mut().zip(&b[..cols * k]) {
+                *d = f(s);
+            }
+        }
+        BLayout::KM => {
+            // Tiles so both sides stay in cache.
+            const T: usize = 32;
+            for k0 in (0..k).step_by(T) {
+                for c0 in (0..cols).step_by(T) {
+                    for kk in k0..(k0 + T).min(k) {
+                        let row = &b[kk * m..kk * m + cols];
+                        for c in c0..(c0 + T).min(cols) {
+                            bt[c * k + kk] = f(row[c]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    bt
+}
+
+/// int8 × int8 → i32 exact, then `fp16(sum · scale)` rounded once ([`f16_round_once`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_i8(
     a: &[i8],
-    bt: &[i8],
+    b: &[i8],
+    layout: BLayout,
     n: usize,
     m: usize,
     k: usize,
@@ -52,15 +170,31 @@ pub(crate) fn gemm_i8(
     out: &mut [f16],
     threads: usize,
 ) {
-    debug_assert!(a.len() >= n * k && bt.len() >= m * k && out.len() >= n * m);
+    debug_assert!(a.len() >= n * k && b.len() >= m * k && out.len() >= n * m);
     let out = &mut out[..n * m];
-    let finish = |v: i32| f16::from_f64(f64::from(v) * scale);
+    if n == 0 || m == 0 {
+        return;
+    }
+    let cols = live_cols(b, layout, m, k, |v| v == 0);
+    // Every dead column is all zeros: its sums are 0.
+    let zero = f16_round_once(0.0 * scale);
+    let threads = useful_threads(threads, n * k * cols.max(8));
+    #[cfg(target_arch = "x86_64")]
+    if cols > 0 && k <= vnni::MAX_K && scale.is_finite() && vnni::available() {
+        vnni::gemm(a, b, layout, n, m, k, cols, scale, zero, out, threads);
+        return;
+    }
+    let bt = cols_as_rows(b, layout, m, k, cols, |v| v);
     let kernel = i8_kernel();
-    par_rows(out, n, m, threads, |r0, rows, chunk| {
+    let finish = |v: i32| f16_round_once(f64::from(v) * scale);
+    par_rows(out, n, m, threads, 2, |r0, rows, chunk| {
+        for r in 0..rows {
+            chunk[r * m + cols..(r + 1) * m].fill(zero);
+        }
         let cb = col_block(k, 1);
         let mut c0 = 0;
-        while c0 < m {
-            let c1 = (c0 + cb).min(m);
+        while c0 < cols {
+            let c1 = (c0 + cb).min(cols);
             let mut r = 0;
             while r < rows {
                 let a0 = &a[(r0 + r) * k..(r0 + r + 1) * k];
@@ -94,24 +228,60 @@ pub(crate) fn gemm_i8(
     });
 }
 
-/// f32 dot products (eight lanes, fixed reduction order), each rounded once to fp16.
-pub(crate) fn gemm_f32(
-    a: &[f32],
-    bt: &[f32],
+/// fp16 × fp16 with f32 products and sums (see [`gemm_f32`]); `a` is `[N, K]`, `b` as `layout` says.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f16(
+    a: &[f16],
+    b: &[f16],
+    layout: BLayout,
     n: usize,
     m: usize,
     k: usize,
     out: &mut [f16],
     threads: usize,
 ) {
-    debug_assert!(a.len() >= n * k && bt.len() >= m * k && out.len() >= n * m);
+    use half::slice::HalfFloatSliceExt;
+    debug_assert!(a.len() >= n * k && b.len() >= m * k && out.len() >= n * m);
+    let out = &mut out[..n * m];
+    if n == 0 || m == 0 {
+        return;
+    }
+    // Dead columns are bitwise zero and identical: compute the first of them, copy it to the rest.
+    let cols = (live_cols(b, layout, m, k, |v: f16| v.to_bits() == 0) + 1).min(m);
+    let bt = cols_as_rows(b, layout, m, k, cols, f16::to_f32);
+    let mut af = vec![0f32; n * k];
+    a[..n * k].convert_to_f32_slice(&mut af);
+    let threads = useful_threads(threads, n * k * cols);
+    gemm_f32(&af, &bt, n, cols, m, k, out, threads);
+    if cols < m {
+        for row in out.chunks_exact_mut(m) {
+            let v = row[cols - 1];
+            row[cols..].fill(v);
+        }
+    }
+}
+
+/// f32 dot products (eight lanes, fixed reduction order), each rounded once to fp16, for the first
+/// `cols` columns of each output row of length `m` (`bt` is `[cols, K]`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32(
+    a: &[f32],
+    bt: &[f32],
+    n: usize,
+    cols: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f16],
+    threads: usize,
+) {
+    debug_assert!(a.len() >= n * k && bt.len() >= cols * k && out.len() >= n * m);
     let out = &mut out[..n * m];
     let kernel = f32_kernel();
-    par_rows(out, n, m, threads, |r0, rows, chunk| {
+    par_rows(out, n, m, threads, 2, |r0, rows, chunk| {
         let cb = col_block(k, 4);
         let mut c0 = 0;
-        while c0 < m {
-            let c1 = (c0 + cb).min(m);
+        while c0 < cols {
+            let c1 = (c0 + cb).min(cols);
             let mut r = 0;
             while r < rows {
                 let a0 = &a[(r0 + r) * k..(r0 + r + 1) * k];
@@ -223,7 +393,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    fn hsum_epi32(v: __m256i) -> i32 {
         let mut l = [0i32; 8];
         // SAFETY: `l` is 32 writable bytes; storeu has no alignment requirement.
         unsafe { _mm256_storeu_si256(l.as_mut_ptr().cast(), v) };
@@ -231,9 +401,9 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn i8_2x4_avx2(a0: &[i8], a1: &[i8], b: [&[i8]; 4]) -> [[i32; 4]; 2] {
+    fn i8_2x4_avx2(a0: &[i8], a1: &[i8], b: [&[i8]; 4]) -> [[i32; 4]; 2] {
         let k = a0.len();
-        debug_assert!(a1.len() == k && b.iter().all(|x| x.len() == k));
+        assert!(a1.len() == k && b.iter().all(|x| x.len() == k));
         let full = k / 16 * 16;
         let mut acc0 = [_mm256_setzero_si256(); 4];
         let mut acc1 = [_mm256_setzero_si256(); 4];
@@ -260,18 +430,16 @@ mod x86 {
         }
         let mut out = [[0i32; 4]; 2];
         for j in 0..4 {
-            // SAFETY: AVX2 is enabled for this function.
-            let (s0, s1) = unsafe { (hsum_epi32(acc0[j]), hsum_epi32(acc1[j])) };
-            out[0][j] = s0 + dot_i8(&a0[full..], &b[j][full..]);
-            out[1][j] = s1 + dot_i8(&a1[full..], &b[j][full..]);
+            out[0][j] = hsum_epi32(acc0[j]) + dot_i8(&a0[full..], &b[j][full..]);
+            out[1][j] = hsum_epi32(acc1[j]) + dot_i8(&a1[full..], &b[j][full..]);
         }
         out
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn f32_2x4_avx2(a0: &[f32], a1: &[f32], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    fn f32_2x4_avx2(a0: &[f32], a1: &[f32], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
         let k = a0.len();
-        debug_assert!(a1.len() == k && b.iter().all(|x| x.len() == k));
+        assert!(a1.len() == k && b.iter().all(|x| x.len() == k));
         let full = k / 8 * 8;
         let mut acc0 = [_mm256_setzero_ps(); 4];
         let mut acc1 = [_mm256_setzero_ps(); 4];
@@ -316,6 +484,412 @@ mod x86 {
     }
 }
 
+/// int8 × int8 with AVX-512 VNNI (`vpdpbusd`: unsigned × signed bytes, four products summed into
+/// each i32 lane, wrapping).
+///
+/// `b` is shifted to unsigned (`b + 128`, an xor of the sign bit) so `Σ a·(b + 128) = Σ a·b + 128·Σ a`;
+/// the row sums of `a` are subtracted afterwards. Every partial sum fits i32 for `K <= MAX_K`, and the
+/// arithmetic wraps, so the result is the exact integer product. Two kernels:
+/// - panels: 16 columns of `b` × 4 values of K per 64 bytes; rows of `a` broadcast 4 bytes at a time
+///   into a 6 × 64 tile of accumulators;
+/// - dots (at most [`DOT_COLS`] live columns, e.g. decode): 64 values of K per step along rows of `a`.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{BLayout, f16_round_once, par_rows};
+
+    /// Largest K for which `|Σ a·(b + 128)| <= 128·255·K` stays below 2³¹ (no reliance on wrapping).
+    pub(super) const MAX_K: usize = 65536;
+    /// Rows and column vectors (of 16) of one panel tile.
+    const R: usize = 6;
+    const C: usize = 4;
+    /// Live columns up to which the dot kernel is used.
+    const DOT_COLS: usize = 4;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// Columns `0..cols` of `b` as unsigned panels: panel `v` holds columns `16v..16v+16`, K in groups
+    /// of four, 64 bytes per group (`[column][k % 4]`); K is padded to `k4` and columns to 16 with
+    /// 0x80 (value 0 after the shift; padded K meets zeros in `a` anyway).
+    fn pack_panels(b: &[i8], layout: BLayout, m: usize, k: usize, cols: usize) -> (Vec<u8>, usize) {
+        let k4 = k.next_multiple_of(4);
+        let vecs = cols.div_ceil(16);
+        let ps = k4 * 16;
+        let mut p = vec![0x80u8; vecs * ps];
+        match layout {
+            BLayout::KM => {
+                let full_groups = k / 4;
+                let full_vecs = if m >= vecs * 16 { vecs } else { cols / 16 };
+                for g in 0..full_groups {
+                    for v in 0..full_vecs {
+                        let rows = [0, 1, 2, 3].map(|j| {
+                            let s = (4 * g + j) * m + 16 * v;
+                            &b[s..s + 16]
+                        });
+                        let dst = &mut p[v * ps + g * 64..v * ps + g * 64 + 64];
+                        interleave4x16(rows, dst);
+                    }
+                }
+                // Whatever the 4 × 16 blocks did not cover.
+                for kk in 0..k {
+                    let (g, j) = (kk / 4, kk % 4);
+                    let c_from = if kk < full_groups * 4 {
+                        full_vecs * 16
+                    } else {
+                        0
+                    };
+                    for c in c_from..cols {
+                        p[(c / 16) * ps + g * 64 + (c % 16) * 4 + j] = b[kk * m + c] as u8 ^ 0x80;
+                    }
+                }
+            }
+            BLayout::MK => {
+                for c in 0..cols {
+                    let base = (c / 16) * ps + (c % 16) * 4;
+                    for (kk, &v) in b[c * k..(c + 1) * k].iter().enumerate() {
+                        p[base + (kk / 4) * 64 + kk % 4] = v as u8 ^ 0x80;
+                    }
+                }
+            }
+        }
+        (p, k4)
+    }
+
+    /// Four rows of 16 bytes → 16 columns of 4 bytes, sign bit flipped (SSE2, baseline on x86_64).
+    fn interleave4x16(rows: [&[i8]; 4], dst: &mut [u8]) {
+        assert!(rows.iter().all(|r| r.len() == 16) && dst.len() == 64);
+        // SAFETY: each row is 16 readable bytes and `dst` 64 writable bytes (asserted); loadu/storeu
+        // take unaligned pointers; SSE2 is part of the x86_64 baseline.
+        unsafe {
+            let flip = _mm_set1_epi8(i8::MIN);
+            let [r0, r1, r2, r3] =
+                rows.map(|r| _mm_xor_si128(_mm_loadu_si128(r.as_ptr().cast()), flip));
+            let (t0, t1) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+            let (t2, t3) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+            let d = dst.as_mut_ptr().cast::<__m128i>();
+            _mm_storeu_si128(d, _mm_unpacklo_epi16(t0, t2));
+            _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(t0, t2));
+            _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(t1, t3));
+            _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(t1, t3));
+        }
+    }
+
+    /// Runs the product; `cols >= 1` live columns, `zero` is the value of every dead column.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        a: &[i8],
+        b: &[i8],
+        layout: BLayout,
+        n: usize,
+        m: usize,
+        k: usize,
+        cols: usize,
+        scale: f64,
+        zero: f16,
+        out: &mut [f16],
+        threads: usize,
+    ) {
+        assert!(a.len() >= n * k && b.len() >= m * k && out.len() >= n * m && cols <= m);
+        if cols <= DOT_COLS {
+            // Live columns as contiguous unsigned rows [cols, K].
+            let bt = super::cols_as_rows(b, layout, m, k, cols, |v: i8| v as u8 ^ 0x80);
+            par_rows(out, n, m, threads, 4, |r0, rows, chunk| {
+                for r in 0..rows {
+                    chunk[r * m + cols..(r + 1) * m].fill(zero);
+                }
+                let a = &a[r0 * k..(r0 + rows) * k];
+                // SAFETY: `available()` was checked by the caller before entering this module.
+                unsafe { dots(a, &bt, rows, cols, m, k, scale, chunk) };
+            });
+            return;
+        }
+        let (panels, k4) = pack_panels(b, layout, m, k, cols);
+        // Rows of `a` padded to k4 with zeros when K is not a multiple of 4.
+        let padded: Option<Vec<i8>> = (k4 != k).then(|| {
+            let mut p = vec![0i8; n * k4];
+            for (d, s) in p.chunks_exact_mut(k4).zip(a.chunks_exact(k)) {
+                d[..k].copy_from_slice(s);
+            }
+            p
+        });
+        let a = padded.as_deref().unwrap_or(&a[..n * k]);
+        par_rows(out, n, m, threads, R, |r0, rows, chunk| {
+            for r in 0..rows {
+                chunk[r * m + cols..(r + 1) * m].fill(zero);
+            }
+            let a = &a[r0 * k4..(r0 + rows) * k4];
+            // SAFETY: `available()` was checked by the caller before entering this module.
+            unsafe { panel_rows(a, &panels, rows, cols, m, k4, scale, chunk) };
+        });
+    }
+
+    /// `out[r][c] = Σ a[r]·(bt[c] − 128)` for `rows` rows of `a` and `cols` unsigned rows of `bt`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn dots(
+        a: &[i8],
+        bt: &[u8],
+        rows: usize,
+        cols: usize,
+        m: usize,
+        k: usize,
+        scale: f64,
+        out: &mut [f16],
+    ) {
+        assert!(a.len() >= rows * k && bt.len() >= cols * k && out.len() >= rows * m);
+        assert!((1..=DOT_COLS).contains(&cols));
+        const DR: usize = 4;
+        let ones = _mm512_set1_epi8(1);
+        let tail = k % 64;
+        let tail_mask: __mmask64 = if tail == 0 { 0 } else { (1u64 << tail) - 1 };
+        let mut r = 0;
+        while r < rows {
+            let nr = DR.min(rows - r);
+            let mut acc = [[_mm512_setzero_si512(); DOT_COLS]; DR];
+            let mut sums = [_mm512_setzero_si512(); DR];
+            let mut k0 = 0;
+            while k0 < k {
+                let mask = if k0 + 64 <= k { !0 } else { tail_mask };
+                let mut bv = [_mm512_setzero_si512(); DOT_COLS];
+                for (c, v) in bv.iter_mut().enumerate().take(cols) {
+                    // SAFETY: bytes k0.. under `mask` lie inside row c of `bt` (asserted sizes);
+                    // masked-off bytes are not read.
+                    *v = unsafe {
+                        _mm512_maskz_loadu_epi8(mask, bt.as_ptr().add(c * k + k0).cast())
+                    };
+                }
+                for i in 0..nr {
+                    // SAFETY: as above, inside row r + i of `a`.
+                    let av = unsafe {
+                        _mm512_maskz_loadu_epi8(mask, a.as_ptr().add((r + i) * k + k0).cast())
+                    };
+                    sums[i] = _mm512_dpbusd_epi32(sums[i], ones, av);
+                    for c in 0..cols {
+                        acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], bv[c], av);
+                    }
+                }
+                k0 += 64;
+            }
+            for i in 0..nr {
+                let corr = _mm512_reduce_add_epi32(sums[i]).wrapping_mul(128);
+                for c in 0..cols {
+                    let v = _mm512_reduce_add_epi32(acc[i][c]).wrapping_sub(corr);
+                    out[(r + i) * m + c] = f16_round_once(f64::from(v) * scale);
+                }
+            }
+            r += nr;
+        }
+    }
+
+    /// The panel product for `rows` rows of `a` (stride `k4`) into the first `cols` columns of `out`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn panel_rows(
+        a: &[i8],
+        panels: &[u8],
+        rows: usize,
+        cols: usize,
+        m: usize,
+        k4: usize,
+        scale: f64,
+        out: &mut [f16],
+    ) {
+        let vecs = cols.div_ceil(16);
+        let ps = k4 * 16;
+        assert!(a.len() >= rows * k4 && panels.len() >= vecs * ps && out.len() >= rows * m);
+        assert!(cols <= m);
+        // Row sums of a, for the +128 correction.
+        let sums: Vec<i32> = a[..rows * k4]
+            .chunks_exact(k4.max(1))
+            .map(|r| r.iter().map(|&v| i32::from(v)).sum::<i32>())
+            .collect();
+        // Column blocks of b that stay in L2 while every row block passes over them.
+        let block = (super::BLOCK_BYTES / ps.max(1)).max(C) / C * C;
+        let mut v0 = 0;
+        while v0 < vecs {
+            let v1 = (v0 + block).min(vecs);
+            let mut r = 0;
+            while r < rows {
+                let nr = R.min(rows - r);
+                let mut v = v0;
+                while v < v1 {
+                    let nc = C.min(v1 - v);
+                    let t = Tile {
+                        a: &a[r * k4..],
+                        k4,
+                        b: &panels[v * ps..],
+                        ps,
+                        sums: &sums[r..r + nr],
+                        col0: v * 16,
+                        cols,
+                        m,
+                        scale,
+                    };
+                    let o = &mut out[r * m..];
+                    match (nr, nc) {
+                        (6, 4) => t.run::<6, 4>(o),
+                        (6, 3) => t.run::<6, 3>(o),
+                        (6, 2) => t.run::<6, 2>(o),
+                        (6, 1) => t.run::<6, 1>(o),
+                        (5, _) => t.run_cols::<5>(nc, o),
+                        (4, _) => t.run_cols::<4>(nc, o),
+                        (3, _) => t.run_cols::<3>(nc, o),
+                        (2, _) => t.run_cols::<2>(nc, o),
+                        _ => t.run_cols::<1>(nc, o),
+                    }
+                    v += nc;
+                }
+                r += nr;
+            }
+            v0 = v1;
+        }
+    }
+
+    /// One tile's operands: rows of `a` from its start, panels of `b` from the tile's first vector.
+    struct Tile<'a> {
+        a: &'a [i8],
+        k4: usize,
+        b: &'a [u8],
+        ps: usize,
+        sums: &'a [i32],
+        col0: usize,
+        cols: usize,
+        m: usize,
+        scale: f64,
+    }
+
+    impl Tile<'_> {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        fn run_cols<const NR: usize>(&self, nc: usize, out: &mut [f16]) {
+            match nc {
+                4 => self.run::<NR, 4>(out),
+                3 => self.run::<NR, 3>(out),
+                2 => self.run::<NR, 2>(out),
+                _ => self.run::<NR, 1>(out),
+            }
+        }
+
+        /// `NR` rows × `NC` column vectors; finishes into `out` (row stride `m`).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        fn run<const NR: usize, const NC: usize>(&self, out: &mut [f16]) {
+            let (k4, ps, groups) = (self.k4, self.ps, self.k4 / 4);
+            assert!(self.a.len() >= (NR - 1) * k4 + k4 && self.b.len() >= (NC - 1) * ps + ps);
+            assert!(self.sums.len() >= NR && out.len() >= (NR - 1) * self.m + self.cols);
+            let (ap, bp) = (self.a.as_ptr(), self.b.as_ptr());
+            let mut acc = [[_mm512_setzero_si512(); NC]; NR];
+            for g in 0..groups {
+                let mut bv = [_mm512_setzero_si512(); NC];
+                for (c, v) in bv.iter_mut().enumerate() {
+                    // SAFETY: panel c has `groups` groups of 64 bytes (asserted length).
+                    *v = unsafe { _mm512_loadu_si512(bp.add(c * ps + g * 64).cast()) };
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: row r of `a` has k4 = 4 · groups bytes (asserted length).
+                    let w = unsafe { ap.add(r * k4 + g * 4).cast::<i32>().read_unaligned() };
+                    let av = _mm512_set1_epi32(w);
+                    for c in 0..NC {
+                        acc[c] = _mm512_dpbusd_epi32(acc[c], bv[c], av);
+                    }
+                }
+            }
+            let scale = _mm512_set1_pd(self.scale);
+            for (r, acc) in acc.iter().enumerate() {
+                let corr = _mm512_set1_epi32(self.sums[r].wrapping_mul(128));
+                for (c, &v) in acc.iter().enumerate() {
+                    let col = self.col0 + c * 16;
+                    if col >= self.cols {
+                        break;
+                    }
+                    let h = finish16(_mm512_sub_epi32(v, corr), scale);
+                    let live = (self.cols - col).min(16);
+                    let dst = &mut out[r * self.m + col..r * self.m + col + live];
+                    // SAFETY: `dst` has `live` writable fp16 values and the mask covers exactly those.
+                    unsafe {
+                        _mm256_mask_storeu_epi16(
+                            dst.as_mut_ptr().cast(),
+                            (((1u32 << live) - 1) & 0xFFFF) as __mmask16,
+                            h,
+                        )
+                    };
+                }
+            }
+        }
+    }
+
+    /// `fp16(v · scale)` for 16 lanes, rounded once: the exact f64 product, rounded to odd in f32
+    /// (truncate, set the last bit when inexact), then to nearest-even fp16 — the bits of
+    /// [`f16_round_once`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn finish16(v: __m512i, scale: __m512d) -> __m256i {
+        let odd = |d: __m512d| -> __m256i {
+            let t = _mm512_cvt_roundpd_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(d);
+            let inexact = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(_mm512_cvtps_pd(t), d);
+            let t = _mm256_castps_si256(t);
+            _mm256_mask_or_epi32(t, inexact, t, _mm256_set1_epi32(1))
+        };
+        let lo = odd(_mm512_mul_pd(
+            _mm512_cvtepi32_pd(_mm512_castsi512_si256(v)),
+            scale,
+        ));
+        let hi = odd(_mm512_mul_pd(
+            _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(v)),
+            scale,
+        ));
+        let f = _mm512_castsi512_ps(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi));
+        _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn finish16_matches_scalar() {
+            if !super::available() {
+                eprintln!("skipped: no AVX-512 VNNI");
+                return;
+            }
+            let mut s = 3u64;
+            for scale in [1.0 / 640.0, 2f64.powi(-20), 3.0e-5, 1.0, -0.25] {
+                let mut vals = [0i32; 16];
+                for _ in 0..2000 {
+                    for v in vals.iter_mut() {
+                        s = s
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        *v = (s >> 32) as i32 >> ((s >> 8) % 31);
+                    }
+                    // SAFETY: features checked above; `vals` is 64 readable bytes.
+                    let h = unsafe {
+                        let v = _mm512_loadu_si512(vals.as_ptr().cast());
+                        finish16(v, _mm512_set1_pd(scale))
+                    };
+                    let mut got = [0u16; 16];
+                    // SAFETY: `got` is 32 writable bytes.
+                    unsafe { _mm256_storeu_si256(got.as_mut_ptr().cast(), h) };
+                    for (g, &v) in got.iter().zip(&vals) {
+                        assert_eq!(
+                            *g,
+                            f16_round_once(f64::from(v) * scale).to_bits(),
+                            "{v}·{scale}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Row-major `[rows, cols]` → `[cols, rows]`, in tiles so both sides stay in cache.
 pub(crate) fn transpose<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
     const T: usize = 32;
@@ -343,22 +917,140 @@ mod tests {
         (*seed >> 33) as u32
     }
 
+    fn naive_i8(a: &[i8], b_km: &[i8], m: usize, k: usize, r: usize, c: usize) -> i32 {
+        (0..k)
+            .map(|t| i32::from(a[r * k + t]) * i32::from(b_km[t * m + c]))
+            .sum()
+    }
+
+    /// Nearest fp16 to a finite `d` below 65504 in magnitude, ties to even, by comparing the exact
+    /// distances to the neighbours of a candidate (close values subtract exactly in f64).
+    fn nearest_f16(d: f64) -> f16 {
+        // fp16 bits in value order: positive patterns as is, negative ones mirrored below zero.
+        let ord = |h: f16| {
+            let b = h.to_bits();
+            if b & 0x8000 == 0 {
+                i32::from(b)
+            } else {
+                -i32::from(b & 0x7FFF)
+            }
+        };
+        let from_ord = |o: i32| {
+            f16::from_bits(if o >= 0 {
+                o as u16
+            } else {
+                0x8000 | (-o) as u16
+            })
+        };
+        let c = ord(f16::from_f64_const(d));
+        let mut best = from_ord(c);
+        for h in [from_ord(c - 1), from_ord(c + 1)] {
+            let (e, eb) = ((h.to_f64() - d).abs(), (best.to_f64() - d).abs());
+            if e < eb || (e == eb && h.to_bits() & 1 == 0) {
+                best = h;
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn round_once_is_correctly_rounded() {
+        let mut s = 5;
+        for _ in 0..200_000 {
+            let v = lcg(&mut s) as i32 >> (lcg(&mut s) % 31);
+            let sc = f64::from(f16::from_bits((lcg(&mut s) & 0x3FFF) as u16).to_f32()) / 65536.0;
+            let d = f64::from(v) * sc;
+            if d.abs() < 65504.0 {
+                assert_eq!(f16_round_once(d), nearest_f16(d), "{v} * {sc}");
+            }
+        }
+        // Just off an fp16 midpoint, where rounding through f32 first lands on the tie.
+        let mid = 1.0 + 2f64.powi(-11);
+        for d in [
+            mid + 2f64.powi(-40),
+            mid - 2f64.powi(-40),
+            -mid - 2f64.powi(-40),
+            mid,
+            2545.0011928081512,
+        ] {
+            assert_eq!(f16_round_once(d), nearest_f16(d), "{d}");
+        }
+        assert_eq!(
+            f16_round_once(mid + 2f64.powi(-40)).to_f64(),
+            1.0 + 2f64.powi(-10)
+        );
+        assert_eq!(f16_round_once(mid).to_f64(), 1.0);
+        assert!(f16_round_once(f64::NAN).is_nan());
+        assert_eq!(f16_round_once(1e300), f16::INFINITY);
+        assert_eq!(f16_round_once(65520.0), f16::INFINITY);
+        assert_eq!(f16_round_once(65519.99), f16::MAX);
+        assert_eq!(f16_round_once(-0.0).to_bits(), 0x8000);
+        assert_eq!(f16_round_once(2f64.powi(-25) * 1.0000001).to_bits(), 1);
+        assert_eq!(f16_round_once(2f64.powi(-25)).to_bits(), 0);
+    }
+
     #[test]
     fn i8_matches_naive_on_odd_shapes() {
         let mut s = 7;
-        for &(n, m, k) in &[(1, 1, 1), (3, 5, 17), (7, 9, 33), (2, 4, 16), (5, 130, 70)] {
+        let shapes = [
+            (1, 1, 1),
+            (3, 5, 17),
+            (7, 9, 33),
+            (2, 4, 16),
+            (5, 130, 70),
+            (13, 64, 64),
+            (8, 70, 256),
+            (19, 3, 130),
+        ];
+        for &(n, m, k) in &shapes {
             let a: Vec<i8> = (0..n * k).map(|_| lcg(&mut s) as u8 as i8).collect();
-            let bt: Vec<i8> = (0..m * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+            let b: Vec<i8> = (0..m * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+            let bt = transpose(&b, k, m);
             for threads in [1, 3] {
-                let mut out = vec![f16::ZERO; n * m];
-                gemm_i8(&a, &bt, n, m, k, 1.0 / 1024.0, &mut out, threads);
+                for (layout, bb) in [(BLayout::KM, &b), (BLayout::MK, &bt)] {
+                    let mut out = vec![f16::ZERO; n * m];
+                    gemm_i8(&a, bb, layout, n, m, k, 1.0 / 1024.0, &mut out, threads);
+                    for r in 0..n {
+                        for c in 0..m {
+                            let want = naive_i8(&a, &b, m, k, r, c);
+                            assert_eq!(
+                                out[r * m + c],
+                                f16_round_once(f64::from(want) / 1024.0),
+                                "{n}x{m}x{k} {layout:?} at {r},{c}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn i8_padding_columns_are_skipped_exactly() {
+        let mut s = 9;
+        for &(n, m, k, live) in &[
+            (9, 64, 96, 1),
+            (9, 64, 96, 3),
+            (14, 128, 64, 37),
+            (5, 64, 6, 0),
+        ] {
+            let a: Vec<i8> = (0..n * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+            let mut b = vec![0i8; k * m];
+            for t in 0..k {
+                for c in 0..live {
+                    b[t * m + c] = lcg(&mut s) as u8 as i8;
+                }
+            }
+            for scale in [1.0 / 96.0, -0.5] {
+                let mut out = vec![f16::ONE; n * m];
+                gemm_i8(&a, &b, BLayout::KM, n, m, k, scale, &mut out, 2);
                 for r in 0..n {
                     for c in 0..m {
-                        let want = dot_i8(&a[r * k..(r + 1) * k], &bt[c * k..(c + 1) * k]);
+                        let want = f16_round_once(f64::from(naive_i8(&a, &b, m, k, r, c)) * scale);
                         assert_eq!(
-                            out[r * m + c],
-                            f16::from_f64(f64::from(want) / 1024.0),
-                            "{n}x{m}x{k} at {r},{c}"
+                            out[r * m + c].to_bits(),
+                            want.to_bits(),
+                            "{r},{c} live {live}"
                         );
                     }
                 }
@@ -368,15 +1060,16 @@ mod tests {
 
     #[test]
     fn extreme_int8_values_do_not_saturate() {
-        let k = 64;
-        let a = vec![-128i8; 2 * k];
-        let bt = vec![-128i8; 4 * k];
-        let mut out = vec![f16::ZERO; 8];
-        gemm_i8(&a, &bt, 2, 4, k, 1.0 / 1024.0, &mut out, 1);
-        assert!(
-            out.iter()
-                .all(|&v| v == f16::from_f64(128.0 * 128.0 * 64.0 / 1024.0))
-        );
+        for &(m, k) in &[(4, 64), (64, 16384), (2, 16384)] {
+            let a = vec![-128i8; 2 * k];
+            for v in [-128i8, 127] {
+                let b = vec![v; m * k];
+                let mut out = vec![f16::ZERO; 2 * m];
+                gemm_i8(&a, &b, BLayout::KM, 2, m, k, 1.0 / 65536.0, &mut out, 1);
+                let want = f16_round_once(-128.0 * f64::from(v) * k as f64 / 65536.0);
+                assert!(out.iter().all(|&x| x == want), "{v} k={k}");
+            }
+        }
     }
 
     #[test]
@@ -390,7 +1083,7 @@ mod tests {
                 .map(|_| lcg(&mut s) as f32 / u32::MAX as f32 - 0.5)
                 .collect();
             let mut out = vec![f16::ZERO; n * m];
-            gemm_f32(&a, &bt, n, m, k, &mut out, 2);
+            gemm_f32(&a, &bt, n, m, m, k, &mut out, 2);
             for r in 0..n {
                 for c in 0..m {
                     let want = dot_f32(&a[r * k..(r + 1) * k], &bt[c * k..(c + 1) * k]);
@@ -402,6 +1095,37 @@ mod tests {
                 f32_kernel()(&a[..k], &a[k..2 * k], b4),
                 f32_2x4_portable(&a[..k], &a[k..2 * k], b4)
             );
+        }
+    }
+
+    #[test]
+    fn f16_padding_columns_copy_the_computed_zero_column() {
+        let mut s = 13;
+        let (n, m, k) = (6, 64, 40);
+        let mut a: Vec<f16> = (0..n * k)
+            .map(|_| f16::from_f32(lcg(&mut s) as f32 / u32::MAX as f32 - 0.5))
+            .collect();
+        // A non-finite weight makes its zero columns NaN, as a full product would.
+        a[3 * k + 5] = f16::INFINITY;
+        let mut b = vec![f16::ZERO; k * m];
+        for t in 0..k {
+            for c in 0..3 {
+                b[t * m + c] = f16::from_f32(lcg(&mut s) as f32 / u32::MAX as f32 - 0.5);
+            }
+        }
+        let mut out = vec![f16::ZERO; n * m];
+        gemm_f16(&a, &b, BLayout::KM, n, m, k, &mut out, 1);
+        let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+        let bt: Vec<f32> = transpose(&b, k, m).iter().map(|v| v.to_f32()).collect();
+        for r in 0..n {
+            for c in 0..m {
+                let want = f16::from_f32(dot_f32(&af[r * k..(r + 1) * k], &bt[c * k..(c + 1) * k]));
+                let got = out[r * m + c];
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "{r},{c}: {got} vs {want}"
+                );
+            }
         }
     }
 

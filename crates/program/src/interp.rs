@@ -7,8 +7,9 @@
 //! Numerics: every op result is rounded to fp16. `matmul` accumulates in f32 and rounds its output to
 //! fp16 (the ANE's accumulator width is a device question). When both matmul operands are
 //! `dequantize(int8, scalar scale)` results, the product runs as an exact integer GEMM (i32 sums)
-//! scaled once by `scale_x · scale_y` and rounded to fp16: what an int8 × int8 engine computes, and
-//! fast enough to run every offloaded matmul of real models in tests. The unfused route would round
+//! scaled by `scale_x · scale_y` and rounded once to fp16 (correctly rounded on every platform): what
+//! an int8 × int8 engine computes, and fast enough to run every offloaded matmul of real models in
+//! tests. The unfused route would round
 //! each dequantized operand to fp16 first (at most 2⁻¹¹ relative per element).
 
 use std::collections::HashMap;
@@ -993,7 +994,20 @@ impl Interpreter {
             return Err(ProgramError::BadInputs(format!("input {name} is missing")));
         }
         let threads = threads.max(1);
+        let last = self.steps.len().saturating_sub(1);
         for (i, step) in self.steps.iter().enumerate() {
+            // A final matmul producing the output writes straight into `out` (no buffer, no copy).
+            if let Step::Matmul(mm) = step
+                && i == last
+                && mm.out == self.output
+            {
+                let get = |s: usize| {
+                    env[s]
+                        .as_ref()
+                        .ok_or_else(|| ProgramError::Malformed(format!("slot {s} is empty")))
+                };
+                return self.matmul_into(mm, get(mm.x)?, get(mm.y)?, threads, out);
+            }
             let v = self.exec(step, &env, threads)?;
             env[step_out(step)] = Some(v);
             for &d in &self.drops[i] {
@@ -1089,23 +1103,57 @@ impl Interpreter {
         y: &Val<'a>,
         threads: usize,
     ) -> Result<Val<'a>, ProgramError> {
+        let mut out = vec![f16::ZERO; mm.batches.len() * mm.n * mm.m];
+        self.matmul_into(mm, x, y, threads, &mut out)?;
+        Ok(Val::Float16(out.into()))
+    }
+
+    /// The matmul into `out` (`batches · N · M` values). `y` is read in its stored layout: the
+    /// program's `[K, M]` activations are not transposed back and forth.
+    fn matmul_into(
+        &self,
+        mm: &MatmulStep,
+        x: &Val<'_>,
+        y: &Val<'_>,
+        threads: usize,
+        out: &mut [f16],
+    ) -> Result<(), ProgramError> {
         let (n, k, m) = (mm.n, mm.k, mm.m);
-        let mut out = vec![f16::ZERO; mm.batches.len() * n * m];
+        if out.len() != mm.batches.len() * n * m {
+            return Err(ProgramError::Malformed(format!(
+                "matmul output of {} values into {}",
+                mm.batches.len() * n * m,
+                out.len()
+            )));
+        }
+        let layout = if mm.ty {
+            gemm::BLayout::MK
+        } else {
+            gemm::BLayout::KM
+        };
         for (bi, &(xo, yo)) in mm.batches.iter().enumerate() {
             let dst = &mut out[bi * n * m..(bi + 1) * n * m];
             if let (Val::Deq { q: qx, scale: sx }, Val::Deq { q: qy, scale: sy }) = (x, y) {
                 let a = rows_of(&qx[xo..xo + n * k], n, k, mm.tx);
-                let bt = rows_of(&qy[yo..yo + k * m], m, k, !mm.ty);
                 let scale = f64::from(sx.to_f32()) * f64::from(sy.to_f32());
-                gemm::gemm_i8(&a, &bt, n, m, k, scale, dst, threads);
+                gemm::gemm_i8(
+                    &a,
+                    &qy[yo..yo + k * m],
+                    layout,
+                    n,
+                    m,
+                    k,
+                    scale,
+                    dst,
+                    threads,
+                );
             } else {
                 let (xf, yf) = (x.f16()?, y.f16()?);
-                let a = to_f32(&rows_of(&xf[xo..xo + n * k], n, k, mm.tx));
-                let bt = to_f32(&rows_of(&yf[yo..yo + k * m], m, k, !mm.ty));
-                gemm::gemm_f32(&a, &bt, n, m, k, dst, threads);
+                let a = rows_of(&xf[xo..xo + n * k], n, k, mm.tx);
+                gemm::gemm_f16(&a, &yf[yo..yo + k * m], layout, n, m, k, dst, threads);
             }
         }
-        Ok(Val::Float16(out.into()))
+        Ok(())
     }
 }
 
@@ -1121,12 +1169,6 @@ fn rows_of<T: Copy + Default>(
     } else {
         src.into()
     }
-}
-
-fn to_f32(v: &[f16]) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    v.convert_to_f32_slice(&mut out);
-    out
 }
 
 /// `fp16((q - zero_point) · scale)` per element, converted in chunks.
