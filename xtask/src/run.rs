@@ -25,7 +25,7 @@ fn parse(args: &[String]) -> Result<Args> {
         quant: "Q8_0".into(),
         policy: "always".into(),
         prompt: "The Neural Engine in Apple silicon is".into(),
-        n: 32,
+        n: 16,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -120,7 +120,11 @@ fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Resul
     let tps = |key: &str| {
         stderr
             .lines()
-            .find(|l| l.contains(key) && l.contains("tokens per second"))
+            .find(|l| {
+                l.contains(key)
+                    && l.contains("tokens per second")
+                    && (key.contains("prompt") || !l.contains("prompt"))
+            })
             .and_then(|l| {
                 let i = l.find("tokens per second")?;
                 let head = &l[..i];
@@ -128,15 +132,18 @@ fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Resul
                 num.parse::<f64>().ok()
             })
     };
+    // llama-completion's logger hides ggml's info lines; the statistics file proves the backend ran.
+    let stats_json = std::fs::read_to_string(&stats).ok();
+    let summary_present = stats_json.is_some();
     Ok(RunOut {
         text: stdout.trim().to_string(),
         prompt_tps: tps("prompt eval time"),
-        eval_tps: tps(" eval time").or_else(|| tps("eval time")),
-        summary: std::fs::read_to_string(&stats).ok().map(|j| {
+        eval_tps: tps("eval time"),
+        summary: stats_json.map(|j| {
             let _ = std::fs::remove_file(&stats);
             summarize_stats(&j)
         }),
-        loaded: stderr.contains("loaded CoreML backend"),
+        loaded: stderr.contains("loaded CoreML backend") || summary_present,
     })
 }
 
