@@ -1009,6 +1009,9 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
             opt(x.ours_j_per_token, 3)
         );
     }
+    if let Some(line) = noise_line(&r.rows) {
+        let _ = writeln!(o, "\n{line}");
+    }
     let thermal: Vec<String> = r
         .runs
         .iter()
@@ -1061,6 +1064,30 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
     render_projection(&mut o, &r.projection);
     render_device_only(&mut o);
     o
+}
+
+/// Rows whose runs offloaded nothing (e.g. `latency` on Linux) run the same code as stock: their spread is
+/// the run-to-run noise of this machine, the yardstick for every other ratio.
+fn noise_line(rows: &[Row]) -> Option<String> {
+    let ctl: Vec<f64> = rows
+        .iter()
+        .filter(|x| x.offloaded_ops == Some(0))
+        .map(|x| x.prefill_speedup)
+        .filter(|v| v.is_finite())
+        .collect();
+    if ctl.is_empty() {
+        return None;
+    }
+    let (lo, hi) = ctl
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    Some(format!(
+        "**Noise control**: {} row(s) offloaded no MUL_MAT, so they ran the same computation as stock; their prefill \
+         ratios span {lo:.2}x–{hi:.2}x. Ratios inside that band are not distinguishable from noise on this machine.",
+        ctl.len()
+    ))
 }
 
 fn render_projection(o: &mut String, rows: &[ProjectionRow]) {
@@ -1291,5 +1318,9 @@ mod tests {
         // TTFT = prefill + one decode step (100 ms at 10 tok/s).
         assert!((r.stock_ttft_ms.expect("ttft") - 400.0).abs() < 1e-6);
         assert_eq!(r.stock_j_per_token, None);
+        assert!(noise_line(&rows).is_none());
+        let mut ctl = rows.clone();
+        ctl[0].offloaded_ops = Some(0);
+        assert!(noise_line(&ctl).expect("control").contains("3.00x–3.00x"));
     }
 }

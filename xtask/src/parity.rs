@@ -183,6 +183,9 @@ struct Store {
     references: BTreeMap<String, Reference>,
     /// Keyed `model/quant/variant`.
     cells: BTreeMap<String, Cell>,
+    /// `model/quant` (or `model/reference`) → why its last run failed.
+    #[serde(default)]
+    errors: BTreeMap<String, String>,
     machine: Option<Machine>,
 }
 
@@ -275,18 +278,39 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
             .map(|q| variants.iter().filter(|v| applies(v, q)).count())
             .sum::<usize>();
     let mut done = 0;
+    // A failing tool run costs its model × quant, not the whole run: recorded and shown in the report.
     for &m in &model_list {
-        let reference = measure_reference(&ctx, m)?;
+        let reference = match measure_reference(&ctx, m) {
+            Ok(r) => r,
+            Err(e) => {
+                log!("parity: {} reference failed: {e:#}", m.name());
+                store
+                    .errors
+                    .insert(format!("{}/reference", m.name()), format!("{e:#}"));
+                save_store(&store)?;
+                continue;
+            }
+        };
+        store.errors.remove(&format!("{}/reference", m.name()));
         store
             .references
             .insert(m.name().to_string(), reference.clone());
         save_store(&store)?;
         for q in &quants {
-            let cells = measure_quant(&ctx, m, q, &variants, &reference, &mut done, total)?;
-            for c in cells {
-                store
-                    .cells
-                    .insert(format!("{}/{}/{}", c.model, c.quant, c.variant), c);
+            let key = format!("{}/{q}", m.name());
+            match measure_quant(&ctx, m, q, &variants, &reference, &mut done, total) {
+                Ok(cells) => {
+                    store.errors.remove(&key);
+                    for c in cells {
+                        store
+                            .cells
+                            .insert(format!("{}/{}/{}", c.model, c.quant, c.variant), c);
+                    }
+                }
+                Err(e) => {
+                    log!("parity: {key} failed: {e:#}");
+                    store.errors.insert(key, format!("{e:#}"));
+                }
             }
             save_store(&store)?;
         }
@@ -1133,11 +1157,19 @@ fn render(s: &Store) -> String {
         let _ = writeln!(o, "\n</details>\n");
     }
 
+    if !s.errors.is_empty() {
+        let _ = writeln!(o, "## Runs that failed\n");
+        for (k, e) in &s.errors {
+            let _ = writeln!(o, "- {k}: {}", one_line(e));
+        }
+        let _ = writeln!(o);
+    }
     let _ = writeln!(o, "## Regenerate\n");
     let _ = writeln!(
         o,
         "- Everything: `cargo xtask parity` (all models × Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K, F16 × i8i8, w8f16, f16; \
-         {CHUNKS} chunks, 3 prompts; about 1–2 h on 2 cores, dominated by the greedy runs through the reference executor).\n\
+         {CHUNKS} chunks, the prompts of tests/data/parity-prompts.txt; about 2 h on 2 busy cores, dominated by the greedy \
+         runs through the reference executor).\n\
          - One cell: the command in its row. Cells are kept in `$GGML_COREML_DEV_CACHE/parity/store.json` and this file \
          is rebuilt from all of them after every run (`--fresh` starts over).\n\
          - CI: `cargo xtask parity --quick` (gemma-3-270m Q8_0, the library's default variant, {QUICK_CHUNKS} chunks, no \
