@@ -272,7 +272,13 @@ fn ensure_bert_model() -> Result<PathBuf> {
         return Ok(out);
     }
     let _lock = util::lock(&qvac_cache().join("models.lock"), "QVAC test models")?;
+    if util::read_marker(&marker).as_deref() == Some(recipe.as_str()) && out.is_file() {
+        return Ok(out);
+    }
     let python = venv::ensure_venv()?;
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let tmp = util::tmp_path(&out);
     util::run(
         Command::new(python)
