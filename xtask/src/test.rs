@@ -112,6 +112,14 @@ const STAGES: &[Stage] = &[
         run: hybrid,
     },
     Stage {
+        name: "parity",
+        run: |_| crate::parity::quick_check(),
+    },
+    Stage {
+        name: "qvac",
+        run: |env| crate::qvac::run_qvac_tests(&env.lib, &env.models),
+    },
+    Stage {
         name: "api-mismatch",
         run: api_mismatch,
     },
