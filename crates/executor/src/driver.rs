@@ -134,6 +134,7 @@ impl PreparedWeight {
 pub struct Scratch {
     xq: Vec<i8>,
     xs: Vec<f32>,
+    sx: Vec<f32>,
     xt_i8: Vec<i8>,
     x_f16: Vec<f16>,
     xt_f16: Vec<f16>,
@@ -211,11 +212,16 @@ pub fn matmul(
             WeightForm::Rowwise(r) => {
                 let s = d.i8_scale().to_f32();
                 let inv = 1.0 / (s * s);
-                Some((inv, &r.scales[part.n0..part.n0 + d.n]))
+                scratch.sx.clear();
+                scratch.sx.extend(
+                    scratch.xs[part.m0..part.m0 + part.m_len]
+                        .iter()
+                        .map(|&x| x * inv),
+                );
+                Some((&scratch.sx[..], &r.scales[part.n0..part.n0 + d.n]))
             }
             _ => None,
         };
-        let sx = &scratch.xs;
         store_y(
             &scratch.y,
             d.m,
@@ -224,21 +230,22 @@ pub fn matmul(
             &mut out[part.m0 * out_stride + part.n0..],
             out_stride,
             accumulate,
-            |mi| rescale.map(|(inv, sw)| (sx[part.m0 + mi] * inv, sw)),
+            rescale,
         );
     }
     Ok(())
 }
 
-/// Rows and columns of the tiles `store_y` transposes through (fits L1 as f32).
-const TILE_N: usize = 16;
+/// Rows and columns of the tiles `store_y` goes through (16 KiB of f32: stays in L1).
+const TILE_N: usize = 64;
 const TILE_M: usize = 64;
 
 /// Writes (or adds) `y[N, Mp]` columns `0..m_len` into `out[mi][ni]` (row stride `out_stride`).
-/// `scales(mi)` gives the token's factor and the rows' factors for i8i8: `out = y · sx · sw[ni]`,
-/// multiplied in that order. Goes through small tiles so reads and writes stay contiguous.
+/// For i8i8, `rescale = (sx, sw)` with one factor per token and per row: `out = y · sx[mi] · sw[ni]`,
+/// multiplied in that order. Tiles are converted and scaled along y's rows (contiguous, vectorised),
+/// then transposed into `out`.
 #[allow(clippy::too_many_arguments)]
-fn store_y<'s>(
+fn store_y(
     y: &[f16],
     mp: usize,
     np: usize,
@@ -246,37 +253,35 @@ fn store_y<'s>(
     out: &mut [f32],
     out_stride: usize,
     accumulate: bool,
-    scales: impl Fn(usize) -> Option<(f32, &'s [f32])>,
+    rescale: Option<(&[f32], &[f32])>,
 ) {
     use half::slice::HalfFloatSliceExt;
-    let mut tile = [[0f32; TILE_M]; TILE_N];
-    let mut row = [0f32; TILE_N];
+    let mut tile = vec![[0f32; TILE_M]; TILE_N];
     for n0 in (0..np).step_by(TILE_N) {
         let tn = TILE_N.min(np - n0);
         for m0 in (0..m_len).step_by(TILE_M) {
             let tm = TILE_M.min(m_len - m0);
             for (j, t) in tile.iter_mut().enumerate().take(tn) {
-                y[(n0 + j) * mp + m0..(n0 + j) * mp + m0 + tm].convert_to_f32_slice(&mut t[..tm]);
-            }
-            for mi in 0..tm {
-                for (j, v) in row.iter_mut().enumerate().take(tn) {
-                    *v = tile[j][mi];
-                }
-                let row = &mut row[..tn];
-                if let Some((sx, sw)) = scales(m0 + mi) {
-                    for (v, &w) in row.iter_mut().zip(&sw[n0..n0 + tn]) {
-                        *v = *v * sx * w;
+                let t = &mut t[..tm];
+                y[(n0 + j) * mp + m0..(n0 + j) * mp + m0 + tm].convert_to_f32_slice(t);
+                if let Some((sx, sw)) = rescale {
+                    let w = sw[n0 + j];
+                    for (v, &x) in t.iter_mut().zip(&sx[m0..m0 + tm]) {
+                        *v = *v * x * w;
                     }
                 }
+            }
+            let tile = &tile[..tn];
+            for mi in 0..tm {
                 let o = &mut out[(m0 + mi) * out_stride + n0..(m0 + mi) * out_stride + n0 + tn];
                 if accumulate {
-                    for (o, &v) in o.iter_mut().zip(row.iter()) {
-                        *o += v;
+                    for (o, t) in o.iter_mut().zip(tile) {
+                        *o += t[mi];
                     }
                 } else {
                     // `0 + v`, as accumulating into zeros would (turns -0 into +0).
-                    for (o, &v) in o.iter_mut().zip(row.iter()) {
-                        *o = 0.0 + v;
+                    for (o, t) in o.iter_mut().zip(tile) {
+                        *o = 0.0 + t[mi];
                     }
                 }
             }
@@ -603,6 +608,85 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Timings of the host side around the executor on gemma-3-270m's shapes, phase by phase:
+/// `cargo test --release -p ggml-coreml-executor --lib -- --ignored --nocapture driver_timings`
+/// (`THREADS=n` for the executor's threads).
+#[cfg(test)]
+mod timings {
+    use super::*;
+    use crate::reference::ReferenceExecutor;
+    use std::time::Instant;
+
+    fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        t.elapsed().as_secs_f64() * 1e3 / reps as f64
+    }
+
+    #[test]
+    #[ignore]
+    fn driver_timings() {
+        let exec = ReferenceExecutor::new();
+        let threads = std::env::var("THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2);
+        exec.set_threads(threads);
+        let shapes = [(640, 1024), (640, 256), (1024, 640), (640, 2048), (2048, 640)];
+        for m in [512, 1] {
+            let reps = if m == 1 { 200 } else { 10 };
+            let mut sum = [0.0; 5];
+            for &(k, n) in &shapes {
+                let mut b = Vec::new();
+                for i in 0..n * k / 32 {
+                    b.extend_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                    b.extend((0..32).map(|j| ((i * 7 + j * 13) % 251) as u8));
+                }
+                let mode = Mode::Program(Variant::I8I8);
+                let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &b, n, k, 0).unwrap();
+                let WeightForm::Rowwise(r) = &w.form else { unreachable!() };
+                let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 7.0).collect();
+                let act = Activations { x: &x, m, x_stride: k };
+                let mut out = vec![0f32; m * n];
+                let mut s = Scratch::default();
+                let d = SplitPlan::new(Variant::I8I8, m, k, n, 0, false, 32).unwrap().parts[0].desc;
+                let mp = d.m;
+                let (mut xq, mut xs) = (vec![0i8; m * k], vec![0f32; m]);
+                let mut xt = Vec::new();
+                let mut y = vec![f16::ZERO; n * mp];
+                let t_all = time(reps, || {
+                    matmul(&exec, &w, &act, &mut out, n, &mut s).unwrap();
+                });
+                let t_q = time(reps, || {
+                    bridge::quantize_rows_i8(&x, m, k, k, &mut xq, &mut xs);
+                });
+                let t_t = time(reps, || transpose_into(&xq, k, m, k, mp, &mut xt, 0));
+                let t_x = time(reps, || {
+                    let inputs = ProgramInputs::I8I8 { w: &r.q, x: &xt };
+                    exec.run(&d, inputs, 0, &mut y).unwrap();
+                });
+                let sx: Vec<f32> = xs.iter().map(|v| v * 3.0).collect();
+                let t_s = time(reps, || {
+                    store_y(&y, mp, n, m, &mut out, n, false, Some((&sx, &r.scales)))
+                });
+                for (a, v) in sum.iter_mut().zip([t_all, t_q, t_t, t_x, t_s]) {
+                    *a += v;
+                }
+                eprintln!(
+                    "m={m} k={k} n={n}: {t_all:.3} ms = quantize {t_q:.3} + transpose {t_t:.3} + run {t_x:.3} + store {t_s:.3}"
+                );
+            }
+            eprintln!(
+                "m={m} all: {:.3} ms = quantize {:.3} + transpose {:.3} + run {:.3} + store {:.3}",
+                sum[0], sum[1], sum[2], sum[3], sum[4]
+            );
         }
     }
 }
