@@ -86,6 +86,22 @@ if (ext.why) {
     t.is(second.addon.generatedTokens, 8, 'the second run still generated')
   })
 
+  test('llm and embed addons in one process share the backend', LONG, async (t) => {
+    const res = await runChild({
+      kind: 'both',
+      model: ext.model('qwen3-tiny-Q8_0.gguf'),
+      prompts: ['What is the capital of France?'],
+      predict: 4,
+      embedModel: ext.bert,
+      coreml: { library: ext.lib, policy: 'always' }
+    })
+    checkRouting(t, res, 'both')
+    const [llm, embed] = res.runs
+    t.ok(llm.coreml && llm.coreml.ane_ops > 0, `LLM run offloaded (ane_ops ${llm.coreml && llm.coreml.ane_ops})`)
+    t.ok(embed.coreml && embed.coreml.ane_ops > llm.coreml.ane_ops, `the embed run added to the same counters (${embed.coreml && embed.coreml.ane_ops})`)
+    t.ok(res.nativeLog.some((l) => l.startsWith('embed ') && /CoreML model buffer size/.test(l)), 'embed weights in the CoreML buffer too')
+  })
+
   test('embed, tiny BERT Q8_0: ggml-coreml embeddings have cosine >= 0.999 to stock', LONG, async (t) => {
     const spec = { kind: 'embed', model: ext.bert, prompts: EMBED_TEXTS }
     const stock = await runChild(spec)
