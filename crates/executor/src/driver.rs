@@ -35,8 +35,9 @@ impl Mode {
         }
     }
 
-    /// The default for a weight type: int8 x int8 for quantised weights (the ANE's fast path), the fp16
-    /// program for F16 weights (exact inputs, no requantisation). An override that makes no sense for a
+    /// The default for a weight type: the exact block form with fp16 activations (w8f16) for quantised
+    /// weights, the fp16 program for F16 weights (exact inputs, no requantisation). i8i8 (the ANE's
+    /// int8 x int8 path) is opt-in (`GGML_COREML_VARIANT=i8i8`) until per-group activation scales exist. An override that makes no sense for a
     /// type (w8f16 over F16) falls back to the type's default.
     pub fn for_type(wtype: WeightType, requested: Option<Mode>) -> Mode {
         match (requested, wtype) {
@@ -44,7 +45,9 @@ impl Mode {
                 Mode::Program(Variant::F16)
             }
             (Some(m), _) => m,
-            (None, _) => Mode::Program(Variant::I8I8),
+            // Not i8i8: one int8 scale per token does not survive real LLM activations (outlier
+            // channels); docs/parity.md measures it failing the Q8_0-vs-F16 bar on Gemma-3-270M.
+            (None, _) => Mode::Program(Variant::W8F16),
         }
     }
 }
@@ -65,6 +68,9 @@ pub enum WeightForm {
     /// ExactF32: the exact values.
     Exact(Vec<f32>),
 }
+
+/// Weights of at least this many elements are repacked on several threads.
+const REPACK_PAR_ELEMENTS: usize = 1 << 22;
 
 /// One 2-D weight `[N, K]` ready for its mode.
 pub struct PreparedWeight {
@@ -87,12 +93,19 @@ impl PreparedWeight {
         k: usize,
         key: u64,
     ) -> Result<PreparedWeight, BridgeError> {
+        // Repacks run once per weight while the model loads (nothing else computes yet): large ones
+        // use the machine's cores.
+        let threads = if n.saturating_mul(k) >= REPACK_PAR_ELEMENTS {
+            std::thread::available_parallelism().map_or(1, |t| t.get())
+        } else {
+            1
+        };
         let form = match mode {
             Mode::Program(Variant::I8I8) => {
-                WeightForm::Rowwise(bridge::rowwise_int8(wtype, bytes, n, k)?)
+                WeightForm::Rowwise(bridge::rowwise_int8_par(wtype, bytes, n, k, threads)?)
             }
             Mode::Program(Variant::W8F16) => {
-                let b = bridge::block_form(wtype, bytes, n, k)?;
+                let b = bridge::block_form_par(wtype, bytes, n, k, threads)?;
                 WeightForm::Block {
                     scales: b.scales.iter().map(|&s| f16::from_f32(s)).collect(),
                     offsets: b
@@ -103,7 +116,9 @@ impl PreparedWeight {
                     q: b.q,
                 }
             }
-            Mode::Program(Variant::F16) => WeightForm::Half(bridge::to_f16(wtype, bytes, n, k)?),
+            Mode::Program(Variant::F16) => {
+                WeightForm::Half(bridge::to_f16_par(wtype, bytes, n, k, threads)?)
+            }
             Mode::ExactF32 => WeightForm::Exact(bridge::dequantize(wtype, bytes, n, k)?),
         };
         Ok(PreparedWeight {
@@ -256,6 +271,20 @@ fn store_y(
     rescale: Option<(&[f32], &[f32])>,
 ) {
     use half::slice::HalfFloatSliceExt;
+    if m_len < 8 {
+        // Decode-sized: one strided pass, no tiles.
+        for mi in 0..m_len {
+            let o = &mut out[mi * out_stride..mi * out_stride + np];
+            for (ni, o) in o.iter_mut().enumerate() {
+                let mut v = y[ni * mp + mi].to_f32();
+                if let Some((sx, sw)) = rescale {
+                    v = v * sx[mi] * sw[ni];
+                }
+                *o = if accumulate { *o + v } else { 0.0 + v };
+            }
+        }
+        return;
+    }
     let mut tile = vec![[0f32; TILE_M]; TILE_N];
     for n0 in (0..np).step_by(TILE_N) {
         let tn = TILE_N.min(np - n0);
@@ -313,7 +342,7 @@ fn run_part(
     match &w.form {
         WeightForm::Rowwise(r) => {
             // x [K, Mp] int8, zero padding past m_len.
-            transpose_into(&s.xq[m0 * k + k0..], k, m_len, kp, mp, &mut s.xt_i8, 0);
+            transpose_i8_into(&s.xq[m0 * k + k0..], k, m_len, kp, mp, &mut s.xt_i8);
             let wpart: &[i8] = if whole_k {
                 &r.q[n0 * k..(n0 + np) * k]
             } else {
@@ -436,8 +465,7 @@ fn transpose_into<T: Copy>(
 ) {
     const TK: usize = 64;
     const TMI: usize = 16;
-    dst.clear();
-    dst.resize(kp * mp, zero);
+    prepare_padded(dst, kp, m_len, mp, zero);
     for mb in (0..m_len).step_by(TMI) {
         let tm = TMI.min(m_len - mb);
         for kb in (0..kp).step_by(TK) {
@@ -448,6 +476,61 @@ fn transpose_into<T: Copy>(
                     *v = src[(mb + mi) * stride + kk];
                 }
             }
+        }
+    }
+}
+
+/// Sizes `dst` to `[kp, mp]` and zeroes the padding columns `m_len..mp` (the rest is overwritten).
+fn prepare_padded<T: Copy>(dst: &mut Vec<T>, kp: usize, m_len: usize, mp: usize, zero: T) {
+    dst.resize(kp * mp, zero);
+    if m_len < mp {
+        for row in dst.chunks_exact_mut(mp) {
+            row[m_len..].fill(zero);
+        }
+    }
+}
+
+/// [`transpose_into`] for int8, 8 × 8 bytes at a time: eight rows as u64 words, transposed by three
+/// rounds of block swaps (4, 2, then 1 byte wide), stored as eight u64 words.
+fn transpose_i8_into(
+    src: &[i8],
+    stride: usize,
+    m_len: usize,
+    kp: usize,
+    mp: usize,
+    dst: &mut Vec<i8>,
+) {
+    prepare_padded(dst, kp, m_len, mp, 0);
+    let (m8, k8) = (m_len / 8 * 8, kp / 8 * 8);
+    let word = |s: &[i8]| u64::from_le_bytes(std::array::from_fn(|i| s[i] as u8));
+    for mb in (0..m8).step_by(8) {
+        for kb in (0..k8).step_by(8) {
+            let mut w: [u64; 8] =
+                std::array::from_fn(|r| word(&src[(mb + r) * stride + kb..][..8]));
+            for (s, mask) in [
+                (4, 0x0000_0000_FFFF_FFFFu64),
+                (2, 0x0000_FFFF_0000_FFFF),
+                (1, 0x00FF_00FF_00FF_00FF),
+            ] {
+                for r in (0..8).filter(|r| r & s == 0) {
+                    let t = ((w[r] >> (8 * s)) ^ w[r + s]) & mask;
+                    w[r + s] ^= t;
+                    w[r] ^= t << (8 * s);
+                }
+            }
+            for (c, v) in w.iter().enumerate() {
+                let d = &mut dst[(kb + c) * mp + mb..][..8];
+                for (d, b) in d.iter_mut().zip(v.to_le_bytes()) {
+                    *d = b as i8;
+                }
+            }
+        }
+    }
+    // Edges: the last m_len % 8 tokens, and the last kp % 8 values of every token.
+    for mi in 0..m_len {
+        let from = if mi < m8 { k8 } else { 0 };
+        for kk in from..kp {
+            dst[kk * mp + mi] = src[mi * stride + kk];
         }
     }
 }
@@ -569,6 +652,26 @@ mod tests {
     }
 
     #[test]
+    fn int8_transpose_matches_the_generic_one() {
+        let mut rng = Lcg(5);
+        for &(m_len, kp, mp, stride) in &[
+            (1, 8, 64, 8),
+            (13, 37, 64, 40),
+            (64, 640, 64, 640),
+            (17, 9, 128, 9),
+        ] {
+            let src: Vec<i8> = (0..m_len * stride)
+                .map(|_| rng.next() as u8 as i8)
+                .collect();
+            let (mut a, mut b) = (vec![5i8; 3], vec![7i8; kp * mp]);
+            transpose_into(&src, stride, m_len, kp, mp, &mut a, 0);
+            transpose_i8_into(&src, stride, m_len, kp, mp, &mut b);
+            assert_eq!(a, b, "{m_len} {kp} {mp}");
+            assert!(a.iter().enumerate().all(|(i, &v)| i % mp < m_len || v == 0));
+        }
+    }
+
+    #[test]
     fn matmul_matches_the_straightforward_host_side() {
         let exec = ReferenceExecutor::new();
         exec.set_threads(2);
@@ -639,7 +742,28 @@ mod timings {
             .and_then(|s| s.parse().ok())
             .unwrap_or(2);
         exec.set_threads(threads);
-        let shapes = [(640, 1024), (640, 256), (1024, 640), (640, 2048), (2048, 640)];
+        let shapes = [
+            (640, 1024),
+            (640, 256),
+            (1024, 640),
+            (640, 2048),
+            (2048, 640),
+        ];
+        for wtype in [WeightType::Q8_0, WeightType::Q4_K, WeightType::Q6_K] {
+            let (n, k) = (8192, 1024);
+            let bytes: Vec<u8> = (0..wtype.row_bytes(k).unwrap() * n)
+                .map(|i| (i * 37 % 251) as u8 & if i % 17 == 0 { 0x3F } else { 0xFF })
+                .collect();
+            let mode = Mode::Program(Variant::I8I8);
+            let ms = time(3, || {
+                PreparedWeight::prepare(mode, wtype, &bytes, n, k, 0).unwrap();
+            });
+            eprintln!(
+                "repack {} [{n}x{k}] to row-wise int8: {ms:.2} ms ({:.2} G elements/s)",
+                wtype.name(),
+                (n * k) as f64 / ms / 1e6
+            );
+        }
         for m in [512, 1] {
             let reps = if m == 1 { 200 } else { 10 };
             let mut sum = [0.0; 5];
@@ -651,12 +775,21 @@ mod timings {
                 }
                 let mode = Mode::Program(Variant::I8I8);
                 let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &b, n, k, 0).unwrap();
-                let WeightForm::Rowwise(r) = &w.form else { unreachable!() };
+                let WeightForm::Rowwise(r) = &w.form else {
+                    unreachable!()
+                };
                 let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 7.0).collect();
-                let act = Activations { x: &x, m, x_stride: k };
+                let act = Activations {
+                    x: &x,
+                    m,
+                    x_stride: k,
+                };
                 let mut out = vec![0f32; m * n];
                 let mut s = Scratch::default();
-                let d = SplitPlan::new(Variant::I8I8, m, k, n, 0, false, 32).unwrap().parts[0].desc;
+                let d = SplitPlan::new(Variant::I8I8, m, k, n, 0, false, 32)
+                    .unwrap()
+                    .parts[0]
+                    .desc;
                 let mp = d.m;
                 let (mut xq, mut xs) = (vec![0i8; m * k], vec![0f32; m]);
                 let mut xt = Vec::new();
@@ -667,7 +800,7 @@ mod timings {
                 let t_q = time(reps, || {
                     bridge::quantize_rows_i8(&x, m, k, k, &mut xq, &mut xs);
                 });
-                let t_t = time(reps, || transpose_into(&xq, k, m, k, mp, &mut xt, 0));
+                let t_t = time(reps, || transpose_i8_into(&xq, k, m, k, mp, &mut xt));
                 let t_x = time(reps, || {
                     let inputs = ProgramInputs::I8I8 { w: &r.q, x: &xt };
                     exec.run(&d, inputs, 0, &mut y).unwrap();
