@@ -10,7 +10,7 @@ use ggml_coreml_program::{ProgramDesc, SplitPlan, Variant};
 /// Which variants to prepare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum VariantChoice {
-    /// The backend's default per weight type: i8i8 for quantised weights, f16 for F16 weights.
+    /// The backend's default per weight type: w8f16 for quantised weights, f16 for F16 weights.
     Auto,
     I8i8,
     W8f16,
@@ -46,7 +46,7 @@ pub fn variant_params(ty: GgmlType, v: Variant) -> Option<(usize, bool, usize)> 
 pub fn variants_for(ty: GgmlType, choice: VariantChoice) -> Vec<Variant> {
     let wanted: Vec<Variant> = match choice {
         VariantChoice::Auto if ty == GgmlType::F16 => vec![Variant::F16],
-        VariantChoice::Auto => vec![Variant::I8I8],
+        VariantChoice::Auto => vec![Variant::W8F16],
         VariantChoice::I8i8 => vec![Variant::I8I8],
         VariantChoice::W8f16 => vec![Variant::W8F16],
         VariantChoice::F16 => vec![Variant::F16],

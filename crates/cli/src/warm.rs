@@ -106,7 +106,7 @@ fn read_model(path: &Path) -> anyhow::Result<Gguf> {
 
 fn variant_name(v: VariantChoice) -> &'static str {
     match v {
-        VariantChoice::Auto => "auto: i8i8 for quantised weights, f16 for F16",
+        VariantChoice::Auto => "auto: w8f16 for quantised weights, f16 for F16",
         VariantChoice::I8i8 => "i8i8",
         VariantChoice::W8f16 => "w8f16",
         VariantChoice::F16 => "f16",
