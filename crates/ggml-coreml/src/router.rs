@@ -126,6 +126,8 @@ pub fn claim(
     };
     let e = eligible(node);
     if probe {
+        // Weight placement happens before any compute: pick up a control-file policy switch now.
+        engine().poll_control();
         return match e {
             Ok(e) => {
                 let eng = engine();
