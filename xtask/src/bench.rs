@@ -12,12 +12,11 @@ use std::process::{Command, Stdio};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use ggml_coreml_policy::{ChipGen, ModelDims, project_speedup};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::models::{self, Model, ModelSet};
-use crate::{backend, gguf, host, log, paths, util, venv};
+use crate::{backend, host, log, paths, util, venv};
 
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args, Debug, Clone)]
@@ -261,6 +260,8 @@ pub struct Results {
     pub runs: Vec<RunRecord>,
     pub rows: Vec<Row>,
     pub projection: Vec<ProjectionRow>,
+    /// Why the projection table is empty, if it is.
+    pub projection_error: Option<String>,
     pub seconds: f64,
 }
 
@@ -367,7 +368,13 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
     }
     bar.finish_and_clear();
     let rows = summarise(&runs, &matrix);
-    let projection = projections(&model_list, &models_dir, &matrix.quants);
+    let (projection, projection_error) = match projections() {
+        Ok(p) => (p, None),
+        Err(e) => {
+            log!("bench: projection: {e:#}");
+            (Vec::new(), Some(format!("{e:#}")))
+        }
+    };
     let results = Results {
         command: command.clone(),
         machine,
@@ -378,6 +385,7 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
         runs,
         rows,
         projection,
+        projection_error,
         seconds: t0.elapsed().as_secs_f64(),
     };
     let json = out.join("results.json");
@@ -812,76 +820,87 @@ pub fn summarise(runs: &[RunRecord], mx: &Matrix) -> Vec<Row> {
     rows
 }
 
-/// The chips the projection table shows.
-const PROJECTED_CHIPS: [ChipGen; 5] = [
-    ChipGen::M3,
-    ChipGen::M4,
-    ChipGen::M5,
-    ChipGen::A17Pro,
-    ChipGen::A18,
-];
+/// The chips the projection table shows (names as the policy crate prints them).
+const PROJECTED_CHIPS: [&str; 5] = ["M3", "M4", "M5", "A17 Pro", "A18"];
 const PROJECTED_TOKENS: usize = 4096;
 
-/// Weight matmuls (K, N) of a GGUF model's blocks: 2-D `blk.*` tensors of the projection's kinds (the LM
-/// head is left out, as in `ModelDims`: prefill computes logits for the last token only).
-fn gguf_dims(path: &Path) -> Result<Vec<(usize, usize)>> {
-    let info = gguf::read_info(path)?;
-    const KINDS: [&str; 7] = [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
-    Ok(info
-        .tensors
-        .iter()
-        .filter(|t| {
-            t.dims.len() == 2
-                && t.name.starts_with("blk.")
-                && KINDS
-                    .iter()
-                    .any(|k| t.name.ends_with(&format!(".{k}.weight")))
-        })
-        .map(|t| (t.dims[0] as usize, t.dims[1] as usize))
-        .collect())
+/// Projected pp4096 speed-ups from the policy crate's `projection` example (`project_speedup` over its
+/// reference models). Run as a separate cargo command so xtask does not depend on the program crates: a
+/// half-edited policy or program crate costs this table, not `cargo xtask`.
+fn projections() -> Result<Vec<ProjectionRow>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.current_dir(paths::workspace_root()).args([
+        "run",
+        "-q",
+        "-p",
+        "ggml-coreml-policy",
+        "--example",
+        "projection",
+        "--",
+        &PROJECTED_TOKENS.to_string(),
+    ]);
+    let line = util::display_cmd(&c);
+    let o = c
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {line}"))?;
+    ensure!(
+        o.status.success(),
+        "`{line}` failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    let rows = parse_projection(&String::from_utf8_lossy(&o.stdout));
+    ensure!(!rows.is_empty(), "`{line}` printed no projection table");
+    Ok(rows)
 }
 
-/// Projected pp4096 speed-ups: the benchmarked models (from their GGUF) and three reference models.
-fn projections(model_list: &[Model], models_dir: &Path, quants: &[String]) -> Vec<ProjectionRow> {
-    let mut sets: Vec<(String, Vec<(usize, usize)>)> = Vec::new();
-    for &m in model_list {
-        let Some(q) = quants.first() else { break };
-        match gguf_dims(&models::model_path(models_dir, m, q)) {
-            Ok(d) if !d.is_empty() => sets.push((m.name().to_string(), d)),
-            Ok(_) => {}
-            Err(e) => log!("bench: no projection for {}: {e:#}", m.name()),
-        }
-    }
-    for md in [
-        ModelDims::QWEN3_0_6B,
-        ModelDims::QWEN3_4B,
-        ModelDims::LLAMA3_8B,
-    ] {
-        sets.push((md.name.to_string(), md.matmuls()));
-    }
-    let mut rows = Vec::new();
-    for (name, dims) in &sets {
-        for chip in PROJECTED_CHIPS {
-            let p = project_speedup(chip, dims, PROJECTED_TOKENS);
-            rows.push(ProjectionRow {
-                model: name.clone(),
-                chip: chip.to_string(),
-                matmul_speedup: p.speedup,
-                prefill_speedup: p.end_to_end,
-                offloaded: p.offloaded,
-                total: p.total,
-            });
-        }
-    }
-    rows
+/// The example's `| model | chip | … | matmul speed-up | offloaded | whole prefill speed-up |` table,
+/// columns found by their headers.
+pub fn parse_projection(text: &str) -> Vec<ProjectionRow> {
+    let cells = |l: &str| -> Vec<String> {
+        l.trim()
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !(l.starts_with("| model | chip |")));
+    let Some(header) = lines.next().map(cells) else {
+        return Vec::new();
+    };
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (Some(im), Some(ic), Some(ims), Some(io), Some(ip)) = (
+        col("model"),
+        col("chip"),
+        col("matmul speed-up"),
+        col("offloaded"),
+        col("whole prefill speed-up"),
+    ) else {
+        return Vec::new();
+    };
+    let x = |s: &str| s.trim_end_matches('x').parse::<f64>().ok();
+    lines
+        .take_while(|l| l.starts_with('|'))
+        .filter(|l| !l.starts_with("|---"))
+        .filter_map(|l| {
+            let c = cells(l);
+            let (off, total) = c.get(io)?.split_once('/')?;
+            Some(ProjectionRow {
+                model: c.get(im)?.clone(),
+                chip: c.get(ic)?.clone(),
+                matmul_speedup: x(c.get(ims)?)?,
+                prefill_speedup: x(c.get(ip)?)?,
+                offloaded: off.trim().parse().ok()?,
+                total: total.trim().parse().ok()?,
+            })
+        })
+        .collect()
 }
 
 /// Runs tools/plot_bench.py with the venv's python; returns the PNG path.
@@ -1061,7 +1080,7 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
          executor, not accelerated) is everything.",
         mx.n_gen, mx.n_gen, mx.n_gen, mx.n_gen, r.rss_source, r.energy_source, r.thermal_source
     );
-    render_projection(&mut o, &r.projection);
+    render_projection(&mut o, &r.projection, r.projection_error.as_deref());
     render_device_only(&mut o);
     o
 }
@@ -1090,7 +1109,7 @@ fn noise_line(rows: &[Row]) -> Option<String> {
     ))
 }
 
-fn render_projection(o: &mut String, rows: &[ProjectionRow]) {
+fn render_projection(o: &mut String, rows: &[ProjectionRow], error: Option<&str>) {
     use std::fmt::Write as _;
     let _ = writeln!(
         o,
@@ -1098,12 +1117,17 @@ fn render_projection(o: &mut String, rows: &[ProjectionRow]) {
     );
     let _ = writeln!(
         o,
-        "**A projection** from public figures through the policy's cost model (`ggml_coreml_policy::projection::project_speedup`, \
+        "**A projection** from public figures through the policy's cost model (`ggml_coreml_policy::projection::project_speedup` via \
+         `cargo run -p ggml-coreml-policy --example projection -- 4096`, its reference models; \
          `latency` routing, int8 × int8 programs, ubatch 512; constants and sources in docs/policy.md). Matmul speed-up = \
          host weight-matmul time / ANE-path time; prefill speed-up adds the unchanged rest of the prefill (attention, norms). \
          Nothing here was run on the chips named.\n"
     );
     let chips: Vec<String> = PROJECTED_CHIPS.iter().map(|c| c.to_string()).collect();
+    if rows.is_empty() {
+        let _ = writeln!(o, "n/a in this run: {}", error.unwrap_or("no rows"));
+        return;
+    }
     let _ = writeln!(
         o,
         "| model | {} |",
@@ -1246,6 +1270,25 @@ mod tests {
         assert_eq!((t[0].n_prompt, t[0].samples), (512, 1));
         assert_eq!((t[1].n_gen, t[1].samples), (16, 2));
         assert!(parse_bench_json("no json").is_err());
+    }
+
+    #[test]
+    fn parses_projection_table() {
+        let text = "pp4096, ubatch 512\n\n| model | chip | host matmul s | ANE-path matmul s | matmul speed-up | offloaded | whole prefill speed-up |\n\
+                    |---|---|---|---|---|---|---|\n\
+                    | Qwen3-4B | M4 | 1.00 | 0.65 | 1.54x | 1440/2016 | 1.32x |\n\
+                    | Qwen3-4B | A17 Pro | 1.00 | 0.29 | 3.45x | 2016/2016 | 1.98x |\n\nbreak-even\n| chip | x |\n";
+        let rows = parse_projection(text);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[1].chip.as_str(), rows[1].offloaded, rows[1].total),
+            ("A17 Pro", 2016, 2016)
+        );
+        assert!(
+            (rows[0].matmul_speedup - 1.54).abs() < 1e-12
+                && (rows[0].prefill_speedup - 1.32).abs() < 1e-12
+        );
+        assert!(parse_projection("no table").is_empty());
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct ParityArgs {
     /// Output directory (default: bench-out/parity-<UTC time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Measure nothing: rebuild docs/parity.md from the stored cells.
+    #[arg(long, conflicts_with_all = ["quick", "fresh"])]
+    report_only: bool,
 }
 
 /// Tools and files one parity run uses.
@@ -224,6 +227,12 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
         let line = quick_check()?;
         println!("{line}");
         return Ok(None);
+    }
+    if args.report_only {
+        let doc = paths::workspace_root().join("docs").join("parity.md");
+        fs::write(&doc, render(&load_store()))
+            .with_context(|| format!("cannot write {}", doc.display()))?;
+        return Ok(Some(doc));
     }
     let t0 = Instant::now();
     let model_list: Vec<Model> = if args.models.is_empty() {
