@@ -243,10 +243,81 @@ pub(crate) fn gemm_i8(
     });
 }
 
-/// fp16 × fp16 with f32 products and sums (see [`gemm_f32`]); `a` is `[N, K]`, `b` as `layout` says.
+/// The left operand of the fp16 GEMM, produced row by row.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ARows<'a> {
+    /// `[N, K]` fp16 values.
+    F16(&'a [f16]),
+    /// The w8f16 weight: `fp16(fp16(q · scale) + offset)` per element, with one scale (and offset) per
+    /// block of `group` values along K — exactly the roundings of the program's `mul` and `add` ops
+    /// (each computed in f32 and rounded to fp16); `q · scale` is exact in f32.
+    Block {
+        q: &'a [i8],
+        scales: &'a [f16],
+        offsets: Option<&'a [f16]>,
+        group: usize,
+    },
+}
+
+impl ARows<'_> {
+    /// True when the data covers `n` rows of `k`.
+    pub(crate) fn covers(&self, n: usize, k: usize) -> bool {
+        match *self {
+            ARows::F16(a) => a.len() >= n * k,
+            ARows::Block {
+                q,
+                scales,
+                offsets,
+                group,
+            } => {
+                group > 0
+                    && k.is_multiple_of(group)
+                    && q.len() >= n * k
+                    && scales.len() >= n * (k / group)
+                    && offsets.is_none_or(|o| o.len() >= n * (k / group))
+            }
+        }
+    }
+
+    /// Row `r` as f32 into `out[..k]`.
+    fn fill(&self, r: usize, k: usize, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let out = &mut out[..k];
+        match *self {
+            ARows::F16(a) => a[r * k..(r + 1) * k].convert_to_f32_slice(out),
+            ARows::Block {
+                q,
+                scales,
+                offsets,
+                group,
+            } => {
+                let blocks = k / group;
+                let q = &q[r * k..(r + 1) * k];
+                for (b, (o, q)) in out
+                    .chunks_exact_mut(group)
+                    .zip(q.chunks_exact(group))
+                    .enumerate()
+                {
+                    let s = scales[r * blocks + b].to_f32();
+                    let off = offsets.map(|v| v[r * blocks + b].to_f32());
+                    for (o, &q) in o.iter_mut().zip(q) {
+                        let w = f16::from_f32(f32::from(q) * s).to_f32();
+                        *o = match off {
+                            Some(off) => f16::from_f32(w + off).to_f32(),
+                            None => w,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// fp16 × fp16 with f32 products and sums (see [`gemm_f32`]); `a` gives the `[N, K]` rows, `b` is
+/// laid out as `layout` says.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_f16(
-    a: &[f16],
+pub(crate) fn gemm_rows(
+    a: ARows<'_>,
     b: &[f16],
     layout: BLayout,
     n: usize,
@@ -255,25 +326,51 @@ pub(crate) fn gemm_f16(
     out: &mut [f16],
     threads: usize,
 ) {
-    use half::slice::HalfFloatSliceExt;
-    debug_assert!(a.len() >= n * k && b.len() >= m * k && out.len() >= n * m);
+    assert!(a.covers(n, k) && b.len() >= m * k && out.len() >= n * m);
     let out = &mut out[..n * m];
     if n == 0 || m == 0 {
         return;
     }
     // Dead columns are bitwise zero and identical: compute the first of them, copy it to the rest.
     let cols = (live_cols(b, layout, m, k, |v: f16| u32::from(v.to_bits())) + 1).min(m);
-    let bt = cols_as_rows(b, layout, m, k, cols, f16::to_f32);
-    let mut af = vec![0f32; n * k];
-    a[..n * k].convert_to_f32_slice(&mut af);
     let threads = useful_threads(threads, n * k * cols);
-    gemm_f32(&af, &bt, n, cols, m, k, out, threads);
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && avx512::available() {
+        avx512::gemm(a, b, layout, n, m, k, cols, out, threads);
+    } else {
+        gemm_rows_dots(a, b, layout, n, m, k, cols, out, threads);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    gemm_rows_dots(a, b, layout, n, m, k, cols, out, threads);
     if cols < m {
         for row in out.chunks_exact_mut(m) {
             let v = row[cols - 1];
             row[cols..].fill(v);
         }
     }
+}
+
+/// [`gemm_rows`] through contiguous dot products ([`gemm_f32`]).
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows_dots(
+    a: ARows<'_>,
+    b: &[f16],
+    layout: BLayout,
+    n: usize,
+    m: usize,
+    k: usize,
+    cols: usize,
+    out: &mut [f16],
+    threads: usize,
+) {
+    let bt = cols_as_rows(b, layout, m, k, cols, f16::to_f32);
+    let mut af = vec![0f32; n * k];
+    if k > 0 {
+        for (r, row) in af.chunks_exact_mut(k).enumerate() {
+            a.fill(r, k, row);
+        }
+    }
+    gemm_f32(&af, &bt, n, cols, m, k, out, threads);
 }
 
 /// f32 dot products (eight lanes, fixed reduction order), each rounded once to fp16, for the first
@@ -905,6 +1002,337 @@ mod vnni {
     }
 }
 
+/// The fp16 GEMM with AVX-512F, bit for bit the eight-lane dot products of [`gemm_f32`].
+///
+/// One zmm holds the eight lanes of two output columns (column `2p` in the low half, `2p + 1` in the
+/// high half); eight values of a row of `a` are broadcast to both halves. Lane `l` of a column still
+/// sums the products of K indices `l, l + 8, …` in order, and the lanes are reduced in
+/// [`reduce8`](super::reduce8)'s order. Products of fp16 values are exact in f32, so the fused
+/// multiply-add rounds exactly like the portable multiply, then add.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+
+    use super::{ARows, BLayout, par_rows};
+
+    /// Rows and column pairs of one tile.
+    const R: usize = 6;
+    const P: usize = 4;
+    /// Rows of `a` converted to f32 at once (reused across every column).
+    const SB: usize = 48;
+    /// Bytes of packed `b` one pass over a row block covers.
+    const CHUNK_BYTES: usize = 512 * 1024;
+    const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    /// The first `cols` columns of `b` as f32 pair panels: pair `p`, group `j` holds column `2p`'s
+    /// values `8j..8j+8`, then column `2p + 1`'s. K values past the last full group of eight go to
+    /// `tail` (`[cols, k % 8]`).
+    fn pack(b: &[f16], layout: BLayout, m: usize, k: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+        let (k8, tk) = (k / 8, k % 8);
+        let ps = k8 * 16;
+        let mut p = vec![0f32; cols.div_ceil(2) * ps];
+        let mut tail = vec![0f32; cols * tk];
+        match layout {
+            BLayout::KM => {
+                let mut rows = vec![0f32; 8 * cols];
+                for j in 0..k8 {
+                    for (l, row) in rows.chunks_exact_mut(cols).enumerate() {
+                        let kk = 8 * j + l;
+                        b[kk * m..kk * m + cols].convert_to_f32_slice(row);
+                    }
+                    for c in 0..cols {
+                        let d = &mut p[(c / 2) * ps + j * 16 + (c % 2) * 8..][..8];
+                        for (l, d) in d.iter_mut().enumerate() {
+                            *d = rows[l * cols + c];
+                        }
+                    }
+                }
+                for kk in 8 * k8..k {
+                    for c in 0..cols {
+                        tail[c * tk + kk - 8 * k8] = b[kk * m + c].to_f32();
+                    }
+                }
+            }
+            BLayout::MK => {
+                for c in 0..cols {
+                    let col = &b[c * k..(c + 1) * k];
+                    for j in 0..k8 {
+                        let d = &mut p[(c / 2) * ps + j * 16 + (c % 2) * 8..][..8];
+                        col[8 * j..8 * j + 8].convert_to_f32_slice(d);
+                    }
+                    col[8 * k8..].convert_to_f32_slice(&mut tail[c * tk..(c + 1) * tk]);
+                }
+            }
+        }
+        (p, tail)
+    }
+
+    /// Runs the product for the first `cols` columns (`a.covers(n, k)` and `k > 0` hold).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        a: ARows<'_>,
+        b: &[f16],
+        layout: BLayout,
+        n: usize,
+        m: usize,
+        k: usize,
+        cols: usize,
+        out: &mut [f16],
+        threads: usize,
+    ) {
+        assert!(a.covers(n, k) && k > 0 && cols >= 1 && cols <= m && out.len() >= n * m);
+        let (bp, tail) = pack(b, layout, m, k, cols);
+        let ps = (k / 8) * 16;
+        let pairs = cols.div_ceil(2);
+        let chunk = (CHUNK_BYTES / (ps * 4).max(1)).max(P) / P * P;
+        par_rows(out, n, m, threads, R, |r0, rows, out| {
+            let mut abuf = vec![0f32; SB.min(rows) * k];
+            for sb in (0..rows).step_by(SB) {
+                let sbr = SB.min(rows - sb);
+                for (i, row) in abuf.chunks_exact_mut(k).take(sbr).enumerate() {
+                    // SAFETY: `available()` was checked by the caller before entering this module.
+                    unsafe { fill(a, r0 + sb + i, k, row) };
+                }
+                for p0 in (0..pairs).step_by(chunk) {
+                    let p1 = (p0 + chunk).min(pairs);
+                    for r in (0..sbr).step_by(R) {
+                        let nr = R.min(sbr - r);
+                        for p in (p0..p1).step_by(P) {
+                            let np = P.min(p1 - p);
+                            let t = Tile {
+                                a: &abuf[r * k..(r + nr) * k],
+                                k,
+                                bp: &bp[p * ps..(p + np) * ps],
+                                ps,
+                                tail: &tail,
+                                col0: 2 * p,
+                                cols,
+                                m,
+                            };
+                            let o = &mut out[(sb + r) * m..];
+                            // SAFETY: as above.
+                            unsafe { t.run_dyn(nr, np, o) };
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Row `r` of `a` as f32 into `out[..k]`: [`ARows::fill`] with vector conversions (same bits).
+    #[target_feature(enable = "avx512f")]
+    fn fill(a: ARows<'_>, r: usize, k: usize, out: &mut [f32]) {
+        match a {
+            ARows::F16(x) => {
+                let (src, out) = (&x[r * k..(r + 1) * k], &mut out[..k]);
+                let full = k / 16 * 16;
+                for (s, d) in src[..full].chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                    // SAFETY: 16 fp16 readable and 16 f32 writable (chunk lengths); unaligned is fine.
+                    unsafe {
+                        let h = _mm256_loadu_si256(s.as_ptr().cast());
+                        _mm512_storeu_ps(d.as_mut_ptr(), _mm512_cvtph_ps(h));
+                    }
+                }
+                src[full..].convert_to_f32_slice(&mut out[full..]);
+            }
+            ARows::Block {
+                q,
+                scales,
+                offsets,
+                group,
+            } if group.is_multiple_of(16) => {
+                let blocks = k / group;
+                let (q, out) = (&q[r * k..(r + 1) * k], &mut out[..k]);
+                let sc = &scales[r * blocks..(r + 1) * blocks];
+                let of = offsets.map(|o| &o[r * blocks..(r + 1) * blocks]);
+                for (b, (qg, og)) in q
+                    .chunks_exact(group)
+                    .zip(out.chunks_exact_mut(group))
+                    .enumerate()
+                {
+                    let s = _mm512_set1_ps(sc[b].to_f32());
+                    let o = of.map(|o| _mm512_set1_ps(o[b].to_f32()));
+                    for (qs, d) in qg.chunks_exact(16).zip(og.chunks_exact_mut(16)) {
+                        // SAFETY: 16 int8 readable and 16 f32 writable (chunk lengths).
+                        let qv = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
+                        let qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qv));
+                        let w = _mm512_cvtph_ps(_mm512_cvtps_ph::<RNE>(_mm512_mul_ps(qf, s)));
+                        let w = match o {
+                            Some(o) => _mm512_cvtph_ps(_mm512_cvtps_ph::<RNE>(_mm512_add_ps(w, o))),
+                            None => w,
+                        };
+                        // SAFETY: as above.
+                        unsafe { _mm512_storeu_ps(d.as_mut_ptr(), w) };
+                    }
+                }
+            }
+            _ => a.fill(r, k, out),
+        }
+    }
+
+    /// Sums of the two eight-lane halves of `v`, each in `reduce8`'s order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn reduce_halves(v: __m512) -> (f32, f32) {
+        // Lanes l and l + 4 of each half, then l and l + 2, then l and l + 1.
+        let t = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+        let u = _mm512_add_ps(t, _mm512_permute_ps::<0b01_00_11_10>(t));
+        let w = _mm512_add_ps(u, _mm512_permute_ps::<0b10_11_00_01>(u));
+        let mut l = [0f32; 16];
+        // SAFETY: `l` is 64 writable bytes.
+        unsafe { _mm512_storeu_ps(l.as_mut_ptr(), w) };
+        (l[0], l[8])
+    }
+
+    /// One tile's operands: `a` rows (stride `k`) and `b` pair panels from the tile's first pair.
+    struct Tile<'a> {
+        a: &'a [f32],
+        k: usize,
+        bp: &'a [f32],
+        ps: usize,
+        tail: &'a [f32],
+        col0: usize,
+        cols: usize,
+        m: usize,
+    }
+
+    impl Tile<'_> {
+        #[target_feature(enable = "avx512f")]
+        fn run_dyn(&self, nr: usize, np: usize, out: &mut [f16]) {
+            match nr {
+                6 => self.run_cols::<6>(np, out),
+                5 => self.run_cols::<5>(np, out),
+                4 => self.run_cols::<4>(np, out),
+                3 => self.run_cols::<3>(np, out),
+                2 => self.run_cols::<2>(np, out),
+                _ => self.run_cols::<1>(np, out),
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        fn run_cols<const NR: usize>(&self, np: usize, out: &mut [f16]) {
+            match np {
+                4 => self.run::<NR, 4>(out),
+                3 => self.run::<NR, 3>(out),
+                2 => self.run::<NR, 2>(out),
+                _ => self.run::<NR, 1>(out),
+            }
+        }
+
+        /// `NR` rows × `NP` column pairs into `out` (row stride `m`).
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn run<const NR: usize, const NP: usize>(&self, out: &mut [f16]) {
+            let (k, ps) = (self.k, self.ps);
+            let (k8, tk) = (k / 8, k % 8);
+            assert!(self.a.len() >= NR * k && self.bp.len() >= NP * ps && ps == k8 * 16);
+            assert!(out.len() >= (NR - 1) * self.m + self.cols.min(self.col0 + 2 * NP));
+            assert!(self.tail.len() >= self.cols * tk);
+            let (ap, bp) = (self.a.as_ptr(), self.bp.as_ptr());
+            let mut acc = [[_mm512_setzero_ps(); NP]; NR];
+            for j in 0..k8 {
+                let mut bv = [_mm512_setzero_ps(); NP];
+                for (p, v) in bv.iter_mut().enumerate() {
+                    // SAFETY: pair panel p has k8 groups of 16 f32 (asserted length).
+                    *v = unsafe { _mm512_loadu_ps(bp.add(p * ps + j * 16)) };
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: values 8j..8j+8 of row r lie inside `a` (asserted length).
+                    let av = unsafe {
+                        _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
+                            ap.add(r * k + j * 8).cast(),
+                        )))
+                    };
+                    for p in 0..NP {
+                        acc[p] = _mm512_fmadd_ps(av, bv[p], acc[p]);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let row = &self.a[r * k..(r + 1) * k];
+                for (p, &v) in acc.iter().enumerate() {
+                    let (lo, hi) = reduce_halves(v);
+                    for (h, mut s) in [lo, hi].into_iter().enumerate() {
+                        let c = self.col0 + 2 * p + h;
+                        if c >= self.cols {
+                            break;
+                        }
+                        for t in 0..tk {
+                            s += row[8 * k8 + t] * self.tail[c * tk + t];
+                        }
+                        out[r * self.m + c] = f16::from_f32(s);
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn fill_matches_the_portable_rows() {
+            if !available() {
+                eprintln!("skipped: no AVX-512");
+                return;
+            }
+            let mut s = 1u64;
+            let mut next = || {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 33) as u32
+            };
+            let (n, k) = (3, 96);
+            let q: Vec<i8> = (0..n * k).map(|_| next() as u8 as i8).collect();
+            let h: Vec<f16> = (0..n * k)
+                .map(|_| f16::from_bits((next() & 0xFBFF) as u16))
+                .collect();
+            for group in [16, 32] {
+                let blocks = n * k / group;
+                let sc: Vec<f16> = (0..blocks)
+                    .map(|_| f16::from_f32((next() % 2000) as f32 * 1e-4 - 0.1))
+                    .collect();
+                let of: Vec<f16> = (0..blocks)
+                    .map(|_| f16::from_f32((next() % 2000) as f32 * 1e-3 - 1.0))
+                    .collect();
+                for a in [
+                    ARows::F16(&h),
+                    ARows::Block {
+                        q: &q,
+                        scales: &sc,
+                        offsets: None,
+                        group,
+                    },
+                    ARows::Block {
+                        q: &q,
+                        scales: &sc,
+                        offsets: Some(&of),
+                        group,
+                    },
+                ] {
+                    for r in 0..n {
+                        let (mut x, mut y) = (vec![0f32; k], vec![0f32; k]);
+                        a.fill(r, k, &mut x);
+                        // SAFETY: AVX-512F checked above.
+                        unsafe { fill(a, r, k, &mut y) };
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&x), bits(&y), "{a:?} row {r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Row-major `[rows, cols]` → `[cols, rows]`, in tiles so both sides stay in cache.
 pub(crate) fn transpose<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
     const T: usize = 32;
@@ -1129,7 +1557,7 @@ mod tests {
             }
         }
         let mut out = vec![f16::ZERO; n * m];
-        gemm_f16(&a, &b, BLayout::KM, n, m, k, &mut out, 1);
+        gemm_rows(ARows::F16(&a), &b, BLayout::KM, n, m, k, &mut out, 1);
         let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
         let bt: Vec<f32> = transpose(&b, k, m).iter().map(|v| v.to_f32()).collect();
         for r in 0..n {
@@ -1140,6 +1568,67 @@ mod tests {
                     got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                     "{r},{c}: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn f16_paths_agree_bit_for_bit() {
+        let mut s = 21;
+        let unit = |s: &mut u64| f16::from_f32(lcg(s) as f32 / u32::MAX as f32 * 4.0 - 2.0);
+        for &(n, m, k, live) in &[
+            (7, 64, 96, 64),
+            (13, 70, 37, 70),
+            (6, 64, 640, 3),
+            (1, 3, 8, 3),
+            (9, 128, 64, 0),
+            (61, 64, 32, 17),
+        ] {
+            let a: Vec<f16> = (0..n * k).map(|_| unit(&mut s)).collect();
+            let mut b = vec![f16::ZERO; k * m];
+            for t in 0..k {
+                for c in 0..live {
+                    b[t * m + c] = unit(&mut s);
+                }
+            }
+            let bt = transpose(&b, k, m);
+            let q: Vec<i8> = (0..n * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+            let group = if k % 32 == 0 { 32 } else { k };
+            let sc: Vec<f16> = (0..n * k / group)
+                .map(|_| unit(&mut s) * f16::from_f32(0.01))
+                .collect();
+            let of: Vec<f16> = (0..n * k / group).map(|_| unit(&mut s)).collect();
+            let rows = [
+                ARows::F16(&a),
+                ARows::Block {
+                    q: &q,
+                    scales: &sc,
+                    offsets: None,
+                    group,
+                },
+                ARows::Block {
+                    q: &q,
+                    scales: &sc,
+                    offsets: Some(&of),
+                    group,
+                },
+            ];
+            for ar in rows {
+                let mut want = vec![f16::ZERO; n * m];
+                let cols = (live + 1).min(m);
+                gemm_rows_dots(ar, &b, BLayout::KM, n, m, k, cols, &mut want, 1);
+                for row in want.chunks_exact_mut(m) {
+                    let v = row[cols - 1];
+                    row[cols..].fill(v);
+                }
+                for (layout, bb) in [(BLayout::KM, &b), (BLayout::MK, &bt)] {
+                    for threads in [1, 2] {
+                        let mut got = vec![f16::ZERO; n * m];
+                        gemm_rows(ar, bb, layout, n, m, k, &mut got, threads);
+                        let bits = |v: &[f16]| v.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(&want), "{n}x{m}x{k} {layout:?}");
+                    }
+                }
             }
         }
     }

@@ -176,6 +176,8 @@ enum Step {
         ys: Vec<usize>,
     },
     Matmul(Box<MatmulStep>),
+    /// A matmul whose left operand is a w8f16 block dequantisation, fused (see [`fuse_block_matmuls`]).
+    BlockMatmul(Box<BlockMatmulStep>),
     Transpose {
         out: usize,
         input: usize,
@@ -195,6 +197,26 @@ struct MatmulStep {
     m: usize,
     /// Element offsets of each output batch's x and y matrices.
     batches: Vec<(usize, usize)>,
+}
+
+/// `matmul(reshape(reshape(dequantize(w, 1)) · reshape(scales) [+ reshape(offsets)]), y)`: the
+/// w8f16 program's weight chain and product as one step. The weight is dequantised row block by row
+/// block inside the GEMM with the very roundings of the `mul` and `add` ops it replaces, so the output
+/// is bit for bit the unfused one, without three `[N, K]` fp16 intermediates per run.
+#[derive(Clone, Debug)]
+struct BlockMatmulStep {
+    out: usize,
+    /// int8 `[N, K]`, scales (and offsets) fp16 `[N, K / group]`.
+    w: usize,
+    scales: usize,
+    offsets: Option<usize>,
+    group: usize,
+    /// The matmul's right operand and whether it is transposed.
+    y: usize,
+    ty: bool,
+    n: usize,
+    k: usize,
+    m: usize,
 }
 
 /// A program ready to run.
@@ -805,6 +827,11 @@ fn step_inputs(s: &Step) -> Vec<usize> {
         }
         Step::Binary { x, y, .. } => vec![*x, *y],
         Step::Matmul(m) => vec![m.x, m.y],
+        Step::BlockMatmul(b) => {
+            let mut v = vec![b.w, b.scales, b.y];
+            v.extend(b.offsets);
+            v
+        }
     }
 }
 
@@ -817,6 +844,145 @@ fn step_out(s: &Step) -> usize {
         | Step::Binary { out, .. }
         | Step::Transpose { out, .. } => *out,
         Step::Matmul(m) => m.out,
+        Step::BlockMatmul(b) => b.out,
+    }
+}
+
+/// Replaces each matmul over a w8f16 weight chain by a [`BlockMatmulStep`], then drops the steps
+/// nothing reads any more. Only the exact chain is fused: every intermediate has one reader, shapes
+/// are `[1, N, K/G, G]` against `[1, N, K/G, 1]`, the dequantisation is by 1 with zero point 0.
+fn fuse_block_matmuls(steps: &mut Vec<Step>, types: &[Ty], output: usize) {
+    let mut producer = vec![None; types.len()];
+    let mut readers = vec![0usize; types.len()];
+    for (i, st) in steps.iter().enumerate() {
+        producer[step_out(st)] = Some(i);
+        for slot in step_inputs(st) {
+            readers[slot] += 1;
+        }
+    }
+    // An intermediate value: produced by a step, read once, not the program's output.
+    let inner = |slot: usize| readers[slot] == 1 && slot != output && producer[slot].is_some();
+    let step_of = |slot: usize| producer[slot].map(|i| &steps[i]);
+    let reshape_of = |slot: usize| match step_of(slot) {
+        Some(Step::Reshape { input, .. }) if inner(slot) => Some(*input),
+        _ => None,
+    };
+    let mut fused = Vec::new();
+    for (i, st) in steps.iter().enumerate() {
+        let Step::Matmul(mm) = st else { continue };
+        if mm.tx || mm.batches.len() != 1 || mm.batches[0] != (0, 0) {
+            continue;
+        }
+        let Some(sum) = reshape_of(mm.x) else {
+            continue;
+        };
+        if !inner(sum) {
+            continue;
+        }
+        // Optional `add(product, reshape(offsets))`, either operand order.
+        let (prod, offsets) = match step_of(sum) {
+            Some(Step::Binary {
+                op: BinOp::Add,
+                x,
+                y,
+                ..
+            }) => {
+                let pick = |p: usize, o: usize| match step_of(p) {
+                    Some(Step::Binary { op: BinOp::Mul, .. }) if inner(p) => {
+                        reshape_of(o).map(|src| (p, Some((o, src))))
+                    }
+                    _ => None,
+                };
+                match pick(*x, *y).or_else(|| pick(*y, *x)) {
+                    Some(v) => v,
+                    None => continue,
+                }
+            }
+            Some(Step::Binary { op: BinOp::Mul, .. }) => (sum, None),
+            _ => continue,
+        };
+        let Some(Step::Binary {
+            op: BinOp::Mul,
+            x,
+            y,
+            ..
+        }) = step_of(prod)
+        else {
+            continue;
+        };
+        // `mul(reshape(dequantize(w)), reshape(scales))`, either operand order.
+        let weight = |wq_r: usize, s_r: usize| {
+            let wq = reshape_of(wq_r)?;
+            let scales = reshape_of(s_r)?;
+            match step_of(wq) {
+                Some(Step::Dequantize {
+                    input,
+                    scale,
+                    zero_point: 0,
+                    ..
+                }) if inner(wq) && *scale == f16::ONE => Some((wq_r, *input, s_r, scales)),
+                _ => None,
+            }
+        };
+        let Some((wg, w, sg, scales)) = weight(*x, *y).or_else(|| weight(*y, *x)) else {
+            continue;
+        };
+        let (n, k) = (mm.n, mm.k);
+        let [1, wn, blocks, g] = types[wg].shape[..] else {
+            continue;
+        };
+        let groups = [1, n, blocks, 1];
+        let ok = wn == n
+            && blocks * g == k
+            && g > 0
+            && types[w].dtype == DType::Int8
+            && types[w].elements() == n * k
+            && types[scales].dtype == DType::Float16
+            && types[scales].elements() == n * blocks
+            && types[sg].shape == groups
+            && types[prod].shape == types[wg].shape
+            && types[sum].shape == types[wg].shape
+            && offsets.is_none_or(|(og, o)| {
+                types[og].shape == groups
+                    && types[o].dtype == DType::Float16
+                    && types[o].elements() == n * blocks
+            });
+        if !ok {
+            continue;
+        }
+        fused.push((
+            i,
+            BlockMatmulStep {
+                out: mm.out,
+                w,
+                scales,
+                offsets: offsets.map(|(_, o)| o),
+                group: g,
+                y: mm.y,
+                ty: mm.ty,
+                n,
+                k,
+                m: mm.m,
+            },
+        ));
+    }
+    for (i, b) in fused {
+        steps[i] = Step::BlockMatmul(Box::new(b));
+    }
+    // Drop steps whose result nothing reads (the replaced chains, their shape consts).
+    loop {
+        let mut read = vec![false; types.len()];
+        read[output] = true;
+        for st in steps.iter() {
+            for slot in step_inputs(st) {
+                read[slot] = true;
+            }
+        }
+        let before = steps.len();
+        steps.retain(|st| read[step_out(st)]);
+        if steps.len() == before {
+            break;
+        }
     }
 }
 
@@ -836,6 +1002,14 @@ impl Interpreter {
     fn from_model(
         model: &Model,
         weights: Option<BlobReader<'_>>,
+    ) -> Result<Interpreter, ProgramError> {
+        Self::from_model_fused(model, weights, true)
+    }
+
+    fn from_model_fused(
+        model: &Model,
+        weights: Option<BlobReader<'_>>,
+        fuse: bool,
     ) -> Result<Interpreter, ProgramError> {
         let Some(model::Type::MlProgram(program)) = &model.r#type else {
             return Err(ProgramError::Unsupported(
@@ -893,6 +1067,9 @@ impl Interpreter {
                 "output of type {}",
                 walk.types[output]
             )));
+        }
+        if fuse {
+            fuse_block_matmuls(&mut walk.steps, &walk.types, output);
         }
         let mut last = vec![None; walk.types.len()];
         for (i, s) in walk.steps.iter().enumerate() {
@@ -997,16 +1174,19 @@ impl Interpreter {
         let last = self.steps.len().saturating_sub(1);
         for (i, step) in self.steps.iter().enumerate() {
             // A final matmul producing the output writes straight into `out` (no buffer, no copy).
-            if let Step::Matmul(mm) = step
-                && i == last
-                && mm.out == self.output
-            {
+            if i == last && step_out(step) == self.output {
                 let get = |s: usize| {
                     env[s]
                         .as_ref()
                         .ok_or_else(|| ProgramError::Malformed(format!("slot {s} is empty")))
                 };
-                return self.matmul_into(mm, get(mm.x)?, get(mm.y)?, threads, out);
+                match step {
+                    Step::Matmul(mm) => {
+                        return self.matmul_into(mm, get(mm.x)?, get(mm.y)?, threads, out);
+                    }
+                    Step::BlockMatmul(b) => return self.block_matmul_into(b, &env, threads, out),
+                    _ => {}
+                }
             }
             let v = self.exec(step, &env, threads)?;
             env[step_out(step)] = Some(v);
@@ -1082,6 +1262,11 @@ impl Interpreter {
                 Val::Float16(binary(*op, &a, &b, &self.types[*out].shape, xs, ys).into())
             }
             Step::Matmul(mm) => self.matmul(mm, get(mm.x)?, get(mm.y)?, threads)?,
+            Step::BlockMatmul(b) => {
+                let mut out = vec![f16::ZERO; b.n * b.m];
+                self.block_matmul_into(b, env, threads, &mut out)?;
+                Val::Float16(out.into())
+            }
             Step::Transpose { input, perm, .. } => {
                 let shape = &self.types[*input].shape;
                 match get(*input)? {
@@ -1150,9 +1335,68 @@ impl Interpreter {
             } else {
                 let (xf, yf) = (x.f16()?, y.f16()?);
                 let a = rows_of(&xf[xo..xo + n * k], n, k, mm.tx);
-                gemm::gemm_f16(&a, &yf[yo..yo + k * m], layout, n, m, k, dst, threads);
+                gemm::gemm_rows(
+                    gemm::ARows::F16(&a),
+                    &yf[yo..yo + k * m],
+                    layout,
+                    n,
+                    m,
+                    k,
+                    dst,
+                    threads,
+                );
             }
         }
+        Ok(())
+    }
+}
+
+impl Interpreter {
+    fn block_matmul_into(
+        &self,
+        b: &BlockMatmulStep,
+        env: &[Option<Val<'_>>],
+        threads: usize,
+        out: &mut [f16],
+    ) -> Result<(), ProgramError> {
+        let get = |s: usize| {
+            env[s]
+                .as_ref()
+                .ok_or_else(|| ProgramError::Malformed(format!("slot {s} is empty")))
+        };
+        let Val::Int8(q) = get(b.w)? else {
+            return Err(ProgramError::Mismatch(
+                "dequantize of a non-int8 value".into(),
+            ));
+        };
+        let scales = get(b.scales)?.f16()?;
+        let offsets = b.offsets.map(|o| get(o)?.f16()).transpose()?;
+        let y = get(b.y)?.f16()?;
+        let (n, k, m) = (b.n, b.k, b.m);
+        if out.len() != n * m || y.len() != k * m {
+            return Err(ProgramError::Malformed(format!(
+                "block matmul of {n}x{k}x{m} with y of {} values into {}",
+                y.len(),
+                out.len()
+            )));
+        }
+        let a = gemm::ARows::Block {
+            q,
+            scales: &scales,
+            offsets: offsets.as_deref(),
+            group: b.group,
+        };
+        if !a.covers(n, k) {
+            return Err(ProgramError::Malformed(format!(
+                "block matmul operands do not cover {n}x{k}"
+            )));
+        }
+        let layout = if b.ty {
+            gemm::BLayout::MK
+        } else {
+            gemm::BLayout::KM
+        };
+        gemm::gemm_rows(a, &y, layout, n, m, k, out, threads);
         Ok(())
     }
 }
@@ -1259,4 +1503,77 @@ fn permute<T: Copy>(src: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desc::{ProgramDesc, Variant};
+    use crate::emit::emit_model;
+
+    fn lcg(s: &mut u64) -> u32 {
+        *s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*s >> 33) as u32
+    }
+
+    #[test]
+    fn w8f16_chain_is_fused_with_the_same_bits() {
+        let mut s = 17;
+        for &(m, k, n, group, offsets, live) in &[
+            (64, 256, 12, 32, true, 64),
+            (64, 96, 7, 16, false, 5),
+            (128, 64, 3, 32, true, 1),
+            (64, 512, 9, 32, false, 0),
+        ] {
+            let desc = ProgramDesc {
+                variant: Variant::W8F16,
+                m,
+                k,
+                n,
+                group,
+                offsets,
+            };
+            let model = Model::decode(&emit_model(&desc).unwrap()[..]).unwrap();
+            let fused = Interpreter::from_model_fused(&model, None, true).unwrap();
+            let plain = Interpreter::from_model_fused(&model, None, false).unwrap();
+            assert!(
+                fused
+                    .steps
+                    .iter()
+                    .any(|st| matches!(st, Step::BlockMatmul(_))),
+                "{desc}: not fused"
+            );
+            assert!(fused.steps.len() < plain.steps.len());
+            let w: Vec<i8> = (0..n * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+            let g = n * k / group;
+            let sc: Vec<f16> = (0..g)
+                .map(|_| f16::from_f32((lcg(&mut s) % 4000) as f32 * 1e-5 - 0.02))
+                .collect();
+            let of: Vec<f16> = (0..g)
+                .map(|_| f16::from_f32((lcg(&mut s) % 4000) as f32 * 1e-3 - 2.0))
+                .collect();
+            let mut x = vec![f16::ZERO; k * m];
+            for kk in 0..k {
+                for c in 0..live {
+                    x[kk * m + c] = f16::from_f32((lcg(&mut s) % 2000) as f32 * 1e-3 - 1.0);
+                }
+            }
+            let mut inputs = vec![
+                ("w", TensorRef::Int8(&w)),
+                ("scales", TensorRef::Float16(&sc)),
+            ];
+            if offsets {
+                inputs.push(("offsets", TensorRef::Float16(&of)));
+            }
+            inputs.push(("x", TensorRef::Float16(&x)));
+            for threads in [1, 2] {
+                let a = fused.run(&inputs, threads).unwrap();
+                let b = plain.run(&inputs, threads).unwrap();
+                let bits = |v: &[f16]| v.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{desc} threads {threads}");
+            }
+        }
+    }
 }
