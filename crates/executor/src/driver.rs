@@ -821,5 +821,34 @@ mod timings {
                 sum[0], sum[1], sum[2], sum[3], sum[4]
             );
         }
+        // The default variant per type, whole matmuls (decode includes an output-layer part).
+        for m in [512, 1] {
+            let mode = Mode::for_type(WeightType::Q8_0, None);
+            let mut total = 0.0;
+            let more: &[(usize, usize)] = if m == 1 { &[(640, 16384)] } else { &[] };
+            for &(k, n) in shapes.iter().chain(more) {
+                let mut b = Vec::new();
+                for i in 0..n * k / 32 {
+                    b.extend_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                    b.extend((0..32).map(|j| ((i * 7 + j * 13) % 251) as u8));
+                }
+                let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &b, n, k, 0).unwrap();
+                let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 7.0).collect();
+                let act = Activations {
+                    x: &x,
+                    m,
+                    x_stride: k,
+                };
+                let mut out = vec![0f32; m * n];
+                let mut s = Scratch::default();
+                let reps = if m == 1 { 50 } else { 5 };
+                let ms = time(reps, || {
+                    matmul(&exec, &w, &act, &mut out, n, &mut s).unwrap();
+                });
+                total += ms;
+                eprintln!("{} m={m} k={k} n={n}: {ms:.3} ms", mode.name());
+            }
+            eprintln!("{} m={m} all: {total:.3} ms", mode.name());
+        }
     }
 }

@@ -71,6 +71,30 @@ fn col_block(k: usize, elem: usize) -> usize {
     (BLOCK_BYTES / (k * elem).max(1)).max(4) / 4 * 4
 }
 
+/// A buffer whose slice starts on a 64-byte boundary, so whole-vector loads never split cache lines.
+pub(crate) struct Aligned<T> {
+    buf: Vec<T>,
+    off: usize,
+    len: usize,
+}
+
+impl<T: Copy> Aligned<T> {
+    pub(crate) fn new(len: usize, fill: T) -> Aligned<T> {
+        let extra = 64 / size_of::<T>().max(1);
+        let buf = vec![fill; len + extra];
+        let off = buf.as_ptr().align_offset(64).min(extra);
+        Aligned { buf, off, len }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[T] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
 /// `fp16(d)` with a single rounding (round to nearest, ties to even), also where `half` would round
 /// twice (its F16C route converts f64 to f32 first).
 ///
@@ -611,7 +635,7 @@ mod vnni {
 
     use half::f16;
 
-    use super::{BLayout, f16_round_once, par_rows};
+    use super::{Aligned, BLayout, f16_round_once, par_rows};
 
     /// Largest K for which `|Σ a·(b + 128)| <= 128·255·K` stays below 2³¹ (no reliance on wrapping).
     pub(super) const MAX_K: usize = 65536;
@@ -631,11 +655,18 @@ mod vnni {
     /// Columns `0..cols` of `b` as unsigned panels: panel `v` holds columns `16v..16v+16`, K in groups
     /// of four, 64 bytes per group (`[column][k % 4]`); K is padded to `k4` and columns to 16 with
     /// 0x80 (value 0 after the shift; padded K meets zeros in `a` anyway).
-    fn pack_panels(b: &[i8], layout: BLayout, m: usize, k: usize, cols: usize) -> (Vec<u8>, usize) {
+    fn pack_panels(
+        b: &[i8],
+        layout: BLayout,
+        m: usize,
+        k: usize,
+        cols: usize,
+    ) -> (Aligned<u8>, usize) {
         let k4 = k.next_multiple_of(4);
         let vecs = cols.div_ceil(16);
         let ps = k4 * 16;
-        let mut p = vec![0x80u8; vecs * ps];
+        let mut buf = Aligned::new(vecs * ps, 0x80u8);
+        let p = buf.as_mut_slice();
         match layout {
             BLayout::KM => {
                 let full_groups = k / 4;
@@ -672,7 +703,7 @@ mod vnni {
                 }
             }
         }
-        (p, k4)
+        (buf, k4)
     }
 
     /// Four rows of 16 bytes → 16 columns of 4 bytes, sign bit flipped (SSE2, baseline on x86_64).
@@ -739,7 +770,7 @@ mod vnni {
             }
             let a = &a[r0 * k4..(r0 + rows) * k4];
             // SAFETY: `available()` was checked by the caller before entering this module.
-            unsafe { panel_rows(a, &panels, rows, cols, m, k4, scale, chunk) };
+            unsafe { panel_rows(a, panels.as_slice(), rows, cols, m, k4, scale, chunk) };
         });
     }
 
@@ -1016,7 +1047,7 @@ mod avx512 {
     use half::f16;
     use half::slice::HalfFloatSliceExt;
 
-    use super::{ARows, BLayout, par_rows};
+    use super::{ARows, Aligned, BLayout, par_rows};
 
     /// Rows and column pairs of one tile.
     const R: usize = 6;
@@ -1034,10 +1065,17 @@ mod avx512 {
     /// The first `cols` columns of `b` as f32 pair panels: pair `p`, group `j` holds column `2p`'s
     /// values `8j..8j+8`, then column `2p + 1`'s. K values past the last full group of eight go to
     /// `tail` (`[cols, k % 8]`).
-    fn pack(b: &[f16], layout: BLayout, m: usize, k: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    fn pack(
+        b: &[f16],
+        layout: BLayout,
+        m: usize,
+        k: usize,
+        cols: usize,
+    ) -> (Aligned<f32>, Vec<f32>) {
         let (k8, tk) = (k / 8, k % 8);
         let ps = k8 * 16;
-        let mut p = vec![0f32; cols.div_ceil(2) * ps];
+        let mut buf = Aligned::new(cols.div_ceil(2) * ps, 0f32);
+        let p = buf.as_mut_slice();
         let mut tail = vec![0f32; cols * tk];
         match layout {
             BLayout::KM => {
@@ -1071,7 +1109,7 @@ mod avx512 {
                 }
             }
         }
-        (p, tail)
+        (buf, tail)
     }
 
     /// Runs the product for the first `cols` columns (`a.covers(n, k)` and `k > 0` hold).
@@ -1093,7 +1131,8 @@ mod avx512 {
         let pairs = cols.div_ceil(2);
         let chunk = (CHUNK_BYTES / (ps * 4).max(1)).max(P) / P * P;
         par_rows(out, n, m, threads, R, |r0, rows, out| {
-            let mut abuf = vec![0f32; SB.min(rows) * k];
+            let mut abuf = Aligned::new(SB.min(rows) * k, 0f32);
+            let abuf = abuf.as_mut_slice();
             for sb in (0..rows).step_by(SB) {
                 let sbr = SB.min(rows - sb);
                 for (i, row) in abuf.chunks_exact_mut(k).take(sbr).enumerate() {
@@ -1109,7 +1148,7 @@ mod avx512 {
                             let t = Tile {
                                 a: &abuf[r * k..(r + nr) * k],
                                 k,
-                                bp: &bp[p * ps..(p + np) * ps],
+                                bp: &bp.as_slice()[p * ps..(p + np) * ps],
                                 ps,
                                 tail: &tail,
                                 col0: 2 * p,
