@@ -108,7 +108,9 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
     Ok(Some(match cmd {
         Cmd::Host { check: true, .. } => host::check()?,
         Cmd::Host { v3: true, .. } => host_v3::ensure_host_v3()?,
-        Cmd::Host { check: false, jobs, .. } => host::ensure_host(jobs)?,
+        Cmd::Host {
+            check: false, jobs, ..
+        } => host::ensure_host(jobs)?,
         Cmd::Venv => venv::ensure_venv()?,
         Cmd::Models { full, quants, only } => {
             let mut set = if full {

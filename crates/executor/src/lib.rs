@@ -77,7 +77,12 @@ impl ProgramInputs<'_> {
         let (nk, km) = (desc.n * desc.k, desc.k * desc.m);
         let (wl, xl) = match self {
             ProgramInputs::I8I8 { w, x } => (w.len(), x.len()),
-            ProgramInputs::W8F16 { w, scales, offsets, x } => {
+            ProgramInputs::W8F16 {
+                w,
+                scales,
+                offsets,
+                x,
+            } => {
                 let ns = desc.n * (desc.k / desc.group.max(1));
                 if scales.len() != ns {
                     return bad(format!("scales len {} != {ns}", scales.len()));
