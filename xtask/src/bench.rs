@@ -1121,7 +1121,9 @@ fn render_projection(o: &mut String, rows: &[ProjectionRow], error: Option<&str>
          `cargo run -p ggml-coreml-policy --example projection -- 4096`, its reference models; \
          `latency` routing, int8 × int8 programs, ubatch 512; constants and sources in docs/policy.md). Matmul speed-up = \
          host weight-matmul time / ANE-path time; prefill speed-up adds the unchanged rest of the prefill (attention, norms). \
-         Nothing here was run on the chips named.\n"
+         Nothing here was run on the chips named. The projection assumes int8 × int8 programs; docs/parity.md measures \
+         whether that variant keeps the model's outputs within tolerance (the fp16-activation variants, w8f16 and f16, \
+         do not get the ANE's int8 rate and project lower: see the break-even table in docs/policy.md).\n"
     );
     let chips: Vec<String> = PROJECTED_CHIPS.iter().map(|c| c.to_string()).collect();
     if rows.is_empty() {
