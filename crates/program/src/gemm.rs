@@ -72,12 +72,15 @@ fn col_block(k: usize, elem: usize) -> usize {
 }
 
 /// A buffer whose slice starts on a 64-byte boundary, so whole-vector loads never split cache lines.
+// Only the x86_64 kernels pack into it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Aligned<T> {
     buf: Vec<T>,
     off: usize,
     len: usize,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl<T: Copy> Aligned<T> {
     pub(crate) fn new(len: usize, fill: T) -> Aligned<T> {
         let extra = 64 / size_of::<T>().max(1);
