@@ -6,12 +6,14 @@
 //! - int8 × int8 accumulates exactly in i32 and rounds `sum · scale` once to fp16 (see
 //!   [`f16_round_once`]). With AVX-512 VNNI the product runs on packed panels of `b`; elsewhere on
 //!   contiguous dot products. Both give the same bits.
-//! - f32 accumulates in eight fixed lanes reduced in a fixed order, so the AVX2 and portable paths
-//!   give the same bits; each output is rounded once to fp16.
+//! - fp16 × fp16 multiplies in f32 (exact: fp16 products fit f32) and accumulates in eight fixed lanes
+//!   reduced in a fixed order, so the AVX-512, AVX2 and portable paths give the same bits; each
+//!   output is rounded once to fp16. The left operand may be the w8f16 block dequantisation
+//!   ([`ARows::Block`]), made row block by row block.
 //!
 //! Trailing all-zero columns of `b` (the M padding of a bucket) are not multiplied: identical columns
 //! give identical outputs, so their value is computed once and copied. Rows of the output are split
-//! across threads when the work is large enough to pay for the spawn.
+//! across threads when the work is large enough to pay for the spawn, in chunks taken on demand.
 
 use half::f16;
 
@@ -35,9 +37,13 @@ fn useful_threads(threads: usize, macs: usize) -> usize {
     threads.clamp(1, (macs / MIN_WORK_PER_THREAD).max(1))
 }
 
-/// Splits the `n` output rows (each `m` long) into up to `threads` chunks whose row counts are
-/// multiples of `align` (but the last), and runs `f(first_row, rows, out_chunk)` on each. The calling
-/// thread takes the last chunk.
+/// Chunks of output rows per thread: threads take chunks as they finish the previous one, so a
+/// thread the OS runs late (2 shared cores, ggml's own workers spinning) ends up with fewer.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// Runs `f(first_row, rows, out_rows)` over the `n` output rows (each `m` long) on up to `threads`
+/// threads (the calling one included), in chunks whose row counts are multiples of `align` (but the
+/// last), handed out on demand.
 fn par_rows(
     out: &mut [f16],
     n: usize,
@@ -46,23 +52,37 @@ fn par_rows(
     align: usize,
     f: impl Fn(usize, usize, &mut [f16]) + Sync,
 ) {
-    let threads = threads.clamp(1, n.div_ceil(align.max(1)).max(1));
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let align = align.max(1);
+    let threads = threads.clamp(1, n.div_ceil(align).max(1));
     if threads == 1 || m == 0 {
         f(0, n, out);
         return;
     }
-    let rows_per = n.div_ceil(threads).next_multiple_of(align.max(1));
-    let f = &f;
-    std::thread::scope(|s| {
-        let mut chunks = out.chunks_mut(rows_per * m).enumerate().peekable();
-        while let Some((i, chunk)) = chunks.next() {
-            let rows = chunk.len() / m;
-            if chunks.peek().is_none() {
-                f(i * rows_per, rows, chunk);
-            } else {
-                s.spawn(move || f(i * rows_per, rows, chunk));
+    let rows_per = n
+        .div_ceil(threads * CHUNKS_PER_THREAD)
+        .next_multiple_of(align);
+    let chunks: Vec<Mutex<Option<&mut [f16]>>> = out[..n * m]
+        .chunks_mut(rows_per * m)
+        .map(|c| Mutex::new(Some(c)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = chunks.get(i) else { break };
+            // Each index is taken once, so the chunk is there; a poisoned lock still holds it.
+            if let Some(c) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                f(i * rows_per, c.len() / m, c);
             }
         }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(work);
+        }
+        work();
     });
 }
 

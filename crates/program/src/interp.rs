@@ -9,8 +9,13 @@
 //! `dequantize(int8, scalar scale)` results, the product runs as an exact integer GEMM (i32 sums)
 //! scaled by `scale_x · scale_y` and rounded once to fp16 (correctly rounded on every platform): what
 //! an int8 × int8 engine computes, and fast enough to run every offloaded matmul of real models in
-//! tests. The unfused route would round
-//! each dequantized operand to fp16 first (at most 2⁻¹¹ relative per element).
+//! tests. The unfused route would round each dequantized operand to fp16 first (at most 2⁻¹¹
+//! relative per element).
+//!
+//! Fast paths that compute the same bits as the ops they replace: the w8f16 weight chain
+//! (`dequantize` · scales + offsets, reshapes) is fused into its matmul ([`BlockMatmulStep`]); a
+//! final matmul writes into the caller's buffer; activations are read in the program's `[K, M]`
+//! layout without transposing them back; all-zero padding columns are computed once (see `gemm`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
