@@ -234,13 +234,14 @@ fn save_store(s: &Store) -> Result<()> {
     util::write_atomic(&store_path(), &serde_json::to_vec_pretty(s)?)
 }
 
-/// The library's default variant for a weight type (mirror of `driver::Mode::for_type`: int8 × int8 for
-/// quantised weights, fp16 for F16 weights); checked against what the library reports when it can.
+/// The library's default variant for a weight type (mirror of `driver::Mode::for_type`: the exact block
+/// form with fp16 activations for quantised weights, fp16 for F16 weights); checked against what the
+/// library reports when it can.
 pub fn default_variant(quant: &str) -> &'static str {
     if quant.eq_ignore_ascii_case("F16") {
         "f16"
     } else {
-        "i8i8"
+        "w8f16"
     }
 }
 
@@ -981,7 +982,7 @@ fn render(s: &Store) -> String {
     for v in ["i8i8", "w8f16", "f16", "exact"] {
         if let Some((p, n, d)) = per_variant.get(v) {
             let def = match (v, *d > 0) {
-                ("i8i8", true) => "quantised weights (today's default)",
+                ("w8f16", true) => "quantised weights (today's default)",
                 ("f16", true) => "F16 weights (today's default)",
                 _ => "—",
             };
@@ -1421,7 +1422,7 @@ Same top p: 83.730 ± 2.330 %
         assert_eq!(same_prefix_words("a b c d", "a b x d"), (2, 4));
         assert_eq!(same_prefix_words("", "a"), (0, 0));
         assert_eq!(default_variant("F16"), "f16");
-        assert_eq!(default_variant("Q4_K_M"), "i8i8");
+        assert_eq!(default_variant("Q4_K_M"), "w8f16");
         assert!(!applies("w8f16", "F16") && applies("w8f16", "Q8_0"));
     }
 }
