@@ -2,7 +2,12 @@
 //! ACCEL face), through the public ggml API, on the original bytes — so they run at that backend's speed.
 
 use std::ffi::{CString, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ggml_coreml_program::pool::Pool;
 
 use crate::ffi::abi::*;
 use crate::ffi::ggml::{GgmlApi, api, cstr_or};
@@ -19,6 +24,9 @@ pub struct HostBackend {
     ctx: *mut GgmlContext,
     graph: *mut GgmlCgraph,
     set_threads: Option<SetThreads>,
+    /// The CPU backend's workers, lent to the executor's GEMM (None: not a CPU backend, or a host
+    /// without `ggml_custom_4d`).
+    pool: Option<Arc<GgmlPool>>,
     pub name: String,
 }
 
@@ -71,13 +79,34 @@ impl HostBackend {
             // SAFETY: backend was created above and is not used elsewhere.
             unsafe { (api.backend_free)(backend) };
         })?;
+        // SAFETY: registry lookup; the CPU device is a static registered device.
+        let is_cpu = dev == unsafe { (api.dev_by_type)(DEV_TYPE_CPU) };
+        // GGML_COREML_POOL=0: threads of our own per matmul instead (for comparisons).
+        let lend = std::env::var("GGML_COREML_POOL").map_or(true, |v| v != "0");
+        let pool = if is_cpu && lend {
+            match GgmlPool::new(api, backend) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(why) => {
+                    log::debug(&format!("executor threads are spawned per matmul: {why}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(HostBackend {
             backend,
             ctx,
             graph,
             set_threads,
+            pool,
             name,
         })
+    }
+
+    /// Worker threads of the inner CPU backend the executor may borrow (see [`GgmlPool`]).
+    pub fn pool(&self) -> Option<Arc<dyn Pool>> {
+        self.pool.clone().map(|p| p as Arc<dyn Pool>)
     }
 
     pub fn set_threads(&self, n: c_int) {
@@ -161,6 +190,8 @@ fn new_graph(api: &GgmlApi) -> Result<(*mut GgmlContext, *mut GgmlCgraph), Strin
 
 impl Drop for HostBackend {
     fn drop(&mut self) {
+        // The pool runs graphs on `backend`: it goes first (nothing else holds it outside a matmul).
+        self.pool = None;
         if let Some(api) = api() {
             // SAFETY: both were created by us and are dropped once.
             unsafe {
@@ -168,5 +199,136 @@ impl Drop for HostBackend {
                 (api.free)(self.ctx);
             }
         }
+    }
+}
+
+/// The CPU backend's own worker threads, lent to the executor's GEMM.
+///
+/// Between two host splits, ggml's CPU workers (OpenMP, or ggml's thread pool) keep spinning for a
+/// while; GEMM threads of our own would then fight them for the same cores. Instead a one-node graph
+/// — a `ggml_custom_4d` op whose function runs the job — is computed on the CPU backend, so the job
+/// runs on exactly those workers, `nth` at a time.
+pub struct GgmlPool {
+    backend: *mut GgmlBackend,
+    ctx: *mut GgmlContext,
+    graph: *mut GgmlCgraph,
+    /// Read by the workers: boxed so its address stays fixed for the graph's userdata.
+    slot: Box<JobSlot>,
+    /// One job at a time (the slot holds one).
+    busy: Mutex<()>,
+}
+
+#[derive(Default)]
+struct JobSlot {
+    /// Points at a `&(dyn Fn(usize) + Sync)` on the stack of `run`, or NULL.
+    job: AtomicPtr<c_void>,
+    panicked: AtomicBool,
+}
+
+// SAFETY: the graph and context are only touched inside `run`, under `busy`; the backend is only
+// driven by the thread that owns the HostBackend (ggml never computes one backend concurrently),
+// and `run` is called from that thread.
+unsafe impl Send for GgmlPool {}
+// SAFETY: as above.
+unsafe impl Sync for GgmlPool {}
+
+impl GgmlPool {
+    fn new(api: &GgmlApi, backend: *mut GgmlBackend) -> Result<GgmlPool, String> {
+        let custom_4d = api.custom_4d.ok_or("the host has no ggml_custom_4d")?;
+        let slot = Box::<JobSlot>::default();
+        // SAFETY: a small allocating context holds the one F32 element the op writes nothing to, and
+        // the one-node graph.
+        unsafe {
+            let size = (api.graph_overhead_custom)(8, false) + 64 * 1024;
+            let ctx = (api.init)(GgmlInitParams {
+                mem_size: size,
+                mem_buffer: ptr::null_mut(),
+                no_alloc: false,
+            });
+            if ctx.is_null() {
+                return Err("ggml_init failed".into());
+            }
+            let graph = (api.new_graph_custom)(ctx, 8, false);
+            let ud = ptr::from_ref::<JobSlot>(&slot).cast_mut().cast::<c_void>();
+            // n_tasks -1 (GGML_N_TASKS_MAX): every worker of the backend calls the function.
+            let node = custom_4d(
+                ctx,
+                GGML_TYPE_F32,
+                1,
+                1,
+                1,
+                1,
+                ptr::null_mut(),
+                0,
+                pool_task,
+                -1,
+                ud,
+            );
+            if graph.is_null() || node.is_null() {
+                (api.free)(ctx);
+                return Err("could not build the pool graph".into());
+            }
+            // ggml's CPU loop skips nodes without the COMPUTE flag (set by ggml_build_forward_expand,
+            // which we do not use for a one-node graph).
+            (*node).flags |= GGML_TENSOR_FLAG_COMPUTE;
+            (api.graph_add_node)(graph, node);
+            Ok(GgmlPool {
+                backend,
+                ctx,
+                graph,
+                slot,
+                busy: Mutex::new(()),
+            })
+        }
+    }
+}
+
+impl Pool for GgmlPool {
+    fn run(&self, job: &(dyn Fn(usize) + Sync)) {
+        let Some(api) = api() else { return };
+        let _one = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let job_ref: &(dyn Fn(usize) + Sync) = job;
+        self.slot.panicked.store(false, Ordering::Relaxed);
+        self.slot
+            .job
+            .store(ptr::from_ref(&job_ref).cast_mut().cast(), Ordering::Release);
+        // SAFETY: our one-node graph on the backend it was built for; the workers read the slot,
+        // which points at `job_ref`, alive until the call returns (it is synchronous).
+        let st = unsafe { (api.backend_graph_compute)(self.backend, self.graph) };
+        self.slot.job.store(ptr::null_mut(), Ordering::Release);
+        if st != GGML_STATUS_SUCCESS {
+            // The caller finishes the job itself: jobs take their work on demand.
+            log::debug(&format!("pool graph failed with status {st}"));
+        }
+        if self.slot.panicked.load(Ordering::Relaxed) {
+            panic!("a matmul job panicked on a ggml worker thread");
+        }
+    }
+}
+
+impl Drop for GgmlPool {
+    fn drop(&mut self) {
+        if let Some(api) = api() {
+            // SAFETY: created in `new`, freed once.
+            unsafe { (api.free)(self.ctx) };
+        }
+    }
+}
+
+/// The custom op's function: runs the job of the slot on worker `ith`. A panic must not unwind into
+/// ggml's worker loop: it is caught and re-raised on the calling thread by `run`.
+unsafe extern "C" fn pool_task(_dst: *mut GgmlTensor, ith: c_int, _nth: c_int, ud: *mut c_void) {
+    // SAFETY: `ud` is the pool's boxed slot, alive as long as the graph.
+    let slot = unsafe { &*ud.cast::<JobSlot>() };
+
+    let p = slot.job.load(Ordering::Acquire);
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: set by `run` to a `&(dyn Fn(usize) + Sync)` that outlives the graph computation.
+    let job = unsafe { &*p.cast::<&(dyn Fn(usize) + Sync)>() };
+    let r = catch_unwind(AssertUnwindSafe(|| job(ith.max(0) as usize)));
+    if r.is_err() {
+        slot.panicked.store(true, Ordering::Relaxed);
     }
 }

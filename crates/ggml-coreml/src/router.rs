@@ -240,14 +240,22 @@ impl RouterCtx {
 /// whole (`graph`), so decode costs nothing extra.
 ///
 /// # Safety
-/// `graph` and `nodes` are the live graph (and its nodes) ggml passed to a face's `graph_compute`.
+/// `graph` is the live graph ggml passed to a face's `graph_compute`.
 pub unsafe fn compute(
     ctx: &mut RouterCtx,
     graph: *mut GgmlCgraph,
-    nodes: &[*mut GgmlTensor],
     face: Face,
     registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<&'t WeightRegistry>,
 ) -> i32 {
+    let Some(api) = api() else {
+        return GGML_STATUS_FAILED;
+    };
+    // SAFETY: ggml's graph accessors on the graph it passed us.
+    let nodes: Vec<*mut GgmlTensor> = unsafe {
+        let n = (api.graph_n_nodes)(graph);
+        (0..n).map(|i| (api.graph_node)(graph, i)).collect()
+    };
+    let nodes = &nodes[..];
     let eng = engine();
     eng.poll_control();
     eng.refresh_device_state();
@@ -487,27 +495,48 @@ fn run_ane(
                 m: e.m,
                 x_stride: xstride,
             };
-            ctx.out.resize(e.m * e.n, 0.0);
-            driver::matmul(
-                eng.executor.as_ref(),
-                &pw,
-                &act,
-                &mut ctx.out,
-                e.n,
-                &mut ctx.scratch,
-            )
-            .map_err(|err| err.to_string())?;
-            if d_host {
-                // SAFETY: dst is F32 [n, m, ne12, ne13] (MUL_MAT contract), allocated, batch in range, and
-                // nothing else touches it during this node.
-                unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
+            // Host-visible dst with plain rows that do not overlap x: the driver writes straight into it.
+            // SAFETY: dst is F32 [n, m, ne12, ne13] (MUL_MAT contract), allocated in host memory, batch
+            // in range, and nothing else touches it during this node (x is checked for overlap below).
+            let direct = if d_host {
+                unsafe { node.f32_rows_mut(i12, i13) }.filter(|(d, _)| !overlaps(d, xs))
             } else {
-                write_rows_via_api(api, node, i12, i13, &ctx.out, e.n);
+                None
+            };
+            let pool = ctx.host.pool();
+            let exec = eng.executor.as_ref();
+            let scratch = &mut ctx.scratch;
+            // The GEMM borrows the CPU backend's workers instead of competing with them.
+            match direct {
+                Some((dst, stride)) => ggml_coreml_program::pool::with_pool(pool, || {
+                    driver::matmul(exec, &pw, &act, dst, stride, scratch)
+                })
+                .map_err(|err| err.to_string())?,
+                None => {
+                    ctx.out.resize(e.m * e.n, 0.0);
+                    let out = &mut ctx.out;
+                    ggml_coreml_program::pool::with_pool(pool, || {
+                        driver::matmul(exec, &pw, &act, out, e.n, scratch)
+                    })
+                    .map_err(|err| err.to_string())?;
+                    if d_host {
+                        // SAFETY: as above.
+                        unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
+                    } else {
+                        write_rows_via_api(api, node, i12, i13, &ctx.out, e.n);
+                    }
+                }
             }
             batches += 1;
         }
     }
     Ok(batches)
+}
+
+/// Do two f32 slices share memory?
+fn overlaps(a: &[f32], b: &[f32]) -> bool {
+    let (a0, b0) = (a.as_ptr() as usize, b.as_ptr() as usize);
+    a0 < b0 + std::mem::size_of_val(b) && b0 < a0 + std::mem::size_of_val(a)
 }
 
 /// Rows of a weight slice in a non-host buffer, compacted to `row` bytes each.

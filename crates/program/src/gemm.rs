@@ -78,6 +78,12 @@ fn par_rows(
             }
         }
     };
+    if let Some(pool) = crate::pool::current() {
+        pool.run(&|_| work());
+        // Whatever the pool's workers did not take (a pool may run fewer of them), this thread does.
+        work();
+        return;
+    }
     std::thread::scope(|s| {
         for _ in 1..threads {
             s.spawn(work);
@@ -1492,6 +1498,38 @@ mod tests {
         assert_eq!(f16_round_once(-0.0).to_bits(), 0x8000);
         assert_eq!(f16_round_once(2f64.powi(-25) * 1.0000001).to_bits(), 1);
         assert_eq!(f16_round_once(2f64.powi(-25)).to_bits(), 0);
+    }
+
+    /// A pool running `workers` scoped threads (0: none, the caller does everything).
+    struct Scoped(usize);
+    impl crate::pool::Pool for Scoped {
+        fn run(&self, job: &(dyn Fn(usize) + Sync)) {
+            std::thread::scope(|s| {
+                for w in 0..self.0 {
+                    s.spawn(move || job(w));
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn par_rows_covers_every_row_once_with_any_pool() {
+        let (n, m) = (103, 5);
+        for workers in [None, Some(0), Some(1), Some(3)] {
+            let pool = workers.map(|w| std::sync::Arc::new(Scoped(w)) as _);
+            let mut out = vec![f16::ZERO; n * m];
+            crate::pool::with_pool(pool, || {
+                par_rows(&mut out, n, m, 4, 2, |r0, rows, chunk| {
+                    assert_eq!(chunk.len(), rows * m);
+                    for (i, v) in chunk.iter_mut().enumerate() {
+                        *v += f16::from_f32((r0 * m + i) as f32);
+                    }
+                });
+            });
+            for (i, v) in out.iter().enumerate() {
+                assert_eq!(*v, f16::from_f32(i as f32), "{workers:?} at {i}");
+            }
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`emit`]: the ML Program protobuf of each variant; [`package`]: `.mlpackage` directories.
 //! - [`mil`]: the MIL builder under the emitter; [`blob`]: MIL blob storage (`weight.bin`).
 //! - [`interp`]: the reference interpreter that runs emitted programs with ANE-like numerics.
+//! - [`pool`]: where the interpreter's GEMM threads come from (spawned, or a host's workers).
 //! - [`proto`]: the CoreML protobuf types (a field-compatible subset of Apple's schema).
 
 pub mod blob;
@@ -18,6 +19,7 @@ mod gemm;
 pub mod interp;
 pub mod mil;
 pub mod package;
+pub mod pool;
 pub mod proto;
 pub mod spec;
 

@@ -6,6 +6,7 @@ use std::ffi::{c_char, c_int};
 use std::ptr;
 
 use crate::engine::engine;
+use crate::faces::BackendCtx;
 use crate::faces::buffer;
 use crate::faces::reg::{self, globals};
 use crate::ffi::abi::*;
@@ -18,7 +19,7 @@ use crate::router::{self, RouterCtx};
 use crate::weights::WeightRegistry;
 
 pub const NAME: &std::ffi::CStr = c"CoreML";
-static GUID: [u8; 16] = *b"ggml-coreml-ane\0";
+pub(crate) static GUID: [u8; 16] = *b"ggml-coreml-ane\0";
 
 pub const DEVICE_IFACE: GgmlBackendDeviceI = GgmlBackendDeviceI {
     get_name: Some(dev_get_name),
@@ -125,11 +126,6 @@ fn cpu_supports(op: *const GgmlTensor) -> bool {
     }
 }
 
-/// Context of one backend instance of the ACCEL face.
-struct BackendCtx {
-    router: RouterCtx,
-}
-
 const BACKEND_IFACE: GgmlBackendI = GgmlBackendI {
     get_name: Some(backend_get_name),
     free: Some(backend_free),
@@ -161,6 +157,7 @@ unsafe extern "C" fn dev_init_backend(dev: *mut Dev, _params: *const c_char) -> 
         let _ = engine();
         let ctx = Box::new(BackendCtx {
             router: RouterCtx::new(host),
+            name: NAME.to_owned(),
         });
         Box::into_raw(Box::new(GgmlBackend {
             guid: &GUID,
@@ -189,47 +186,12 @@ unsafe extern "C" fn backend_free(b: *mut GgmlBackend) {
     })
 }
 
-/// Our backend's context, if `b` is one of ours.
-///
-/// # Safety
-/// `b` is NULL or a live backend.
-pub unsafe fn set_threads(b: *mut GgmlBackend, n: c_int) -> bool {
-    // SAFETY: compare guid pointers before touching the context.
-    let Some(be) = (unsafe { b.as_ref() }) else {
-        return false;
-    };
-    if !ptr::eq(be.guid, &GUID) {
-        return false;
-    }
-    // SAFETY: our backend carries a BackendCtx.
-    let ctx = unsafe { &*be.context.cast::<BackendCtx>() };
-    ctx.router.host.set_threads(n);
-    engine().set_threads(n.max(1) as usize);
-    true
-}
-
 unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgraph) -> c_int {
     guard("graph_compute", GGML_STATUS_FAILED, || {
-        let Some(api) = api() else {
-            return GGML_STATUS_FAILED;
-        };
         // SAFETY: our backend; ggml drives one graph_compute at a time per backend.
         let ctx = unsafe { &mut *(*b).context.cast::<BackendCtx>() };
-        // SAFETY: ggml graph accessors on the graph it passed us.
-        let nodes: Vec<*mut GgmlTensor> = unsafe {
-            let n = (api.graph_n_nodes)(g);
-            (0..n).map(|i| (api.graph_node)(g, i)).collect()
-        };
-        // SAFETY: the graph and nodes ggml passed to graph_compute.
-        unsafe {
-            router::compute(
-                &mut ctx.router,
-                g,
-                &nodes,
-                router::Face::Accel,
-                &registry_of,
-            )
-        }
+        // SAFETY: the graph ggml passed to graph_compute.
+        unsafe { router::compute(&mut ctx.router, g, router::Face::Accel, &registry_of) }
     })
 }
 

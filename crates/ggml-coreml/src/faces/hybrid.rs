@@ -13,6 +13,7 @@ use std::ptr;
 use std::sync::Mutex;
 
 use crate::engine::engine;
+use crate::faces::BackendCtx;
 use crate::ffi::abi::*;
 use crate::ffi::ggml::{api, cstr_or};
 use crate::ffi::guard::guard;
@@ -20,7 +21,7 @@ use crate::host::HostBackend;
 use crate::log;
 use crate::router::{self, Face, RouterCtx};
 
-static GUID: [u8; 16] = *b"ggml-coreml-hyb\0";
+pub(crate) static GUID: [u8; 16] = *b"ggml-coreml-hyb\0";
 
 /// Context of one hybrid device (leaked: devices live as long as the process).
 pub struct HybridDev {
@@ -218,11 +219,6 @@ unsafe extern "C" fn dev_offload_op(dev: *mut Dev, op: *const GgmlTensor) -> boo
     })
 }
 
-struct BackendCtx {
-    router: RouterCtx,
-    name: CString,
-}
-
 const BACKEND_IFACE: GgmlBackendI = GgmlBackendI {
     get_name: Some(backend_get_name),
     free: Some(backend_free),
@@ -312,38 +308,11 @@ unsafe extern "C" fn backend_synchronize(b: *mut GgmlBackend) {
 
 unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgraph) -> c_int {
     guard("hybrid graph_compute", GGML_STATUS_FAILED, || {
-        let Some(api) = api() else {
-            return GGML_STATUS_FAILED;
-        };
         // SAFETY: our backend; ggml drives one graph_compute at a time per backend.
         let ctx = unsafe { &mut *(*b).context.cast::<BackendCtx>() };
-        // SAFETY: graph accessors on the graph ggml passed us.
-        let nodes: Vec<*mut GgmlTensor> = unsafe {
-            let n = (api.graph_n_nodes)(g);
-            (0..n).map(|i| (api.graph_node)(g, i)).collect()
-        };
-        // SAFETY: the graph and nodes ggml passed to graph_compute.
-        unsafe { router::compute(&mut ctx.router, g, &nodes, Face::Hybrid, &|_| None) }
+        // SAFETY: the graph ggml passed to graph_compute.
+        unsafe { router::compute(&mut ctx.router, g, Face::Hybrid, &|_| None) }
     })
-}
-
-/// `ggml_backend_set_n_threads` for a hybrid backend: forwarded to the inner backend.
-///
-/// # Safety
-/// `b` is NULL or a live backend.
-pub unsafe fn set_threads(b: *mut GgmlBackend, n: c_int) -> bool {
-    // SAFETY: compare guid pointers before touching the context.
-    let Some(be) = (unsafe { b.as_ref() }) else {
-        return false;
-    };
-    if !ptr::eq(be.guid, &GUID) {
-        return false;
-    }
-    // SAFETY: our backend carries a BackendCtx.
-    let ctx = unsafe { &*be.context.cast::<BackendCtx>() };
-    ctx.router.host.set_threads(n);
-    engine().set_threads(n.max(1) as usize);
-    true
 }
 
 /// Registers the hybrid device with ggml now (for `ggml_backend_coreml_enable_hybrid` after load).

@@ -185,9 +185,7 @@ unsafe extern "C" fn set_n_threads(b: *mut GgmlBackend, n: c_int) {
     guard("set_n_threads", (), || {
         // SAFETY: ggml passes one of the backends it created from our devices.
         unsafe {
-            if !accel::set_threads(b, n) {
-                hybrid::set_threads(b, n);
-            }
+            crate::faces::set_threads(b, n);
         }
     })
 }

@@ -76,9 +76,30 @@ pub struct GgmlApi {
     pub reg_dev_count: unsafe extern "C" fn(*mut Reg) -> usize,
     pub reg_dev_get: unsafe extern "C" fn(*mut Reg, usize) -> *mut Dev,
     pub device_register: unsafe extern "C" fn(*mut Dev),
+    /// `ggml_custom_4d` (ggml >= 0.0.2100 or so): lets the executor's GEMM run on the CPU backend's
+    /// own worker threads (see `host::GgmlPool`). None on hosts without it.
+    pub custom_4d: Option<FnCustom4d>,
     /// The host's values of the ops we look at (see [`OpIds`]).
     pub ops: OpIds,
 }
+
+/// `ggml_custom_op_t`: `fun(dst, ith, nth, userdata)`, called once per worker thread.
+pub type FnCustomOp = unsafe extern "C" fn(*mut GgmlTensor, c_int, c_int, *mut c_void);
+
+/// `ggml_custom_4d(ctx, type, ne0, ne1, ne2, ne3, args, n_args, fun, n_tasks, userdata)`.
+pub type FnCustom4d = unsafe extern "C" fn(
+    *mut GgmlContext,
+    c_int,
+    i64,
+    i64,
+    i64,
+    i64,
+    *mut *mut GgmlTensor,
+    c_int,
+    FnCustomOp,
+    c_int,
+    *mut c_void,
+) -> *mut GgmlTensor;
 
 /// Host values of the ops the backend inspects, found by name at init. Trees disagree on
 /// `enum ggml_op`: QVAC's fabric (0.15) adds five ops before MUL_MAT (MUL_MAT = 34, upstream 29)
@@ -329,6 +350,11 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
         reg_dev_count: get!("ggml_backend_reg_dev_count"),
         reg_dev_get: get!("ggml_backend_reg_dev_get"),
         device_register: get!("ggml_backend_device_register"),
+        custom_4d: {
+            let p = l.sym("ggml_custom_4d");
+            // SAFETY: when present, the symbol has ggml.h's `ggml_custom_4d` signature.
+            (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, FnCustom4d>(p) })
+        },
         ops,
     })
 }

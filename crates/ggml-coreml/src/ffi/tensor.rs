@@ -220,6 +220,34 @@ impl<'a> TensorRef<'a> {
         RowsF32::Gathered { x, stride: k }
     }
 
+    /// Batch `(i2, i3)` of this F32 tensor as one mutable slice of `ne[1]` rows `stride` f32 apart,
+    /// when its rows are contiguous, aligned and do not overlap; None otherwise.
+    ///
+    /// # Safety
+    /// The tensor is F32, allocated in host memory, `(i2, i3)` in range, and nothing else reads or
+    /// writes that memory while the slice lives.
+    pub unsafe fn f32_rows_mut(&self, i2: usize, i3: usize) -> Option<(&'a mut [f32], usize)> {
+        let (n, m) = (self.t.ne[0] as usize, self.t.ne[1] as usize);
+        let nb = self.t.nb;
+        // SAFETY: offsets computed from ggml's strides stay inside the tensor's allocation.
+        let base = unsafe { self.t.data.cast::<u8>().add(i2 * nb[2] + i3 * nb[3]) };
+        if m == 0
+            || n == 0
+            || nb[0] != 4
+            || !nb[1].is_multiple_of(4)
+            || nb[1] / 4 < n
+            || !(base as usize).is_multiple_of(4)
+        {
+            return None;
+        }
+        let stride = nb[1] / 4;
+        // SAFETY: m rows of n f32, `stride` >= n apart (no overlap), inside the allocation; exclusive
+        // per the caller's contract.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(base.cast::<f32>(), (m - 1) * stride + n) };
+        Some((out, stride))
+    }
+
     /// Writes `m` rows of `n` f32 (row stride `stride`) into batch `(i2, i3)` of this F32 tensor.
     ///
     /// # Safety
