@@ -10,6 +10,7 @@ mod gguf;
 mod host;
 mod host_v3;
 mod models;
+mod overhead;
 mod parity;
 mod paths;
 mod qvac;
@@ -87,6 +88,9 @@ enum Cmd {
     /// Stock vs ggml-coreml llama-bench runs, alternating, over a model × type × policy matrix; writes
     /// bench-out/<time>/ and (default matrix) docs/benchmarks.md.
     Bench(bench::BenchArgs),
+    /// Instructions the host executes per prefill / decode test, stock vs ggml-coreml (valgrind's
+    /// callgrind): the load-independent measure of what the backend's presence costs.
+    Overhead(overhead::OverheadArgs),
 }
 
 fn main() -> ExitCode {
@@ -141,5 +145,6 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
         }
         Cmd::Parity(args) => return parity::main(args),
         Cmd::Bench(args) => return bench::main(args),
+        Cmd::Overhead(args) => return overhead::main(args),
     }))
 }
