@@ -1099,7 +1099,7 @@ fn run_facts(o: &mut String, r: &Results) {
     );
     let _ = writeln!(
         o,
-        "- Host: {}, CPU backend, 2 threads; stock `-ngl {}`{}; ours: {}",
+        "- Host: {}, CPU backend, 2 threads; stock `-ngl {}`{}; ours through {}",
         m.host,
         stock_ngl(mx.face),
         if mx.stock_no_repack {

@@ -54,12 +54,12 @@ impl Face {
         }
     }
 
-    /// How a report names our side.
+    /// How a report names our side: the face and its switches.
     pub fn describe(self) -> String {
         match self {
-            Face::Accel => "ACCEL face `CoreML`, `-ngl 0`".into(),
+            Face::Accel => "the ACCEL face `CoreML` (`-ngl 0`)".into(),
             Face::Hybrid => format!(
-                "hybrid face `{HYBRID_DEVICE}`: `GGML_COREML_HYBRID={HYBRID_INNER}`, `--device {HYBRID_DEVICE} -ngl 99`"
+                "the hybrid face `{HYBRID_DEVICE}` (`GGML_COREML_HYBRID={HYBRID_INNER}`, `--device {HYBRID_DEVICE} -ngl 99`)"
             ),
         }
     }
