@@ -154,16 +154,7 @@ impl Machine {
             })
             .or_else(|| cmd_out("sysctl", &["-n", "machdep.cpu.brand_string"]))
             .unwrap_or_else(|| "unknown".into());
-        let load = fs::read_to_string("/proc/loadavg")
-            .ok()
-            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .or_else(|| {
-                cmd_out("sysctl", &["-n", "vm.loadavg"]).map(|s| {
-                    s.trim_matches(|c| c == '{' || c == '}' || c == ' ')
-                        .to_string()
-                })
-            })
-            .unwrap_or_else(|| "n/a".into());
+        let load = load_average();
         let os = cmd_out("uname", &["-srm"]).unwrap_or_else(|| std::env::consts::OS.to_string());
         let git = cmd_out(
             "git",
@@ -189,6 +180,20 @@ impl Machine {
             git,
         }
     }
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`, or `sysctl vm.loadavg` on macOS).
+pub fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .or_else(|| {
+            cmd_out("sysctl", &["-n", "vm.loadavg"]).map(|s| {
+                s.trim_matches(|c| c == '{' || c == '}' || c == ' ')
+                    .to_string()
+            })
+        })
+        .unwrap_or_else(|| "n/a".into())
 }
 
 fn cmd_out(prog: &str, args: &[&str]) -> Option<String> {
@@ -314,6 +319,9 @@ pub struct Results {
     /// Why the projection table is empty, if it is.
     pub projection_error: Option<String>,
     pub seconds: f64,
+    /// Load averages when the last run ended (the machine may be shared: start and end bracket the run).
+    #[serde(default)]
+    pub load_end: Option<String>,
 }
 
 pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
@@ -447,6 +455,7 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
         projection,
         projection_error,
         seconds: t0.elapsed().as_secs_f64(),
+        load_end: Some(load_average()),
     };
     let json = out.join("results.json");
     fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
@@ -529,6 +538,11 @@ fn bench_once(
         "json",
     ]);
     face::clean_env(&mut c);
+    if mx.face == Face::Hybrid {
+        // llama-bench drops every log line unless verbose; the hybrid device's summary is one (both sides
+        // get the flag, so they run the same tool path).
+        c.arg("-v");
+    }
     match policy {
         None => {
             // Stock: the same layer placement as the face's (CPU only, so every layer is on the CPU).
@@ -1094,8 +1108,12 @@ fn run_facts(o: &mut String, r: &Results) {
     );
     let _ = writeln!(
         o,
-        "- Machine: {} ({}), `nproc` {}, load average at start {}",
-        m.cpu, m.os, m.nproc, m.load
+        "- Machine: {} ({}), `nproc` {}, load average at start {}, at end {}",
+        m.cpu,
+        m.os,
+        m.nproc,
+        m.load,
+        r.load_end.as_deref().unwrap_or("n/a")
     );
     let _ = writeln!(
         o,
@@ -1267,7 +1285,8 @@ fn how_made(o: &mut String, r: &Results) {
         let _ = writeln!(
             o,
             "- Each of our runs is checked to have gone through the hybrid device: its backends log \
-             (`GGML_COREML_LOG=info`) how many graphs they computed, and a run with none is an error."
+             (`GGML_COREML_LOG=info`, visible with llama-bench's `-v`, which both sides get) how many graphs they \
+             computed, and a run with none is an error."
         );
     }
 }
@@ -1432,7 +1451,8 @@ fn render_doc(r: &Results, out: &Path) -> String {
              do not edit by hand). The run's raw results and plot: `{}/` (results.json, report.md, prefill_speedup.png). \
              `cargo xtask bench --matrix full` covers every model (gemma-3-270m, smollm2-135m, qwen3-tiny, qwen3-tiny-moe) × \
              Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K, F16 × policies latency, energy, always × prompts 512, 1K, 2K, 4K × 3 \
-             repetitions, decode 64 tokens (hours on 2 cores)._\n",
+             repetitions, decode 64 tokens (hours on 2 cores). The section *Hybrid face* comes from \
+             `cargo xtask bench --face hybrid` and is kept by this run._\n",
             rel.display()
         ),
         1,
@@ -1494,7 +1514,14 @@ fn render_hybrid_section(r: &Results, out: &Path) -> String {
          library's default policy, against stock with the same `-ngl 99`. On Linux the inner device is the CPU, and the \
          default policy (`latency`) offloads nothing (the reference executor is never predicted faster), so the `{DEFAULT_POLICY}` \
          rows measure what the hybrid face itself costs: every graph goes through its router and on to the inner \
-         backend unsplit. The `always` rows send every MUL_MAT over weights through the reference executor.\n",
+         backend unsplit. The `always` rows send every MUL_MAT over weights through the reference executor.\n\n\
+         - This section: `cargo xtask bench --face hybrid` (gemma-3-270m and qwen3-tiny Q8_0, policies `{DEFAULT_POLICY}` \
+         and `always`, pp512 and tg128, alternating stock/ours twice; minutes on 2 idle cores).\n\
+         - Types whose stock weights ggml-cpu repacks (on x86-64 with AVX2: Q4_0, Q4_K, IQ4_NL): \
+         `cargo xtask bench --face hybrid --quants Q4_K_M --policies {DEFAULT_POLICY}`, and the same with \
+         `--stock-no-repack` (stock with llama-bench's `--repack 0`) to separate the repack effect from the face's own \
+         cost (docs/architecture.md, *Two faces, one router*).\n\
+         - Every model × type: `cargo xtask bench --face hybrid --matrix full`.\n",
         rel.display()
     );
     run_facts(&mut o, r);
