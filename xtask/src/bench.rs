@@ -104,7 +104,7 @@ impl Matrix {
             name: "default".into(),
             models: vec!["gemma-3-270m".into(), "qwen3-tiny".into()],
             quants: vec!["Q8_0".into()],
-            policies: vec!["default".into(), "always".into()],
+            policies: vec![DEFAULT_POLICY.into(), "always".into()],
             prompts: vec![512],
             reps: 2,
             n_gen: 128,

@@ -750,6 +750,7 @@ impl Ctx {
         face::clean_env(&mut c);
         c.args(["-t", "2"]);
         if variant.is_none() {
+            // Stock: CPU layers, whatever the face of our side.
             c.args(["-ngl", "0"]);
         }
         if let Some(v) = variant {
