@@ -1271,6 +1271,31 @@ fn render(s: &Store) -> String {
             Face::Hybrid.describe()
         );
         e2e_table(&mut o, s, &hybrid);
+        let paired: Vec<(&Cell, &Cell)> = hybrid
+            .iter()
+            .filter_map(|h| {
+                let a = accel.iter().find(|a| {
+                    (&a.model, &a.quant, &a.variant) == (&h.model, &h.quant, &h.variant)
+                })?;
+                Some((*a, *h))
+            })
+            .collect();
+        if !paired.is_empty() {
+            let same = paired
+                .iter()
+                .filter(|(a, h)| {
+                    (a.stats.ppl, a.stats.kld, a.stats.ln_ratio, a.stats.same_top)
+                        == (h.stats.ppl, h.stats.kld, h.stats.ln_ratio, h.stats.same_top)
+                })
+                .count();
+            let _ = writeln!(
+                o,
+                "\n{same} of the {} hybrid cells that have an ACCEL cell of the same model × quant × variant report the \
+                 same perplexity, KLD, PPL ratio and top-1 agreement as it, to the tool's printed precision (both faces \
+                 run the same programs on the same activations, and the rest of the graph on the CPU backend).",
+                paired.len()
+            );
+        }
         let _ = writeln!(
             o,
             "\nPer layer (hybrid face, same runs; the host of the comparison is the inner CPU backend):\n"
