@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// as the hybrid face's layers are.
     #[arg(long)]
     stock_no_repack: bool,
+    /// Measure nothing: render report.md (and, for a default matrix, docs/benchmarks.md) again from the
+    /// results.json of an earlier run's directory.
+    #[arg(long, value_name = "DIR")]
+    rerender: Option<PathBuf>,
 }
 
 /// What a matrix runs.
@@ -325,6 +329,15 @@ pub struct Results {
 }
 
 pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
+    if let Some(dir) = &args.rerender {
+        let json = dir.join("results.json");
+        let results: Results = serde_json::from_slice(
+            &fs::read(&json).with_context(|| format!("cannot read {}", json.display()))?,
+        )
+        .with_context(|| format!("{} is not a bench results file", json.display()))?;
+        write_outputs(&results, dir)?;
+        return Ok(Some(dir.clone()));
+    }
     let t0 = Instant::now();
     let command = std::iter::once("cargo xtask bench".to_string())
         .chain(std::env::args().skip(2))
@@ -457,11 +470,21 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
         seconds: t0.elapsed().as_secs_f64(),
         load_end: Some(load_average()),
     };
+    fs::write(
+        out.join("results.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
+    write_outputs(&results, &out)?;
+    Ok(Some(out))
+}
+
+/// report.md and the plot in `out` (which holds results.json), and docs/benchmarks.md for a default matrix.
+fn write_outputs(results: &Results, out: &Path) -> Result<()> {
+    let matrix = &results.matrix;
     let json = out.join("results.json");
-    fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
     let plot = plot(&json, &out.join("prefill_speedup.png"));
     let md = render(
-        &results,
+        results,
         plot.as_deref().ok().map(|_| "prefill_speedup.png"),
         plot.as_ref().err().map(|e| format!("{e:#}")),
     );
@@ -472,10 +495,10 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
         let new = match matrix.face {
             // The ACCEL default run rewrites the file and keeps the hybrid face's section.
             Face::Accel => splice_hybrid(
-                &render_doc(&results, &out),
+                &render_doc(results, out),
                 hybrid_section(&old).unwrap_or(""),
             ),
-            Face::Hybrid => splice_hybrid(&old, &render_hybrid_section(&results, &out)),
+            Face::Hybrid => splice_hybrid(&old, &render_hybrid_section(results, out)),
         };
         fs::write(&doc, new).with_context(|| format!("cannot write {}", doc.display()))?;
         log!("bench: wrote {}", doc.display());
@@ -497,7 +520,7 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
             r.decode_ratio.map_or("n/a".into(), |x| format!("{x:.2}x"))
         );
     }
-    Ok(Some(out))
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
