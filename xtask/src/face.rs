@@ -1,5 +1,6 @@
-//! Which of the library's device faces "ours" goes through in `cargo xtask parity` and `cargo xtask bench`
-//! (docs/architecture.md, "Two faces, one router"). The stock side never loads the library.
+//! How "ours" runs in `cargo xtask parity` and `cargo xtask bench`: which of the library's device faces it
+//! goes through (docs/architecture.md, "Two faces, one router"), a clean environment for every child, and
+//! what the library's statistics file says it did. The stock side never loads the library.
 
 use std::process::Command;
 
