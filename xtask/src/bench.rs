@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: llama-bench with and without the backend, alternating in one run (stock, ours per
-//! policy, stock, ours… for r repetitions), over a model × quant × policy matrix. Reports prefill latency,
+//! policy, stock, ours… for r repetitions), over a model × quant × policy matrix, through the ACCEL face
+//! (`-ngl 0` on both sides) or, with `--face hybrid`, the hybrid face (stock `-ngl 99` vs ours
+//! `GGML_COREML_HYBRID=CPU … -ngl 99 --device CoreML-CPU`). Reports prefill latency,
 //! TTFT, decode speed, peak RSS, energy and thermal samples where the platform exposes them, and ratios;
 //! writes `bench-out/<UTC time>/{results.json,report.md,prefill_speedup.png}`, and for the default matrix
 //! `docs/benchmarks.md`. Also prints the projected pp4096 speed-ups per chip (a projection, not a
@@ -15,8 +17,12 @@ use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::face::{self, Face};
 use crate::models::{self, Model, ModelSet};
 use crate::{backend, host, log, paths, util, venv};
+
+/// The policy name under which our runs set no `GGML_COREML_POLICY` (the library's own default).
+const DEFAULT_POLICY: &str = "default";
 
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args, Debug, Clone)]
@@ -30,7 +36,8 @@ pub struct BenchArgs {
     /// Comma-separated weight types (overrides the matrix).
     #[arg(long, value_delimiter = ',')]
     quants: Vec<String>,
-    /// Comma-separated policies for our runs: latency, energy, always (overrides the matrix).
+    /// Comma-separated policies for our runs: latency, energy, always, off, or `default` (no
+    /// GGML_COREML_POLICY: whatever the library defaults to) (overrides the matrix).
     #[arg(long, value_delimiter = ',')]
     policies: Vec<String>,
     /// Comma-separated prompt lengths in tokens (overrides the matrix).
@@ -45,6 +52,18 @@ pub struct BenchArgs {
     /// Output directory (default: bench-out/<UTC time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The face our runs go through: `accel` (both sides `-ngl 0`) or `hybrid` (stock `-ngl 99`, ours
+    /// `GGML_COREML_HYBRID=CPU`, `-ngl 99 --device CoreML-CPU`; its own default matrix).
+    #[arg(long, value_enum, default_value_t = Face::Accel)]
+    face: Face,
+    /// Stock runs with llama-bench's `--repack 0`: weights in the CPU's plain buffer type (no CPU_REPACK),
+    /// as the hybrid face's layers are.
+    #[arg(long)]
+    stock_no_repack: bool,
+    /// Measure nothing: render report.md (and, for a default matrix, docs/benchmarks.md) again from the
+    /// results.json of an earlier run's directory.
+    #[arg(long, value_name = "DIR")]
+    rerender: Option<PathBuf>,
 }
 
 /// What a matrix runs.
@@ -57,6 +76,12 @@ pub struct Matrix {
     pub prompts: Vec<usize>,
     pub reps: usize,
     pub n_gen: usize,
+    /// The face our runs went through (results written before faces existed: ACCEL).
+    #[serde(default)]
+    pub face: Face,
+    /// Stock ran with `--repack 0`.
+    #[serde(default)]
+    pub stock_no_repack: bool,
 }
 
 impl Matrix {
@@ -71,6 +96,24 @@ impl Matrix {
             prompts: vec![512, 1024],
             reps: 2,
             n_gen: 16,
+            face: Face::Accel,
+            stock_no_repack: false,
+        }
+    }
+
+    /// The hybrid face's default: the library's default policy (and `always`) against stock with every
+    /// layer "offloaded" (`-ngl 99`, CPU only), pp512 and tg128, twice.
+    pub fn hybrid_matrix() -> Matrix {
+        Matrix {
+            name: "default".into(),
+            models: vec!["gemma-3-270m".into(), "qwen3-tiny".into()],
+            quants: vec!["Q8_0".into()],
+            policies: vec![DEFAULT_POLICY.into(), "always".into()],
+            prompts: vec![512],
+            reps: 2,
+            n_gen: 128,
+            face: Face::Hybrid,
+            stock_no_repack: false,
         }
     }
 
@@ -84,6 +127,8 @@ impl Matrix {
             prompts: vec![512, 1024, 2048, 4096],
             reps: 3,
             n_gen: 64,
+            face: Face::Accel,
+            stock_no_repack: false,
         }
     }
 }
@@ -113,16 +158,7 @@ impl Machine {
             })
             .or_else(|| cmd_out("sysctl", &["-n", "machdep.cpu.brand_string"]))
             .unwrap_or_else(|| "unknown".into());
-        let load = fs::read_to_string("/proc/loadavg")
-            .ok()
-            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .or_else(|| {
-                cmd_out("sysctl", &["-n", "vm.loadavg"]).map(|s| {
-                    s.trim_matches(|c| c == '{' || c == '}' || c == ' ')
-                        .to_string()
-                })
-            })
-            .unwrap_or_else(|| "n/a".into());
+        let load = load_average();
         let os = cmd_out("uname", &["-srm"]).unwrap_or_else(|| std::env::consts::OS.to_string());
         let git = cmd_out(
             "git",
@@ -148,6 +184,20 @@ impl Machine {
             git,
         }
     }
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`, or `sysctl vm.loadavg` on macOS).
+pub fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .or_else(|| {
+            cmd_out("sysctl", &["-n", "vm.loadavg"]).map(|s| {
+                s.trim_matches(|c| c == '{' || c == '}' || c == ' ')
+                    .to_string()
+            })
+        })
+        .unwrap_or_else(|| "n/a".into())
 }
 
 fn cmd_out(prog: &str, args: &[&str]) -> Option<String> {
@@ -192,6 +242,12 @@ pub struct RunRecord {
     pub thermal_after: Option<String>,
     /// MUL_MATs our backend offloaded (its stats file), for our runs.
     pub offloaded_ops: Option<u64>,
+    /// The policy the library reports having used (its stats file), for our runs.
+    #[serde(default)]
+    pub policy_in_effect: Option<String>,
+    /// Hybrid face: graphs the hybrid device computed (its `hybrid summary` log lines).
+    #[serde(default)]
+    pub hybrid_graphs: Option<u64>,
 }
 
 impl RunRecord {
@@ -244,6 +300,9 @@ pub struct Row {
     pub stock_j_per_token: Option<f64>,
     pub ours_j_per_token: Option<f64>,
     pub offloaded_ops: Option<u64>,
+    /// The policy the library reported (shows what `default` meant).
+    #[serde(default)]
+    pub policy_in_effect: Option<String>,
 }
 
 /// A projected pp4096 speed-up (cost model, not a measurement).
@@ -271,26 +330,44 @@ pub struct Results {
     /// Why the projection table is empty, if it is.
     pub projection_error: Option<String>,
     pub seconds: f64,
+    /// Load averages when the last run ended (the machine may be shared: start and end bracket the run).
+    #[serde(default)]
+    pub load_end: Option<String>,
 }
 
 pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
+    if let Some(dir) = &args.rerender {
+        let json = dir.join("results.json");
+        let results: Results = serde_json::from_slice(
+            &fs::read(&json).with_context(|| format!("cannot read {}", json.display()))?,
+        )
+        .with_context(|| format!("{} is not a bench results file", json.display()))?;
+        write_outputs(&results, dir)?;
+        return Ok(Some(dir.clone()));
+    }
     let t0 = Instant::now();
     let command = std::iter::once("cargo xtask bench".to_string())
         .chain(std::env::args().skip(2))
         .collect::<Vec<_>>()
         .join(" ");
     let machine = Machine::probe();
-    let mut matrix = match args.matrix.as_str() {
-        "default" => Matrix::default_matrix(),
-        "full" => Matrix::full_matrix(),
-        other => bail!("unknown matrix `{other}` (default, full)"),
+    let mut matrix = match (args.matrix.as_str(), args.face) {
+        ("default", Face::Accel) => Matrix::default_matrix(),
+        ("default", Face::Hybrid) => Matrix::hybrid_matrix(),
+        ("full", face) => Matrix {
+            face,
+            ..Matrix::full_matrix()
+        },
+        (other, _) => bail!("unknown matrix `{other}` (default, full)"),
     };
     let overridden = !(args.models.is_empty()
         && args.quants.is_empty()
         && args.policies.is_empty()
         && args.prompt.is_empty())
         || args.reps.is_some()
-        || args.n_gen.is_some();
+        || args.n_gen.is_some()
+        || args.stock_no_repack;
+    matrix.stock_no_repack = args.stock_no_repack;
     if !args.models.is_empty() {
         matrix.models = args.models.clone();
     }
@@ -314,8 +391,11 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
     }
     for p in &matrix.policies {
         ensure!(
-            matches!(p.as_str(), "latency" | "energy" | "always" | "off"),
-            "unknown policy `{p}` (latency, energy, always, off)"
+            matches!(
+                p.as_str(),
+                "latency" | "energy" | "always" | "off" | DEFAULT_POLICY
+            ),
+            "unknown policy `{p}` (latency, energy, always, off, {DEFAULT_POLICY})"
         );
     }
     ensure!(
@@ -395,20 +475,39 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
         projection,
         projection_error,
         seconds: t0.elapsed().as_secs_f64(),
+        load_end: Some(load_average()),
     };
+    fs::write(
+        out.join("results.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
+    write_outputs(&results, &out)?;
+    Ok(Some(out))
+}
+
+/// report.md and the plot in `out` (which holds results.json), and docs/benchmarks.md for a default matrix.
+fn write_outputs(results: &Results, out: &Path) -> Result<()> {
+    let matrix = &results.matrix;
     let json = out.join("results.json");
-    fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
     let plot = plot(&json, &out.join("prefill_speedup.png"));
     let md = render(
-        &results,
+        results,
         plot.as_deref().ok().map(|_| "prefill_speedup.png"),
         plot.as_ref().err().map(|e| format!("{e:#}")),
     );
     fs::write(out.join("report.md"), &md)?;
     if matrix.name == "default" {
         let doc = paths::workspace_root().join("docs").join("benchmarks.md");
-        fs::write(&doc, render_doc(&results, &out))
-            .with_context(|| format!("cannot write {}", doc.display()))?;
+        let old = fs::read_to_string(&doc).unwrap_or_default();
+        let new = match matrix.face {
+            // The ACCEL default run rewrites the file and keeps the hybrid face's section.
+            Face::Accel => splice_hybrid(
+                &render_doc(results, out),
+                hybrid_section(&old).unwrap_or(""),
+            ),
+            Face::Hybrid => splice_hybrid(&old, &render_hybrid_section(results, out)),
+        };
+        fs::write(&doc, new).with_context(|| format!("cannot write {}", doc.display()))?;
         log!("bench: wrote {}", doc.display());
     }
     log!(
@@ -430,7 +529,7 @@ pub fn main(args: BenchArgs) -> Result<Option<PathBuf>> {
             ratio(r.decode_best_ratio)
         );
     }
-    Ok(Some(out))
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -467,25 +566,35 @@ fn bench_once(
         "1",
         "-t",
         "2",
-        "-ngl",
-        "0",
         "-o",
         "json",
     ]);
-    c.env_remove("GGML_BACKEND_PATH");
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k.starts_with("GGML_COREML_")
-            && !k.starts_with("GGML_COREML_CACHE")
-            && k != "GGML_COREML_DEV_CACHE"
-        {
-            c.env_remove(k.as_ref());
-        }
+    face::clean_env(&mut c);
+    if mx.face == Face::Hybrid {
+        // llama-bench drops every log line unless verbose; the hybrid device's summary is one (both sides
+        // get the flag, so they run the same tool path).
+        c.arg("-v");
     }
-    if let Some(p) = policy {
-        c.env("GGML_BACKEND_PATH", lib)
-            .env("GGML_COREML_POLICY", p)
-            .env("GGML_COREML_STATS_FILE", &stats);
+    match policy {
+        None => {
+            // Stock: the same layer placement as the face's (CPU only, so every layer is on the CPU).
+            c.args(["-ngl", stock_ngl(mx.face)]);
+            if mx.stock_no_repack {
+                c.args(["--repack", "0"]);
+            }
+        }
+        Some(p) => {
+            mx.face.ours(&mut c);
+            c.env("GGML_BACKEND_PATH", lib)
+                .env("GGML_COREML_STATS_FILE", &stats);
+            if p != DEFAULT_POLICY {
+                c.env("GGML_COREML_POLICY", p);
+            }
+            if mx.face == Face::Hybrid {
+                // The hybrid device's summary at backend free shows it really computed the graphs.
+                c.env("GGML_COREML_LOG", "info");
+            }
+        }
     }
     let line = util::display_cmd(&c);
     let thermal_before = meter.thermal();
@@ -527,10 +636,20 @@ fn bench_once(
         .iter()
         .map(|t| (t.n_prompt + t.n_gen) * t.samples)
         .sum();
-    let offloaded_ops = policy
-        .and_then(|_| fs::read(&stats).ok())
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.get("ane_ops")?.as_u64());
+    let (offloaded_ops, policy_in_effect) = match policy.and_then(|_| face::read_stats(&stats)) {
+        Some((ops, p)) => (Some(ops), Some(p)),
+        None => (None, None),
+    };
+    let hybrid_graphs = (policy.is_some() && mx.face == Face::Hybrid)
+        .then(|| hybrid_graphs(&stderr))
+        .flatten();
+    if policy.is_some() && mx.face == Face::Hybrid && hybrid_graphs.unwrap_or(0) == 0 {
+        bail!(
+            "the hybrid device {} computed no graph (no `hybrid summary` line); log {}",
+            face::HYBRID_DEVICE,
+            log_path.display()
+        );
+    }
     Ok(RunRecord {
         model: m.name().into(),
         quant: q.into(),
@@ -548,7 +667,42 @@ fn bench_once(
         thermal_before,
         thermal_after,
         offloaded_ops,
+        policy_in_effect,
+        hybrid_graphs,
     })
+}
+
+/// `-ngl` of the stock side: `0` next to the ACCEL face (as ours), `99` next to the hybrid face (as ours).
+fn stock_ngl(f: Face) -> &'static str {
+    match f {
+        Face::Accel => "0",
+        Face::Hybrid => "99",
+    }
+}
+
+/// Graphs the hybrid device computed, summed over the `hybrid summary: U graphs unsplit to …, S split (…)`
+/// lines its backends log when freed (`GGML_COREML_LOG=info`); None without such a line.
+pub fn hybrid_graphs(stderr: &str) -> Option<u64> {
+    let mut total = None;
+    for l in stderr.lines() {
+        let Some(rest) = l.split("hybrid summary:").nth(1) else {
+            continue;
+        };
+        let num_before = |key: &str| -> Option<u64> {
+            rest.split(key)
+                .next()?
+                .split_whitespace()
+                .last()?
+                .parse()
+                .ok()
+        };
+        let unsplit = num_before(" graphs unsplit")?;
+        let split = rest
+            .split_once(", ")
+            .and_then(|(_, r)| r.split(" split (").next()?.trim().parse::<u64>().ok())?;
+        total = Some(total.unwrap_or(0) + unsplit + split);
+    }
+    total
 }
 
 /// Tests of a `llama-bench -o json` run, and its `backends` column.
@@ -843,6 +997,7 @@ pub fn summarise(runs: &[RunRecord], mx: &Matrix) -> Vec<Row> {
                     stock_j_per_token: col(&|r| r.energy_per_token(), 0),
                     ours_j_per_token: col(&|r| r.energy_per_token(), 1),
                     offloaded_ops: pairs.iter().filter_map(|(_, o)| o.offloaded_ops).max(),
+                    policy_in_effect: pairs.iter().find_map(|(_, o)| o.policy_in_effect.clone()),
                 });
             }
         }
@@ -973,8 +1128,30 @@ fn ratio(x: Option<f64>) -> String {
 fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let m = &r.machine;
     let _ = writeln!(o, "# Benchmark: stock llama.cpp vs ggml-coreml\n");
+    run_facts(&mut o, r);
+    render_tables(&mut o, r, "##");
+    match (plot, plot_err) {
+        (Some(p), _) => {
+            let _ = writeln!(o, "\n![prefill speed-up vs prompt length]({p})");
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(o, "\n(no plot: {e})");
+        }
+        _ => {}
+    }
+    let _ = writeln!(o, "\n## How the numbers are made\n");
+    how_made(&mut o, r);
+    render_projection(&mut o, &r.projection, r.projection_error.as_deref());
+    render_device_only(&mut o);
+    o
+}
+
+/// Command, date, machine, host, matrix and executor of a run, as a list.
+fn run_facts(o: &mut String, r: &Results) {
+    use std::fmt::Write as _;
+    let m = &r.machine;
+    let mx = &r.matrix;
     let _ = writeln!(o, "- Command: `{}`", r.command);
     let _ = writeln!(
         o,
@@ -983,11 +1160,25 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
     );
     let _ = writeln!(
         o,
-        "- Machine: {} ({}), `nproc` {}, load average at start {}",
-        m.cpu, m.os, m.nproc, m.load
+        "- Machine: {} ({}), `nproc` {}, load average at start {}, at end {}",
+        m.cpu,
+        m.os,
+        m.nproc,
+        m.load,
+        r.load_end.as_deref().unwrap_or("n/a")
     );
-    let _ = writeln!(o, "- Host: {}, CPU backend, 2 threads, `-ngl 0`", m.host);
-    let mx = &r.matrix;
+    let _ = writeln!(
+        o,
+        "- Host: {}, CPU backend, 2 threads; stock `-ngl {}`{}; ours through {}",
+        m.host,
+        stock_ngl(mx.face),
+        if mx.stock_no_repack {
+            " `--repack 0`"
+        } else {
+            ""
+        },
+        mx.face.describe()
+    );
     let _ = writeln!(
         o,
         "- Matrix `{}`: models {}; types {}; policies {}; prompts {}; {} repetition(s); decode {} tokens",
@@ -1007,8 +1198,20 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
         o,
         "- Executor: the portable reference executor (Linux has no ANE): these ratios measure the integration's overhead and the reference executor, not the Neural Engine.\n"
     );
+}
 
-    let _ = writeln!(o, "## Prefill and TTFT\n");
+/// A row's policy; `default` also names the policy the library reported using.
+fn policy_label(x: &Row) -> String {
+    match (&x.policy_in_effect, x.policy.as_str()) {
+        (Some(p), DEFAULT_POLICY) => format!("{DEFAULT_POLICY} ({p})"),
+        _ => x.policy.clone(),
+    }
+}
+
+/// The prefill/TTFT and decode tables, the noise control and the thermal samples; `h` is the heading level.
+fn render_tables(o: &mut String, r: &Results, h: &str) {
+    use std::fmt::Write as _;
+    let _ = writeln!(o, "{h} Prefill and TTFT\n");
     let _ = writeln!(
         o,
         "| model | type | policy | prompt | stock ms | ours ms | prefill speed-up | best-of ratio | stock TTFT ms | ours TTFT ms | MUL_MATs offloaded |"
@@ -1020,7 +1223,7 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
             "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2}x | {} | {} | {} | {} |",
             x.model,
             x.quant,
-            x.policy,
+            policy_label(x),
             x.prompt,
             x.stock_prefill_ms,
             x.ours_prefill_ms,
@@ -1031,7 +1234,7 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
             x.offloaded_ops.map_or("n/a".into(), |n| n.to_string())
         );
     }
-    let _ = writeln!(o, "\n## Decode, memory, energy\n");
+    let _ = writeln!(o, "\n{h} Decode, memory, energy\n");
     let _ = writeln!(
         o,
         "| model | type | policy | stock tok/s | ours tok/s | decode ratio | best-of ratio | stock peak RSS MiB | ours peak RSS MiB | stock J/token | ours J/token |"
@@ -1049,7 +1252,7 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.model,
             x.quant,
-            x.policy,
+            policy_label(x),
             opt(x.stock_decode_tps, 1),
             opt(x.ours_decode_tps, 1),
             ratio(x.decode_ratio),
@@ -1060,7 +1263,10 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
             opt(x.ours_j_per_token, 3)
         );
     }
-    if let Some(line) = noise_line(&r.rows) {
+    if let Some(line) = noise_line(&r.rows, &r.matrix) {
+        let _ = writeln!(o, "\n{line}");
+    }
+    if let Some(line) = repack_note(&r.rows, &r.matrix) {
         let _ = writeln!(o, "\n{line}");
     }
     let thermal: Vec<String> = r
@@ -1087,22 +1293,39 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
             thermal.join("; ")
         }
     );
-    match (plot, plot_err) {
-        (Some(p), _) => {
-            let _ = writeln!(o, "\n![prefill speed-up vs prompt length]({p})");
-        }
-        (None, Some(e)) => {
-            let _ = writeln!(o, "\n(no plot: {e})");
-        }
-        _ => {}
-    }
+}
 
-    let _ = writeln!(o, "\n## How the numbers are made\n");
+/// The method bullets of a run.
+fn how_made(o: &mut String, r: &Results) {
+    use std::fmt::Write as _;
+    let mx = &r.matrix;
+    let tool = format!(
+        "llama-bench -m <gguf> -p <prompts> -n {} -r 1 -t 2 -o json",
+        mx.n_gen
+    );
+    let sides = match mx.face {
+        Face::Accel => format!(
+            "`{tool} -ngl 0` (warm-up on); \"ours\" adds `GGML_BACKEND_PATH=<libggml-coreml>` and \
+             `GGML_COREML_POLICY=<policy>` (the ACCEL face: llama.cpp offers it the weights of the CPU-resident layers)"
+        ),
+        Face::Hybrid => format!(
+            "stock `{tool} -ngl 99{}` (warm-up on; no GPU on this host, so every layer stays on the CPU device); \"ours\" \
+             adds `GGML_BACKEND_PATH=<libggml-coreml> GGML_COREML_HYBRID={}` and `--device {}`, so llama.cpp gives every \
+             layer to the hybrid device, whose router hands graphs to the inner CPU backend and splits out the MUL_MATs the \
+             policy offloads; `GGML_COREML_POLICY=<policy>` (`{DEFAULT_POLICY}`: not set, the library's default)",
+            if mx.stock_no_repack {
+                " --repack 0"
+            } else {
+                ""
+            },
+            face::HYBRID_INNER,
+            face::HYBRID_DEVICE
+        ),
+    };
     let _ = writeln!(
         o,
-        "- One llama-bench process per model × type × side: `llama-bench -m <gguf> -p <prompts> -n {} -r 1 -t 2 -ngl 0 -o json` \
-         (warm-up on); \"ours\" adds `GGML_BACKEND_PATH=<libggml-coreml>` and `GGML_COREML_POLICY=<policy>`. Runs alternate \
-         stock, ours per policy, stock… for each repetition; ratios are taken within a repetition, then the median. The best-of ratio compares each side's fastest run (noise only ever slows a run down).\n\
+        "- One llama-bench process per model × type × side: {sides}. Runs alternate stock, ours per policy, stock… for \
+         each repetition; ratios are taken within a repetition, then the median. The best-of ratio compares each side's fastest run (noise only ever slows a run down).\n\
          - Prefill = llama-bench's `ppN` time. **TTFT ≈ ppN time + one decode step** (the `tg{}` time / {}): the \
          first token needs the whole prompt and one sampling step. It slightly under-states a real TTFT (the decode step \
          after a long prompt attends to more context than llama-bench's `tg` test, which starts at position 0).\n\
@@ -1110,19 +1333,26 @@ fn render(r: &Results, plot: Option<&str>, plot_err: Option<String>) -> String {
          - MUL_MATs offloaded: the backend's statistics (`GGML_COREML_STATS_FILE`) for the whole process (all tests \
          and warm-ups); `latency` declines everything the cost model does not predict faster, which on Linux (reference \
          executor, not accelerated) is everything.",
-        mx.n_gen, mx.n_gen, mx.n_gen, mx.n_gen, r.rss_source, r.energy_source, r.thermal_source
+        mx.n_gen, mx.n_gen, mx.n_gen, r.rss_source, r.energy_source, r.thermal_source
     );
-    render_projection(&mut o, &r.projection, r.projection_error.as_deref());
-    render_device_only(&mut o);
-    o
+    if mx.face == Face::Hybrid {
+        let _ = writeln!(
+            o,
+            "- Each of our runs is checked to have gone through the hybrid device: its backends log \
+             (`GGML_COREML_LOG=info`, visible with llama-bench's `-v`, which both sides get) how many graphs they \
+             computed, and a run with none is an error."
+        );
+    }
 }
 
 /// Rows whose runs offloaded nothing (e.g. `latency` on Linux) run the same code as stock: their spread is
 /// the run-to-run noise of this machine, the yardstick for every other ratio.
-fn noise_line(rows: &[Row]) -> Option<String> {
+///
+/// Not so for the hybrid face where stock's weights are repacked and ours are not ([`repack_differs`]).
+fn noise_line(rows: &[Row], mx: &Matrix) -> Option<String> {
     let ctl: Vec<f64> = rows
         .iter()
-        .filter(|x| x.offloaded_ops == Some(0))
+        .filter(|x| x.offloaded_ops == Some(0) && !repack_differs(mx, &x.quant))
         .map(|x| x.prefill_speedup)
         .filter(|v| v.is_finite())
         .collect();
@@ -1138,6 +1368,52 @@ fn noise_line(rows: &[Row]) -> Option<String> {
         "**Noise control**: {} row(s) offloaded no MUL_MAT, so they ran the same computation as stock; their prefill \
          ratios span {lo:.2}x–{hi:.2}x. Ratios inside that band are not distinguishable from noise on this machine.",
         ctl.len()
+    ))
+}
+
+/// Whether ggml-cpu repacks (CPU_REPACK buffer type) weights of this llama.cpp file type on this machine
+/// (ggml-cpu's `ggml_repack_get_optimal_repack_type`: Q4_0, Q4_K and IQ4_NL with AVX2; on Arm with dot-product
+/// instructions also Q5_K, Q6_K and Q8_0).
+fn cpu_repacks(quant: &str) -> bool {
+    let q = quant.to_ascii_uppercase();
+    let x86 = ["Q4_0", "Q4_K_M", "Q4_K_S", "IQ4_NL"];
+    if cfg!(target_arch = "x86_64") {
+        #[cfg(target_arch = "x86_64")]
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return false;
+        }
+        x86.contains(&q.as_str())
+    } else if cfg!(target_arch = "aarch64") {
+        x86.contains(&q.as_str()) || ["Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0"].contains(&q.as_str())
+    } else {
+        false
+    }
+}
+
+/// Stock and ours keep this type's weights in different CPU layouts: with the hybrid face, llama.cpp offers
+/// extra buffer types (CPU_REPACK) only to the CPU device, so the hybrid device's layers sit in the CPU's
+/// plain buffer type while stock's are repacked (unless `--stock-no-repack`).
+fn repack_differs(mx: &Matrix, quant: &str) -> bool {
+    mx.face == Face::Hybrid && !mx.stock_no_repack && cpu_repacks(quant)
+}
+
+/// Names the rows whose stock side had repacked weights and ours had not.
+fn repack_note(rows: &[Row], mx: &Matrix) -> Option<String> {
+    let mut types: Vec<&str> = rows
+        .iter()
+        .filter(|x| repack_differs(mx, &x.quant))
+        .map(|x| x.quant.as_str())
+        .collect();
+    types.dedup();
+    if types.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "**CPU_REPACK**: for {} stock keeps the weights in ggml-cpu's CPU_REPACK buffer type (rows interleaved for its \
+         faster GEMM kernels), while the hybrid device's layers sit in the CPU device's plain buffer type (llama.cpp \
+         offers extra buffer types only to the CPU device). These ratios include that difference even where nothing is \
+         offloaded, so they are not noise controls; `--stock-no-repack` compares against stock without repacking.",
+        types.join(", ")
     ))
 }
 
@@ -1229,12 +1505,85 @@ fn render_doc(r: &Results, out: &Path) -> String {
              do not edit by hand). The run's raw results and plot: `{}/` (results.json, report.md, prefill_speedup.png). \
              `cargo xtask bench --matrix full` covers every model (gemma-3-270m, smollm2-135m, qwen3-tiny, qwen3-tiny-moe) × \
              Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K, F16 × policies latency, energy, always × prompts 512, 1K, 2K, 4K × 3 \
-             repetitions, decode 64 tokens (hours on 2 cores)._\n",
+             repetitions, decode 64 tokens (hours on 2 cores). The section *Hybrid face* comes from \
+             `cargo xtask bench --face hybrid` and is kept by this run._\n",
             rel.display()
         ),
         1,
     );
     md
+}
+
+/// Bounds of the hybrid face's section in docs/benchmarks.md (written by `--face hybrid` default runs,
+/// kept by the ACCEL default runs that rewrite the rest of the file).
+const HYBRID_BEGIN: &str = "<!-- hybrid face: generated by `cargo xtask bench --face hybrid` -->";
+const HYBRID_END: &str = "<!-- end of the hybrid face section -->";
+/// The heading the hybrid face's section is placed before (after the ACCEL run's method).
+const SECTION_AFTER_HYBRID: &str = "## Projection (not a measurement)";
+
+/// The hybrid face's section of a docs/benchmarks.md, markers included.
+fn hybrid_section(doc: &str) -> Option<&str> {
+    let a = doc.find(HYBRID_BEGIN)?;
+    let b = doc[a..].find(HYBRID_END)? + a + HYBRID_END.len();
+    Some(&doc[a..b])
+}
+
+/// `doc` with its hybrid face section replaced by `section` (placed before the projection, or at the end;
+/// an empty `section` removes it).
+fn splice_hybrid(doc: &str, section: &str) -> String {
+    let mut base = match hybrid_section(doc) {
+        Some(old) => doc
+            .replacen(&format!("{old}\n\n"), "", 1)
+            .replacen(old, "", 1),
+        None => doc.to_string(),
+    };
+    if section.is_empty() {
+        return base;
+    }
+    match base.find(SECTION_AFTER_HYBRID) {
+        Some(i) => base.insert_str(i, &format!("{section}\n\n")),
+        None => {
+            if !base.is_empty() && !base.ends_with("\n\n") {
+                base.push('\n');
+            }
+            base.push_str(section);
+            base.push('\n');
+        }
+    }
+    base
+}
+
+/// docs/benchmarks.md's section for a default `--face hybrid` run.
+fn render_hybrid_section(r: &Results, out: &Path) -> String {
+    use std::fmt::Write as _;
+    let rel = out.strip_prefix(paths::workspace_root()).unwrap_or(out);
+    let mut o = String::new();
+    let _ = writeln!(o, "{HYBRID_BEGIN}");
+    let _ = writeln!(o, "## Hybrid face (`{}`)\n", face::HYBRID_DEVICE);
+    let _ = writeln!(
+        o,
+        "_Generated by `cargo xtask bench --face hybrid` (its default matrix; this section is replaced by each such run \
+         and kept by the default run above). Raw results: `{}/`._\n\n\
+         What a user who selects the hybrid device (`--device CoreML-<inner> -ngl 99`, docs/architecture.md) gets with the \
+         library's default policy, against stock with the same `-ngl 99`. On Linux the inner device is the CPU, and the \
+         default policy (`latency`) offloads nothing (the reference executor is never predicted faster), so the `{DEFAULT_POLICY}` \
+         rows measure what the hybrid face itself costs: every graph goes through its router and on to the inner \
+         backend unsplit. The `always` rows send every MUL_MAT over weights through the reference executor.\n\n\
+         - This section: `cargo xtask bench --face hybrid` (gemma-3-270m and qwen3-tiny Q8_0, policies `{DEFAULT_POLICY}` \
+         and `always`, pp512 and tg128, alternating stock/ours twice; minutes on 2 idle cores).\n\
+         - Types whose stock weights ggml-cpu repacks (on x86-64 with AVX2: Q4_0, Q4_K, IQ4_NL): \
+         `cargo xtask bench --face hybrid --quants Q4_K_M --policies {DEFAULT_POLICY}`, and the same with \
+         `--stock-no-repack` (stock with llama-bench's `--repack 0`) to separate the repack effect from the face's own \
+         cost (docs/architecture.md, *Two faces, one router*).\n\
+         - Every model × type: `cargo xtask bench --face hybrid --matrix full`.\n",
+        rel.display()
+    );
+    run_facts(&mut o, r);
+    render_tables(&mut o, r, "###");
+    let _ = writeln!(o, "\n### How these numbers are made\n");
+    how_made(&mut o, r);
+    let _ = write!(o, "{HYBRID_END}");
+    o
 }
 
 /// `20261125-210944` (UTC), for directory names.
@@ -1338,6 +1687,32 @@ mod tests {
         assert_eq!(parse_peak_rss("nothing"), None);
     }
 
+    #[test]
+    fn counts_hybrid_graphs() {
+        let log = "llama_context: ...\n\
+                   ggml-coreml: hybrid summary: 12 graphs unsplit to CPU, 3 split (0 split elsewhere than around offloaded MUL_MATs); MUL_MAT offloaded 5 (1.0 ms)\n\
+                   ggml-coreml: hybrid summary: 2 graphs unsplit to CPU, 0 split (0 split elsewhere than around offloaded MUL_MATs); x\n";
+        assert_eq!(hybrid_graphs(log), Some(17));
+        assert_eq!(hybrid_graphs("no summary"), None);
+    }
+
+    #[test]
+    fn hybrid_section_is_kept_and_replaced() {
+        let accel = "# Benchmarks\n\n## Prefill\n\nrows\n\n## Projection (not a measurement): pp4096\n\nx\n";
+        let sec = |n: &str| format!("{HYBRID_BEGIN}\n## Hybrid face\n\n{n}\n{HYBRID_END}");
+        let one = splice_hybrid(accel, &sec("first"));
+        assert!(one.find("first").expect("inserted") < one.find("## Projection").expect("kept"));
+        let two = splice_hybrid(&one, &sec("second"));
+        assert!(two.contains("second") && !two.contains("first"));
+        assert_eq!(two.matches(HYBRID_BEGIN).count(), 1);
+        // An ACCEL default run rewrites the rest and keeps the section.
+        let kept = splice_hybrid(accel, hybrid_section(&two).expect("section"));
+        assert_eq!(kept, two);
+        assert_eq!(splice_hybrid(&two, ""), accel);
+        // No anchor: appended.
+        assert!(splice_hybrid("# B\n", &sec("x")).ends_with(&format!("{HYBRID_END}\n")));
+    }
+
     fn run(policy: &str, rep: usize, pp_ms: f64, tg_ts: f64) -> RunRecord {
         RunRecord {
             model: "m".into(),
@@ -1368,6 +1743,8 @@ mod tests {
             thermal_before: None,
             thermal_after: None,
             offloaded_ops: Some(7),
+            policy_in_effect: Some("always".into()),
+            hybrid_graphs: None,
         }
     }
 
@@ -1395,9 +1772,13 @@ mod tests {
         // TTFT = prefill + one decode step (100 ms at 10 tok/s).
         assert!((r.stock_ttft_ms.expect("ttft") - 400.0).abs() < 1e-6);
         assert_eq!(r.stock_j_per_token, None);
-        assert!(noise_line(&rows).is_none());
+        assert!(noise_line(&rows, &mx).is_none());
         let mut ctl = rows.clone();
         ctl[0].offloaded_ops = Some(0);
-        assert!(noise_line(&ctl).expect("control").contains("3.00x–3.00x"));
+        assert!(
+            noise_line(&ctl, &mx)
+                .expect("control")
+                .contains("3.00x–3.00x")
+        );
     }
 }

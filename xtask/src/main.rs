@@ -6,6 +6,7 @@
 
 mod backend;
 mod bench;
+mod face;
 mod gguf;
 mod host;
 mod host_v3;

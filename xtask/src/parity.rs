@@ -10,6 +10,10 @@
 //!
 //! Cells are kept in a store in the dev cache, so a partial run (`--models`, `--quants`, `--variants`)
 //! refreshes its cells and `docs/parity.md` is regenerated from every cell measured so far.
+//!
+//! `--face hybrid` runs our side through the hybrid face (`GGML_COREML_HYBRID=CPU`, `--device CoreML-CPU
+//! -ngl 99`) instead of the ACCEL face; the stock side, the bar and the tolerance are the same, and its cells
+//! are stored and reported apart from the ACCEL ones.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,6 +25,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::bench::{self, Machine};
+use crate::face::{self, Face};
 use crate::models::{self, Model, ModelSet};
 use crate::util;
 use crate::{backend, host, log, paths};
@@ -51,7 +56,12 @@ pub struct ParityArgs {
     /// Comma-separated program variants (default: i8i8,w8f16,f16; `exact` = f32 on the host, a floor).
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
-    /// CI mode: gemma-3-270m Q8_0 with the library's default variant, 4 chunks; fails outside tolerance.
+    /// The face our side goes through: `accel` (device `CoreML`, `-ngl 0`) or `hybrid`
+    /// (`GGML_COREML_HYBRID=CPU`, `--device CoreML-CPU -ngl 99`). The stock side is the same for both.
+    #[arg(long, value_enum, default_value_t = Face::Accel)]
+    face: Face,
+    /// CI mode: gemma-3-270m (or the one model of `--models`) Q8_0 with the library's default variant,
+    /// 4 chunks, through `--face`; fails outside tolerance.
     #[arg(long)]
     quick: bool,
     /// Perplexity chunks of 128 tokens per run.
@@ -79,6 +89,8 @@ struct Ctx {
     out: PathBuf,
     chunks: usize,
     prompts: Vec<String>,
+    /// The face our runs go through.
+    face: Face,
     /// Stock continuations by tag: the reference and the per-quant runs share them.
     stock_text: std::cell::RefCell<BTreeMap<String, String>>,
 }
@@ -151,12 +163,18 @@ pub struct Reference {
     pub measured: String,
 }
 
-/// One model × quant × variant.
+/// One model × quant × variant, through one face.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Cell {
     pub model: String,
     pub quant: String,
     pub variant: String,
+    /// The face our side went through (cells stored before faces existed are ACCEL cells).
+    #[serde(default)]
+    pub face: Face,
+    /// MUL_MATs the executor ran in the perplexity run (the library's `GGML_COREML_STATS_FILE`).
+    #[serde(default)]
+    pub offloaded_ops: Option<u64>,
     /// The variant the library reported using (parity file), if it wrote one.
     pub variant_used: Option<String>,
     #[serde(deserialize_with = "f64_or_nan")]
@@ -227,15 +245,25 @@ pub struct Floor {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Store {
     references: BTreeMap<String, Reference>,
-    /// Keyed `model/quant/variant`.
+    /// Keyed `model/quant/variant` ([`store_key`]: prefixed `hybrid/` for the hybrid face).
     cells: BTreeMap<String, Cell>,
-    /// Keyed `model/quant`.
+    /// Keyed `model/quant` (prefixed likewise: the floor is measured through the cell's face).
     #[serde(default)]
     floors: BTreeMap<String, Floor>,
     /// `model/quant` (or `model/reference`) → why its last run failed.
     #[serde(default)]
     errors: BTreeMap<String, String>,
     machine: Option<Machine>,
+}
+
+/// Store key of a model × quant (× variant) measured through `face`: ACCEL keys are the historical
+/// `model/quant[/variant]` (so older stores read back unchanged); other faces are prefixed with their name.
+fn store_key(face: Face, parts: &[&str]) -> String {
+    let key = parts.join("/");
+    match face {
+        Face::Accel => key,
+        f => format!("{}/{key}", f.name()),
+    }
 }
 
 fn store_path() -> PathBuf {
@@ -250,12 +278,25 @@ fn load_store() -> Result<Store> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Store::default()),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    serde_json::from_slice(&bytes).with_context(|| {
+    parse_store(&bytes).with_context(|| {
         format!(
             "{} does not parse (use --fresh to start over)",
             path.display()
         )
     })
+}
+
+/// A store's JSON. Cells without a `face` are ACCEL cells, except under a `hybrid/` key: an xtask from
+/// before faces drops the field when it rewrites the store, the key keeps it.
+fn parse_store(bytes: &[u8]) -> Result<Store> {
+    let mut store: Store = serde_json::from_slice(bytes)?;
+    let prefix = format!("{}/", Face::Hybrid.name());
+    for (key, cell) in store.cells.iter_mut() {
+        if key.starts_with(&prefix) {
+            cell.face = Face::Hybrid;
+        }
+    }
+    Ok(store)
 }
 
 fn save_store(s: &Store) -> Result<()> {
@@ -280,7 +321,12 @@ fn applies(variant: &str, quant: &str) -> bool {
 
 pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
     if args.quick {
-        let line = quick_check()?;
+        let m = match args.models.as_slice() {
+            [] => QUICK_MODEL,
+            [one] => one.parse()?,
+            _ => bail!("--quick takes at most one model"),
+        };
+        let line = quick_check_with(m, args.face)?;
         println!("{line}");
         return Ok(None);
     }
@@ -322,12 +368,13 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
         args.chunks >= 2,
         "--chunks must be at least 2 (llama-perplexity prints statistics from 100 positions)"
     );
+    let face = args.face;
     let out = args.out.clone().unwrap_or_else(|| {
         paths::workspace_root()
             .join("bench-out")
             .join(format!("parity-{}", bench::utc_stamp()))
     });
-    let mut ctx = prepare(&model_list, &quants, out, args.chunks)?;
+    let mut ctx = prepare(&model_list, &quants, out, args.chunks, face)?;
     if let Some(n) = args.prompts {
         ctx.prompts.truncate(n);
     }
@@ -362,7 +409,7 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
             .insert(m.name().to_string(), reference.clone());
         save_store(&store)?;
         for q in &quants {
-            let key = format!("{}/{q}", m.name());
+            let key = store_key(face, &[m.name(), q]);
             match measure_quant(&ctx, m, q, &variants, &reference, &mut done, total) {
                 Ok((cells, floor)) => {
                     store.errors.remove(&key);
@@ -370,7 +417,7 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
                     for c in cells {
                         store
                             .cells
-                            .insert(format!("{}/{}/{}", c.model, c.quant, c.variant), c);
+                            .insert(store_key(face, &[&c.model, &c.quant, &c.variant]), c);
                     }
                 }
                 Err(e) => {
@@ -403,7 +450,7 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
         .filter_map(|c| {
             let r = store.references.get(&c.model)?;
             (!judge(&c.stats, &r.stats, c.floor.as_ref()).pass())
-                .then(|| format!("{}/{}/{}", c.model, c.quant, c.variant))
+                .then(|| store_key(c.face, &[&c.model, &c.quant, &c.variant]))
         })
         .collect();
     if !fails.is_empty() {
@@ -416,14 +463,22 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
     Ok(Some(ctx.out))
 }
 
-/// The CI stage: one model (gemma-3-270m), Q8_0, the library's default variant, 4 chunks; errors when
-/// the cell is outside the tolerance. Returns one line for the stage verdict.
+/// The CI stage: one model (gemma-3-270m), Q8_0, the library's default variant, 4 chunks, ACCEL face;
+/// errors when the cell is outside the tolerance. Returns one line for the stage verdict.
 pub fn quick_check() -> Result<String> {
-    let out = paths::workspace_root()
-        .join("bench-out")
-        .join(format!("parity-quick-{}", bench::utc_stamp()));
-    let ctx = prepare(&[QUICK_MODEL], &["Q8_0".to_string()], out, QUICK_CHUNKS)?;
-    let m = QUICK_MODEL;
+    quick_check_with(QUICK_MODEL, Face::Accel)
+}
+
+/// [`quick_check`] for any model and face. Also errors when the executor ran no MUL_MAT (the run would
+/// then have compared stock with stock).
+pub fn quick_check_with(m: Model, face: Face) -> Result<String> {
+    let out = paths::workspace_root().join("bench-out").join(format!(
+        "parity-quick-{}-{}-{}",
+        m.name(),
+        face.name(),
+        bench::utc_stamp()
+    ));
+    let ctx = prepare(&[m], &["Q8_0".to_string()], out, QUICK_CHUNKS, face)?;
     let q8 = ctx.model(m, "Q8_0")?;
     let f16 = ctx.model(m, "F16")?;
     let base_f16 = ctx.out.join("base-F16.kld");
@@ -434,6 +489,7 @@ pub fn quick_check() -> Result<String> {
     let floor = ctx.ppl_kld(&q8, &base_q8, Some("exact"), "quick-floor-exact")?;
     // No GGML_COREML_VARIANT: the library's default, whatever it is today.
     let ours = ctx.ppl_kld(&q8, &base_q8, Some(""), "quick-ours-default")?;
+    let ops = ctx.offloaded("quick-ours-default")?;
     let layers = read_parity(&ctx.out.join("quick-ours-default.parity.json"));
     let used = layers
         .as_ref()
@@ -443,13 +499,14 @@ pub fn quick_check() -> Result<String> {
     let _ = fs::remove_file(&base_q8);
     let v = judge(&ours, &reference, Some(&floor));
     let line = format!(
-        "{} Q8_0 variant {used}: KLD {:.5} (bar {:.5} = Q8_0 vs F16 {:.5} + exact floor {:.5}), ln PPL ratio {:+.4} ± {:.4} \
-         (bar ±{:.4}), same top-1 {:.1}% (Q8_0 vs F16 {:.1}%, exact {:.1}%), PPL stock {:.3} ours {:.3}",
+        "{} Q8_0 variant {used}, {} face: KLD {} (bar {} = Q8_0 vs F16 {} + exact floor {}), ln PPL ratio {:+.4} ± {:.4} \
+         (bar ±{:.4}), same top-1 {:.1}% (Q8_0 vs F16 {:.1}%, exact {:.1}%), PPL stock {:.3} ours {:.3}, MUL_MATs offloaded {ops}",
         m.name(),
-        ours.kld,
-        kld_bar(&reference, Some(&floor)),
-        reference.kld,
-        floor.kld,
+        face.name(),
+        kfmt(ours.kld),
+        kfmt(kld_bar(&reference, Some(&floor))),
+        kfmt(reference.kld),
+        kfmt(floor.kld),
         ours.ln_ratio,
         ours.ln_ratio_unc,
         reference.ln_ratio.abs() + floor.ln_ratio.abs(),
@@ -477,7 +534,13 @@ pub fn quick_check() -> Result<String> {
     Ok(line)
 }
 
-fn prepare(model_list: &[Model], quants: &[String], out: PathBuf, chunks: usize) -> Result<Ctx> {
+fn prepare(
+    model_list: &[Model],
+    quants: &[String],
+    out: PathBuf,
+    chunks: usize,
+    face: Face,
+) -> Result<Ctx> {
     let bin = host::ensure_host(None).context("host build")?;
     let mut need: Vec<String> = quants.to_vec();
     // The bar needs Q8_0 and F16 of every model.
@@ -509,6 +572,7 @@ fn prepare(model_list: &[Model], quants: &[String], out: PathBuf, chunks: usize)
         out,
         chunks,
         prompts,
+        face,
         stock_text: Default::default(),
     })
 }
@@ -549,7 +613,7 @@ fn measure_quant(
     let path = ctx.model(m, q)?;
     let base = ctx.out.join(format!("{}-{q}.kld", m.name()));
     let ppl_stock = ctx.ppl_base(&path, &base, &format!("{}-stock-{q}", m.name()))?;
-    let ftag = format!("{}-{q}-floor-exact", m.name());
+    let ftag = ctx.ours_tag(format!("{}-{q}-floor-exact", m.name()));
     let fstats = ctx.ppl_kld(&path, &base, Some("exact"), &ftag)?;
     let fnodes =
         read_parity(&ctx.out.join(format!("{ftag}.parity.json"))).map_or_else(Vec::new, |(n, _)| n);
@@ -569,9 +633,16 @@ fn measure_quant(
     for v in variants.iter().filter(|v| applies(v, q)) {
         *done += 1;
         let t = Instant::now();
-        let tag = format!("{}-{q}-{v}", m.name());
-        log!("parity: [{}/{}] {} {q} {v}", *done, total, m.name());
+        let tag = ctx.ours_tag(format!("{}-{q}-{v}", m.name()));
+        log!(
+            "parity: [{}/{}] {} {q} {v} ({} face)",
+            *done,
+            total,
+            m.name(),
+            ctx.face.name()
+        );
         let stats = ctx.ppl_kld(&path, &base, Some(v), &tag)?;
+        let offloaded_ops = ctx.offloaded(&tag)?;
         let (layers, used, tensors) = match read_parity(&ctx.out.join(format!("{tag}.parity.json")))
         {
             Some((nodes, used)) => {
@@ -589,6 +660,8 @@ fn measure_quant(
             model: m.name().into(),
             quant: q.into(),
             variant: v.clone(),
+            face: ctx.face,
+            offloaded_ops: Some(offloaded_ops),
             variant_used: used,
             ppl_stock,
             stats,
@@ -600,19 +673,25 @@ fn measure_quant(
             seconds: t.elapsed().as_secs_f64(),
             measured: bench::utc_iso(),
             command: format!(
-                "cargo xtask parity --models {} --quants {q} --variants {v}",
-                m.name()
+                "cargo xtask parity --models {} --quants {q} --variants {v}{}",
+                m.name(),
+                match ctx.face {
+                    Face::Accel => String::new(),
+                    f => format!(" --face {}", f.name()),
+                }
             ),
         };
         let verdict = judge(&cell.stats, &reference.stats, Some(&floor.stats));
         log!(
-            "parity: {} {q} {v}: KLD {:.3e} (bar {:.3e}), ln PPL {:+.4} ± {:.4}, top-1 {:.1}% → {}",
+            "parity: {} {q} {v} ({} face): KLD {:.3e} (bar {:.3e}), ln PPL {:+.4} ± {:.4}, top-1 {:.1}%, {} MUL_MATs offloaded → {}",
             m.name(),
+            ctx.face.name(),
             cell.stats.kld,
             kld_bar(&reference.stats, Some(&floor.stats)),
             cell.stats.ln_ratio,
             cell.stats.ln_ratio_unc,
             cell.stats.same_top,
+            offloaded_ops,
             if verdict.pass() { "pass" } else { "FAIL" }
         );
         cells.push(cell);
@@ -643,6 +722,29 @@ pub fn same_prefix_words(a: &str, b: &str) -> (usize, usize) {
 }
 
 impl Ctx {
+    /// Tag of one of our runs: ACCEL tags are unchanged, other faces add their name (same out dir).
+    fn ours_tag(&self, tag: String) -> String {
+        match self.face {
+            Face::Accel => tag,
+            f => format!("{tag}-{}", f.name()),
+        }
+    }
+
+    /// MUL_MATs the executor ran in our perplexity run `tag`; an error when there were none (the run
+    /// would have compared stock with stock) or the library wrote no statistics.
+    fn offloaded(&self, tag: &str) -> Result<u64> {
+        let path = self.out.join(format!("{tag}.stats.json"));
+        let (ops, policy) = face::read_stats(&path)
+            .with_context(|| format!("no statistics from the library in {}", path.display()))?;
+        ensure!(
+            ops > 0,
+            "{tag}: the executor ran no MUL_MAT (policy {policy}, {} face); see {}",
+            self.face.name(),
+            path.display()
+        );
+        Ok(ops)
+    }
+
     fn model(&self, m: Model, q: &str) -> Result<PathBuf> {
         let p = models::model_path(&self.models, m, q);
         ensure!(
@@ -658,9 +760,14 @@ impl Ctx {
     /// every decode step on the host).
     fn tool(&self, name: &str, variant: Option<&str>, tag: &str) -> Command {
         let mut c = Command::new(self.bin.join(name));
-        clean_env(&mut c);
-        c.args(["-t", "2", "-ngl", "0"]);
+        face::clean_env(&mut c);
+        c.args(["-t", "2"]);
+        if variant.is_none() {
+            // Stock: CPU layers, whatever the face of our side.
+            c.args(["-ngl", "0"]);
+        }
         if let Some(v) = variant {
+            self.face.ours(&mut c);
             c.env("GGML_BACKEND_PATH", &self.lib)
                 .env("GGML_COREML_POLICY", "always");
             if name == "llama-perplexity" {
@@ -777,21 +884,6 @@ impl Ctx {
         );
         let text = stdout.trim_start();
         Ok(text.strip_prefix(prompt).unwrap_or(text).trim().to_string())
-    }
-}
-
-/// Children get a known environment: no GGML_COREML_* or backend path from the caller's shell
-/// (the shape cache location is kept).
-fn clean_env(c: &mut Command) {
-    c.env_remove("GGML_BACKEND_PATH");
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k.starts_with("GGML_COREML_")
-            && !k.starts_with("GGML_COREML_CACHE")
-            && k != "GGML_COREML_DEV_CACHE"
-        {
-            c.env_remove(k.as_ref());
-        }
     }
 }
 
@@ -955,6 +1047,7 @@ fn render(s: &Store) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let order = |c: &Cell| {
+        let fi = c.face;
         let mi = Model::ALL
             .iter()
             .position(|m| m.name() == c.model)
@@ -967,15 +1060,11 @@ fn render(s: &Store) -> String {
             .iter()
             .position(|v| *v == c.variant)
             .unwrap_or(99);
-        (mi, qi, vi)
+        (fi, mi, qi, vi)
     };
     let mut cells: Vec<&Cell> = s.cells.values().collect();
     cells.sort_by_key(|c| order(c));
-    let verdict = |c: &Cell| {
-        s.references
-            .get(&c.model)
-            .map(|r| judge(&c.stats, &r.stats, c.floor.as_ref()))
-    };
+    let verdict = |c: &Cell| cell_verdict(s, c);
 
     let _ = writeln!(
         o,
@@ -996,35 +1085,49 @@ fn render(s: &Store) -> String {
 
     // Verdict per variant.
     let _ = writeln!(o, "## Verdict\n");
-    let mut per_variant: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
+    let mut per_variant: BTreeMap<(Face, &str), (usize, usize, usize)> = BTreeMap::new();
     for c in &cells {
         if let Some(v) = verdict(c) {
-            let e = per_variant.entry(c.variant.as_str()).or_default();
+            let e = per_variant.entry((c.face, c.variant.as_str())).or_default();
             e.0 += v.pass() as usize;
             e.1 += 1;
             e.2 += (c.variant == default_variant(&c.quant)) as usize;
         }
     }
-    let _ = writeln!(o, "| variant | cells within tolerance | default for |");
-    let _ = writeln!(o, "|---|---|---|");
-    for v in ["i8i8", "w8f16", "f16", "exact"] {
-        if let Some((p, n, d)) = per_variant.get(v) {
-            let def = match (v, *d > 0) {
-                ("w8f16", true) => "quantised weights (today's default)",
-                ("f16", true) => "F16 weights (today's default)",
-                _ => "—",
-            };
-            let _ = writeln!(
-                o,
-                "| {v} | {p} / {n}{} | {def} |",
-                if p < n { " ✗" } else { "" }
-            );
+    let _ = writeln!(
+        o,
+        "| face | variant | cells within tolerance | default for |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|");
+    for f in [Face::Accel, Face::Hybrid] {
+        for v in ["i8i8", "w8f16", "f16", "exact"] {
+            if let Some((p, n, d)) = per_variant.get(&(f, v)) {
+                let def = match (v, *d > 0) {
+                    ("w8f16", true) => "quantised weights (today's default)",
+                    ("f16", true) => "F16 weights (today's default)",
+                    _ => "—",
+                };
+                let _ = writeln!(
+                    o,
+                    "| {} | {v} | {p} / {n}{} | {def} |",
+                    face_label(f),
+                    if p < n { " ✗" } else { "" }
+                );
+            }
         }
     }
     let bad_default: Vec<String> = cells
         .iter()
         .filter(|c| c.variant == default_variant(&c.quant) && verdict(c).is_some_and(|v| !v.pass()))
-        .map(|c| format!("{} {} {}", c.model, c.quant, c.variant))
+        .map(|c| {
+            format!(
+                "{} {} {} ({} face)",
+                c.model,
+                c.quant,
+                c.variant,
+                c.face.name()
+            )
+        })
         .collect();
     let defaults = cells
         .iter()
@@ -1033,7 +1136,7 @@ fn render(s: &Store) -> String {
     if bad_default.is_empty() && defaults > 0 {
         let _ = writeln!(
             o,
-            "\nEvery default-variant cell ({defaults}: {} for quantised weights, {} for F16 weights) is within the tolerance.",
+            "\nEvery default-variant cell ({defaults}, both faces: {} for quantised weights, {} for F16 weights) is within the tolerance.",
             default_variant("Q8_0"),
             default_variant("F16")
         );
@@ -1053,7 +1156,10 @@ fn render(s: &Store) -> String {
         o,
         "- Host: llama.cpp from PyPI `llama-cpp-python` 0.3.36 (`cargo xtask host`), CPU backend, 2 threads, `-ngl 0`. \
          \"Stock\" runs have no `GGML_BACKEND_PATH`; \"ours\" load `libggml-coreml` with `GGML_COREML_POLICY=always` \
-         (every MUL_MAT the backend supports goes through a program) and `GGML_COREML_VARIANT=<variant>`.\n\
+         (every MUL_MAT the backend supports goes through a program) and `GGML_COREML_VARIANT=<variant>`, through \
+         {} or, in the section *Hybrid face*, through {}.\n\
+         - MUL_MATs offloaded: the library's statistics (`GGML_COREML_STATS_FILE`) of our perplexity run; a run in which \
+         the executor ran none is an error, not a cell.\n\
          - Models: `cargo xtask models --full` (docs/models.md). gemma-3-270m's F16 and other types are requantised \
          from its published Q4_K_M, smollm2-135m's from its Q4_1 (so \"F16\" there is an up-cast of a quantised model); \
          qwen3-tiny(-moe) have random F16 weights (their perplexity is meaningless, the KLD comparison is not).\n\
@@ -1068,6 +1174,8 @@ fn render(s: &Store) -> String {
          `exact` variant (f32 on the host) shows that floor.\n\
          - Greedy: `llama-completion --temp 0 -n {N_PREDICT}` on the prompts of `tests/data/parity-prompts.txt`, stock vs \
          ours; identical leading words.",
+        Face::Accel.describe(),
+        Face::Hybrid.describe(),
         CTX / 2 - 1
     );
 
@@ -1129,19 +1237,176 @@ fn render(s: &Store) -> String {
         }
     }
 
-    let _ = writeln!(o, "\n## End to end: model × quant × variant\n");
+    let accel: Vec<&Cell> = cells
+        .iter()
+        .copied()
+        .filter(|c| c.face == Face::Accel)
+        .collect();
+    let hybrid: Vec<&Cell> = cells
+        .iter()
+        .copied()
+        .filter(|c| c.face == Face::Hybrid)
+        .collect();
+    if !accel.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n## End to end: model × quant × variant (ACCEL face `CoreML`, `-ngl 0`)\n"
+        );
+        let _ = writeln!(
+            o,
+            "Default variant in **bold**. ✓ = within the tolerance, ✗ = outside (the failing criteria named).\n"
+        );
+        e2e_table(&mut o, s, &accel);
+        let _ = writeln!(
+            o,
+            "\n## Per layer: NMSE of offloaded MUL_MATs vs the CPU backend (mean / max per tensor kind)\n"
+        );
+        let _ = writeln!(
+            o,
+            "Measured in the same runs as the table above (`GGML_COREML_PARITY`). n/a: the kind was not offloaded (e.g. MoE experts are MUL_MAT_ID, which stays on the host) or the library did not write the file.\n"
+        );
+        layer_table(&mut o, s, &accel);
+    }
+
+    if !hybrid.is_empty() {
+        let _ = writeln!(o, "\n## Hybrid face (`{}`)\n", face::HYBRID_DEVICE);
+        let _ = writeln!(
+            o,
+            "The same measurement with our side going through {} instead of the ACCEL face, policy `always`: \
+             llama.cpp gives every layer to the hybrid device and its router sends each MUL_MAT \
+             over model weights to the executor and the rest of the graph (attention, KV-cache matmuls, norms) to the \
+             inner CPU backend. Default variant in **bold**. The stock side, the bar (stock Q8_0 vs stock F16) and the tolerance are the ones above; \
+             the floor (`exact`) is measured through the hybrid face as well. \"MUL_MATs offloaded\" is the library's own \
+             count for our perplexity run: it shows the matmuls really went through the executor. Weights of types the \
+             library does not take stay on the inner backend, as with the ACCEL face (gemma-3-270m's published Q4_K_M has \
+             attn_q, attn_k, ffn_gate, ffn_up and half of attn_v in Q5_0: n/a in the per-layer table, and fewer MUL_MATs \
+             offloaded).\n",
+            Face::Hybrid.describe()
+        );
+        e2e_table(&mut o, s, &hybrid);
+        let paired: Vec<(&Cell, &Cell)> = hybrid
+            .iter()
+            .filter_map(|h| {
+                let a = accel.iter().find(|a| {
+                    (&a.model, &a.quant, &a.variant) == (&h.model, &h.quant, &h.variant)
+                })?;
+                Some((*a, *h))
+            })
+            .collect();
+        if !paired.is_empty() {
+            let same = paired
+                .iter()
+                .filter(|(a, h)| {
+                    (a.stats.ppl, a.stats.kld, a.stats.ln_ratio, a.stats.same_top)
+                        == (h.stats.ppl, h.stats.kld, h.stats.ln_ratio, h.stats.same_top)
+                })
+                .count();
+            let _ = writeln!(
+                o,
+                "\n{same} of the {} hybrid cells that have an ACCEL cell of the same model × quant × variant report the \
+                 same perplexity, KLD, PPL ratio and top-1 agreement as it, to the tool's printed precision (both faces \
+                 run the same programs on the same activations, and the rest of the graph on the CPU backend).",
+                paired.len()
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\nPer layer (hybrid face, same runs; the host of the comparison is the inner CPU backend):\n"
+        );
+        layer_table(&mut o, s, &hybrid);
+    }
+
+    let _ = writeln!(o, "\n## Greedy continuations\n");
+    for m in Model::ALL {
+        let Some(r) = s.references.get(m.name()) else {
+            continue;
+        };
+        let _ = writeln!(o, "<details><summary>{}</summary>\n", m.name());
+        for (i, g) in r.greedy.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "- prompt {i} `{}`\n  - F16: {}\n  - Q8_0: {} ({} / {} words identical)",
+                g.prompt,
+                one_line(&g.stock),
+                one_line(&g.ours),
+                g.same_words,
+                g.words
+            );
+        }
+        for c in cells.iter().filter(|c| c.model == m.name()) {
+            for (i, g) in c.greedy.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "- {} {}{} prompt {i}: stock: {} — ours: {} ({} / {})",
+                    c.quant,
+                    c.variant,
+                    match c.face {
+                        Face::Accel => "",
+                        Face::Hybrid => " (hybrid face)",
+                    },
+                    one_line(&g.stock),
+                    one_line(&g.ours),
+                    g.same_words,
+                    g.words
+                );
+            }
+        }
+        let _ = writeln!(o, "\n</details>\n");
+    }
+
+    if !s.errors.is_empty() {
+        let _ = writeln!(o, "## Runs that failed\n");
+        for (k, e) in &s.errors {
+            let _ = writeln!(o, "- {k}: {}", one_line(e));
+        }
+        let _ = writeln!(o);
+    }
+    let _ = writeln!(o, "## Regenerate\n");
     let _ = writeln!(
         o,
-        "Default variant in **bold**. ✓ = within the tolerance, ✗ = outside (the failing criteria named).\n"
+        "- Everything: `cargo xtask parity` (all models × Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K, F16 × i8i8, w8f16, f16; \
+         {CHUNKS} chunks, the prompts of tests/data/parity-prompts.txt; about 1 h on 2 cores (57 min measured), longer when \
+         the cores are shared; dominated by the greedy runs through the reference executor).\n\
+         - One cell: the command in its row. Cells are kept in `$GGML_COREML_DEV_CACHE/parity/store.json` and this file \
+         is rebuilt from all of them after every run (`--fresh` starts over).\n\
+         - Hybrid face: `cargo xtask parity --face hybrid --models gemma-3-270m,qwen3-tiny --quants Q8_0,Q4_K_M \
+         --variants w8f16` (the cells of the section *Hybrid face*; any model, quant or variant works the same).\n\
+         - CI: `cargo xtask parity --quick` (gemma-3-270m Q8_0, the library's default variant, {QUICK_CHUNKS} chunks, no \
+         greedy); the `cargo xtask test` stage calls the same check and fails outside the tolerance. The `hybrid` stage \
+         runs `cargo xtask parity --quick --face hybrid --models qwen3-tiny`."
+    );
+    o
+}
+
+/// A cell against its model's reference (None: no reference stored).
+fn cell_verdict(s: &Store, c: &Cell) -> Option<Verdict> {
+    s.references
+        .get(&c.model)
+        .map(|r| judge(&c.stats, &r.stats, c.floor.as_ref()))
+}
+
+/// How the reports name a face.
+fn face_label(f: Face) -> String {
+    match f {
+        Face::Accel => "ACCEL (`CoreML`)".into(),
+        Face::Hybrid => format!("hybrid (`{}`)", face::HYBRID_DEVICE),
+    }
+}
+
+/// One row per cell: end-to-end numbers, the verdict and the command that regenerates it.
+fn e2e_table(o: &mut String, s: &Store, cells: &[&Cell]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        o,
+        "| model | quant | variant | PPL stock | PPL ours | ln(PPL ratio) | KLD | floor (exact) | bar + floor | same top-1 | greedy identical words | MUL_MATs offloaded | verdict | regenerate |"
     );
     let _ = writeln!(
         o,
-        "| model | quant | variant | PPL stock | PPL ours | ln(PPL ratio) | KLD | floor (exact) | bar + floor | same top-1 | greedy identical words | verdict | regenerate |"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for c in &cells {
+    for c in cells {
         let r = s.references.get(&c.model);
-        let v = verdict(c);
+        let v = cell_verdict(s, c);
         let vtxt = match &v {
             Some(v) if v.pass() => "✓".to_string(),
             Some(v) => format!(
@@ -1165,7 +1430,7 @@ fn render(s: &Store) -> String {
         };
         let _ = writeln!(
             o,
-            "| {} | {} | {vname} | {:.3} | {:.3} | {:+.4} ± {:.4} | {} | {} | {} | {:.1} % | {} | {vtxt} | `{}` |",
+            "| {} | {} | {vname} | {:.3} | {:.3} | {:+.4} ± {:.4} | {} | {} | {} | {:.1} % | {} | {} | {vtxt} | `{}` |",
             c.model,
             c.quant,
             c.ppl_stock,
@@ -1180,18 +1445,15 @@ fn render(s: &Store) -> String {
             ))),
             c.stats.same_top,
             greedy_summary(&c.greedy),
+            c.offloaded_ops.map_or("n/a".to_string(), |n| n.to_string()),
             c.command
         );
     }
+}
 
-    let _ = writeln!(
-        o,
-        "\n## Per layer: NMSE of offloaded MUL_MATs vs the CPU backend (mean / max per tensor kind)\n"
-    );
-    let _ = writeln!(
-        o,
-        "Measured in the same runs as the table above (`GGML_COREML_PARITY`). n/a: the kind was not offloaded (e.g. MoE experts are MUL_MAT_ID, which stays on the host) or the library did not write the file.\n"
-    );
+/// Per-layer NMSE: each model × quant's floor row, then its variants.
+fn layer_table(o: &mut String, s: &Store, cells: &[&Cell]) {
+    use std::fmt::Write as _;
     let _ = writeln!(
         o,
         "| model | quant | variant | tensors | {} | other |",
@@ -1200,8 +1462,8 @@ fn render(s: &Store) -> String {
     let _ = writeln!(o, "|---|---|---|---|{}---|", "---|".repeat(KINDS.len()));
     // Each model × quant: its floor (exact vs CPU: the CPU's own activation quantisation), then the variants.
     let mut layer_rows: Vec<(String, String, String, usize, &Vec<KindNmse>)> = Vec::new();
-    for c in &cells {
-        let key = format!("{}/{}", c.model, c.quant);
+    for c in cells {
+        let key = store_key(c.face, &[&c.model, &c.quant]);
         if !layer_rows.iter().any(|r| r.0 == c.model && r.1 == c.quant)
             && let Some(f) = s.floors.get(&key)
         {
@@ -1246,60 +1508,6 @@ fn render(s: &Store) -> String {
             }
         );
     }
-
-    let _ = writeln!(o, "\n## Greedy continuations\n");
-    for m in Model::ALL {
-        let Some(r) = s.references.get(m.name()) else {
-            continue;
-        };
-        let _ = writeln!(o, "<details><summary>{}</summary>\n", m.name());
-        for (i, g) in r.greedy.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "- prompt {i} `{}`\n  - F16: {}\n  - Q8_0: {} ({} / {} words identical)",
-                g.prompt,
-                one_line(&g.stock),
-                one_line(&g.ours),
-                g.same_words,
-                g.words
-            );
-        }
-        for c in cells.iter().filter(|c| c.model == m.name()) {
-            for (i, g) in c.greedy.iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "- {} {} prompt {i}: stock: {} — ours: {} ({} / {})",
-                    c.quant,
-                    c.variant,
-                    one_line(&g.stock),
-                    one_line(&g.ours),
-                    g.same_words,
-                    g.words
-                );
-            }
-        }
-        let _ = writeln!(o, "\n</details>\n");
-    }
-
-    if !s.errors.is_empty() {
-        let _ = writeln!(o, "## Runs that failed\n");
-        for (k, e) in &s.errors {
-            let _ = writeln!(o, "- {k}: {}", one_line(e));
-        }
-        let _ = writeln!(o);
-    }
-    let _ = writeln!(o, "## Regenerate\n");
-    let _ = writeln!(
-        o,
-        "- Everything: `cargo xtask parity` (all models × Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K, F16 × i8i8, w8f16, f16; \
-         {CHUNKS} chunks, the prompts of tests/data/parity-prompts.txt; about 1 h on 2 cores (57 min measured), longer when \
-         the cores are shared; dominated by the greedy runs through the reference executor).\n\
-         - One cell: the command in its row. Cells are kept in `$GGML_COREML_DEV_CACHE/parity/store.json` and this file \
-         is rebuilt from all of them after every run (`--fresh` starts over).\n\
-         - CI: `cargo xtask parity --quick` (gemma-3-270m Q8_0, the library's default variant, {QUICK_CHUNKS} chunks, no \
-         greedy); the `cargo xtask test` stage calls the same check and fails outside the tolerance."
-    );
-    o
 }
 
 /// A KLD with 3 significant digits (the random-weight models sit at 1e-5).
@@ -1384,6 +1592,62 @@ Same top p: 83.730 ± 2.330 %
         assert!(text.contains("null"));
         let back: KldStats = serde_json::from_str(&text).expect("null reads back");
         assert!(back.ln_ratio_unc.is_nan() && back.kld == 0.5);
+    }
+
+    #[test]
+    fn stores_without_faces_read_as_accel() {
+        let cell = Cell {
+            model: "gemma-3-270m".into(),
+            quant: "Q8_0".into(),
+            variant: "w8f16".into(),
+            face: Face::Hybrid,
+            offloaded_ops: Some(12),
+            variant_used: None,
+            ppl_stock: 10.0,
+            stats: KldStats::default(),
+            floor: None,
+            layers: Vec::new(),
+            offloaded_tensors: 0,
+            greedy: Vec::new(),
+            chunks: 8,
+            seconds: 1.0,
+            measured: "now".into(),
+            command: "cargo xtask parity".into(),
+        };
+        let mut v = serde_json::to_value(&cell).expect("serialised");
+        assert_eq!(v["face"], "hybrid");
+        let back: Cell = serde_json::from_value(v.clone()).expect("reads back");
+        assert_eq!((back.face, back.offloaded_ops), (Face::Hybrid, Some(12)));
+        // A cell written before faces existed: no `face`, no `offloaded_ops`.
+        let obj = v.as_object_mut().expect("object");
+        obj.remove("face");
+        obj.remove("offloaded_ops");
+        let old: Cell = serde_json::from_value(v).expect("old cell reads");
+        assert_eq!((old.face, old.offloaded_ops), (Face::Accel, None));
+        assert_eq!(
+            store_key(Face::Accel, &["gemma-3-270m", "Q8_0", "w8f16"]),
+            "gemma-3-270m/Q8_0/w8f16"
+        );
+        assert_eq!(
+            store_key(Face::Hybrid, &["gemma-3-270m", "Q8_0"]),
+            "hybrid/gemma-3-270m/Q8_0"
+        );
+        // The rendered report keeps the faces apart.
+        let mut store = Store::default();
+        store.cells.insert(
+            store_key(Face::Hybrid, &[&cell.model, &cell.quant, &cell.variant]),
+            cell,
+        );
+        // A store rewritten by an xtask from before faces lost the field; the key restores it.
+        let mut text = serde_json::to_value(&store).expect("serialised");
+        for c in text["cells"].as_object_mut().expect("cells").values_mut() {
+            c.as_object_mut().expect("cell").remove("face");
+        }
+        let back = parse_store(&serde_json::to_vec(&text).expect("bytes")).expect("parsed");
+        assert!(back.cells.values().all(|c| c.face == Face::Hybrid));
+        let md = render(&store);
+        assert!(md.contains("## Hybrid face (`CoreML-CPU`)"));
+        assert!(md.contains("--face hybrid"));
     }
 
     #[test]
