@@ -329,7 +329,7 @@ pub unsafe fn compute(
                             dt.as_secs_f64() * 1e3 / batches.max(1) as f64,
                             None,
                         );
-                        if eng.parity_path.is_some() {
+                        if eng.parity_path.is_some() && host_visible(&node, face) {
                             parity_check(ctx, &node, e);
                         }
                     }
@@ -367,6 +367,16 @@ pub unsafe fn compute(
     }
     eng.write_files(false);
     st
+}
+
+/// Is `t`'s memory plain host memory? Always for the ACCEL face (our buffer type, CPU buffers); for the
+/// hybrid face only when the inner device's buffer says so (Metal's may not).
+fn host_visible(t: &TensorRef<'_>, face: Face) -> bool {
+    face == Face::Accel
+        || api().is_some_and(|api| {
+            // SAFETY: an allocated tensor's live buffer.
+            !t.buffer().is_null() && unsafe { (api.buffer_is_host)(t.buffer()) }
+        })
 }
 
 /// `GGML_COREML_PARITY`: runs the node again on the host, records NMSE(ours, host) under the weight's
@@ -445,10 +455,7 @@ fn run_ane(
     if w.data().is_null() || x.data().is_null() || node.data().is_null() {
         return Err("unallocated tensor".into());
     }
-    let visible = |t: &TensorRef<'_>| {
-        // SAFETY: allocated tensors have a live buffer.
-        face == Face::Accel || unsafe { (api.buffer_is_host)(t.buffer()) }
-    };
+    let visible = |t: &TensorRef<'_>| host_visible(t, face);
     let (w_host, x_host, d_host) = (visible(&w), visible(&x), visible(node));
     let (wne, xne) = (w.ne(), x.ne());
     let (r2, r3) = ((xne[2] / wne[2]) as usize, (xne[3] / wne[3]) as usize);
