@@ -578,7 +578,7 @@ fn bench_once(
     match policy {
         None => {
             // Stock: the same layer placement as the face's (CPU only, so every layer is on the CPU).
-            c.args(["-ngl", stock_ngl(mx.face)]);
+            c.args(["-ngl", mx.face.stock_ngl()]);
             if mx.stock_no_repack {
                 c.args(["--repack", "0"]);
             }
@@ -670,14 +670,6 @@ fn bench_once(
         policy_in_effect,
         hybrid_graphs,
     })
-}
-
-/// `-ngl` of the stock side: `0` next to the ACCEL face (as ours), `99` next to the hybrid face (as ours).
-fn stock_ngl(f: Face) -> &'static str {
-    match f {
-        Face::Accel => "0",
-        Face::Hybrid => "99",
-    }
 }
 
 /// Graphs the hybrid device computed, summed over the `hybrid summary: U graphs unsplit to …, S split (…)`
@@ -1171,7 +1163,7 @@ fn run_facts(o: &mut String, r: &Results) {
         o,
         "- Host: {}, CPU backend, 2 threads; stock `-ngl {}`{}; ours through {}",
         m.host,
-        stock_ngl(mx.face),
+        mx.face.stock_ngl(),
         if mx.stock_no_repack {
             " `--repack 0`"
         } else {

@@ -55,6 +55,14 @@ impl Face {
         }
     }
 
+    /// `-ngl` of the stock side: `0` next to the ACCEL face (as ours), `99` next to the hybrid face (as ours).
+    pub fn stock_ngl(self) -> &'static str {
+        match self {
+            Face::Accel => "0",
+            Face::Hybrid => "99",
+        }
+    }
+
     /// How a report names our side: the face and its switches.
     pub fn describe(self) -> String {
         match self {

@@ -17,6 +17,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
+use crate::face::{self, Face};
 use crate::models::{self, Model, ModelSet};
 use crate::util::{run_logged, which};
 use crate::{backend, host, log, paths};
@@ -41,8 +42,8 @@ pub struct OverheadArgs {
     n_gen: usize,
     /// `accel` (the ACCEL device, `-ngl 0`) or `hybrid` (`GGML_COREML_HYBRID=CPU --device CoreML-CPU
     /// -ngl 99` against stock `-ngl 99`).
-    #[arg(long, default_value = "accel")]
-    face: String,
+    #[arg(long, value_enum, default_value_t = Face::Accel)]
+    face: Face,
     /// Output directory (default: bench-out/overhead-<UTC time>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -53,7 +54,7 @@ struct Row {
     model: String,
     quant: String,
     policy: String,
-    face: String,
+    face: Face,
     test: String,
     stock_instructions: u64,
     ours_instructions: u64,
@@ -65,11 +66,6 @@ pub fn main(args: OverheadArgs) -> Result<Option<PathBuf>> {
     ensure!(
         which("valgrind").is_some(),
         "valgrind is not installed (Debian package valgrind)"
-    );
-    ensure!(
-        matches!(args.face.as_str(), "accel" | "hybrid"),
-        "unknown face `{}` (accel, hybrid)",
-        args.face
     );
     let list = |v: &[String], d: &[&str]| -> Vec<String> {
         if v.is_empty() {
@@ -114,7 +110,6 @@ pub fn main(args: OverheadArgs) -> Result<Option<PathBuf>> {
     });
     fs::create_dir_all(out.join("logs"))?;
 
-    let hybrid = args.face == "hybrid";
     let mut rows = Vec::new();
     for &m in &model_list {
         for q in &quants {
@@ -126,14 +121,24 @@ pub fn main(args: OverheadArgs) -> Result<Option<PathBuf>> {
             );
             for (test, p, n) in &tests {
                 let tag = format!("{}-{q}-{test}", m.name());
-                let stock = count(&bin, &model, *p, *n, None, hybrid, &lib, &out, &tag)?;
+                let stock = count(&bin, &model, *p, *n, None, args.face, &lib, &out, &tag)?;
                 for policy in &policies {
-                    let ours = count(&bin, &model, *p, *n, Some(policy), hybrid, &lib, &out, &tag)?;
+                    let ours = count(
+                        &bin,
+                        &model,
+                        *p,
+                        *n,
+                        Some(policy),
+                        args.face,
+                        &lib,
+                        &out,
+                        &tag,
+                    )?;
                     let row = Row {
                         model: m.name().to_string(),
                         quant: q.clone(),
                         policy: policy.clone(),
-                        face: args.face.clone(),
+                        face: args.face,
                         test: test.clone(),
                         stock_instructions: stock,
                         ours_instructions: ours,
@@ -142,7 +147,7 @@ pub fn main(args: OverheadArgs) -> Result<Option<PathBuf>> {
                     log!(
                         "overhead: {} {q} {policy} ({}) {test}: stock {stock} / ours {ours} instructions = {:.5}x",
                         m.name(),
-                        args.face,
+                        args.face.name(),
                         row.ratio
                     );
                     rows.push(row);
@@ -164,7 +169,7 @@ fn count(
     prompt: usize,
     n_gen: usize,
     policy: Option<&str>,
-    hybrid: bool,
+    face: Face,
     lib: &Path,
     out: &Path,
     tag: &str,
@@ -180,19 +185,17 @@ fn count(
         .arg(model)
         .args(["-p", &prompt.to_string(), "-n", &n_gen.to_string()])
         .args(["-r", "1", "-t", "1", "-o", "md"]);
-    c.args(["-ngl", if hybrid { "99" } else { "0" }]);
-    if let Some(policy) = policy {
-        c.env("GGML_BACKEND_PATH", lib)
-            .env("GGML_COREML_POLICY", policy);
-        if hybrid {
-            c.env("GGML_COREML_HYBRID", "CPU")
-                .args(["--device", "CoreML-CPU"]);
+    // Our environment must not leak into the stock side (nor the caller's into ours).
+    face::clean_env(&mut c);
+    match policy {
+        Some(policy) => {
+            face.ours(&mut c);
+            c.env("GGML_BACKEND_PATH", lib)
+                .env("GGML_COREML_POLICY", policy);
         }
-    }
-    // Our environment must not leak into the stock side.
-    if policy.is_none() {
-        c.env_remove("GGML_BACKEND_PATH")
-            .env_remove("GGML_COREML_HYBRID");
+        None => {
+            c.args(["-ngl", face.stock_ngl()]);
+        }
     }
     run_logged(&mut c, &out.join("logs").join(format!("{tag}-{side}.log")))?;
     let text = fs::read_to_string(&cg).with_context(|| format!("cannot read {}", cg.display()))?;
@@ -229,7 +232,7 @@ fn render(rows: &[Row]) -> String {
             r.model,
             r.quant,
             r.policy,
-            r.face,
+            r.face.name(),
             r.test,
             r.stock_instructions,
             r.ours_instructions,

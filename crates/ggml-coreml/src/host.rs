@@ -75,7 +75,7 @@ impl HostBackend {
                 Some(std::mem::transmute::<*mut c_void, SetThreads>(p))
             }
         };
-        let (ctx, graph) = new_graph(api).inspect_err(|_| {
+        let (ctx, graph) = new_graph(api, GRAPH_SIZE, true).inspect_err(|_| {
             // SAFETY: backend was created above and is not used elsewhere.
             unsafe { (api.backend_free)(backend) };
         })?;
@@ -167,19 +167,24 @@ impl HostBackend {
     }
 }
 
-fn new_graph(api: &GgmlApi) -> Result<(*mut GgmlContext, *mut GgmlCgraph), String> {
-    // SAFETY: plain ggml context creation with no tensor data; the graph lives in the context.
+/// A ggml context holding an empty graph of `nodes` nodes; `no_alloc: false` leaves 64 KiB for tensors.
+fn new_graph(
+    api: &GgmlApi,
+    nodes: usize,
+    no_alloc: bool,
+) -> Result<(*mut GgmlContext, *mut GgmlCgraph), String> {
+    let tensors = if no_alloc { 4096 } else { 64 * 1024 };
+    // SAFETY: plain ggml context creation; the graph lives in the context.
     unsafe {
-        let size = (api.graph_overhead_custom)(GRAPH_SIZE, false) + 4096;
         let ctx = (api.init)(GgmlInitParams {
-            mem_size: size,
+            mem_size: (api.graph_overhead_custom)(nodes, false) + tensors,
             mem_buffer: ptr::null_mut(),
-            no_alloc: true,
+            no_alloc,
         });
         if ctx.is_null() {
             return Err("ggml_init failed".into());
         }
-        let g = (api.new_graph_custom)(ctx, GRAPH_SIZE, false);
+        let g = (api.new_graph_custom)(ctx, nodes, false);
         if g.is_null() {
             (api.free)(ctx);
             return Err("ggml_new_graph_custom failed".into());
@@ -236,19 +241,10 @@ impl GgmlPool {
     fn new(api: &GgmlApi, backend: *mut GgmlBackend) -> Result<GgmlPool, String> {
         let custom_4d = api.custom_4d.ok_or("the host has no ggml_custom_4d")?;
         let slot = Box::<JobSlot>::default();
-        // SAFETY: a small allocating context holds the one F32 element the op writes nothing to, and
-        // the one-node graph.
+        // An allocating context: the op's one F32 element (written by nobody) needs memory.
+        let (ctx, graph) = new_graph(api, 8, false)?;
+        // SAFETY: the context and graph above; the node's function reads the boxed slot.
         unsafe {
-            let size = (api.graph_overhead_custom)(8, false) + 64 * 1024;
-            let ctx = (api.init)(GgmlInitParams {
-                mem_size: size,
-                mem_buffer: ptr::null_mut(),
-                no_alloc: false,
-            });
-            if ctx.is_null() {
-                return Err("ggml_init failed".into());
-            }
-            let graph = (api.new_graph_custom)(ctx, 8, false);
             let ud = ptr::from_ref::<JobSlot>(&slot).cast_mut().cast::<c_void>();
             // n_tasks -1 (GGML_N_TASKS_MAX): every worker of the backend calls the function.
             let node = custom_4d(
@@ -264,7 +260,7 @@ impl GgmlPool {
                 -1,
                 ud,
             );
-            if graph.is_null() || node.is_null() {
+            if node.is_null() {
                 (api.free)(ctx);
                 return Err("could not build the pool graph".into());
             }
@@ -320,7 +316,6 @@ impl Drop for GgmlPool {
 unsafe extern "C" fn pool_task(_dst: *mut GgmlTensor, ith: c_int, _nth: c_int, ud: *mut c_void) {
     // SAFETY: `ud` is the pool's boxed slot, alive as long as the graph.
     let slot = unsafe { &*ud.cast::<JobSlot>() };
-
     let p = slot.job.load(Ordering::Acquire);
     if p.is_null() {
         return;

@@ -472,6 +472,7 @@ fn run_ane(
         unsafe { (api.tensor_get)(x.ptr(), v.as_mut_ptr().cast(), 0, nbytes) };
         Some(v)
     };
+    let pool = ctx.host.pool();
     let mut batches = 0;
     for i13 in 0..xne[3] as usize {
         for i12 in 0..xne[2] as usize {
@@ -502,37 +503,31 @@ fn run_ane(
                 m: e.m,
                 x_stride: xstride,
             };
-            // Host-visible dst with plain rows that do not overlap x: the driver writes straight into it.
-            // SAFETY: dst is F32 [n, m, ne12, ne13] (MUL_MAT contract), allocated in host memory, batch
-            // in range, and nothing else touches it during this node (x is checked for overlap below).
+            // Host-visible dst with plain rows that do not overlap x: the driver writes straight into it;
+            // otherwise into `ctx.out`, copied to dst afterwards.
             let direct = if d_host {
+                // SAFETY: dst is F32 [n, m, ne12, ne13] (MUL_MAT contract), allocated in host memory,
+                // batch in range, and nothing else touches it during this node (x: checked for overlap).
                 unsafe { node.f32_rows_mut(i12, i13) }.filter(|(d, _)| !overlaps(d, xs))
             } else {
                 None
             };
-            let pool = ctx.host.pool();
-            let exec = eng.executor.as_ref();
-            let scratch = &mut ctx.scratch;
+            let copy_back = direct.is_none();
+            let (out, stride) = direct.unwrap_or_else(|| {
+                ctx.out.resize(e.m * e.n, 0.0);
+                (&mut ctx.out[..], e.n)
+            });
+            let (exec, scratch) = (eng.executor.as_ref(), &mut ctx.scratch);
             // The GEMM borrows the CPU backend's workers instead of competing with them.
-            match direct {
-                Some((dst, stride)) => ggml_coreml_program::pool::with_pool(pool, || {
-                    driver::matmul(exec, &pw, &act, dst, stride, scratch)
-                })
-                .map_err(|err| err.to_string())?,
-                None => {
-                    ctx.out.resize(e.m * e.n, 0.0);
-                    let out = &mut ctx.out;
-                    ggml_coreml_program::pool::with_pool(pool, || {
-                        driver::matmul(exec, &pw, &act, out, e.n, scratch)
-                    })
-                    .map_err(|err| err.to_string())?;
-                    if d_host {
-                        // SAFETY: as above.
-                        unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
-                    } else {
-                        write_rows_via_api(api, node, i12, i13, &ctx.out, e.n);
-                    }
-                }
+            ggml_coreml_program::pool::with_pool(pool.clone(), || {
+                driver::matmul(exec, &pw, &act, out, stride, scratch)
+            })
+            .map_err(|err| err.to_string())?;
+            if copy_back && d_host {
+                // SAFETY: as above.
+                unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
+            } else if copy_back {
+                write_rows_via_api(api, node, i12, i13, &ctx.out, e.n);
             }
             batches += 1;
         }
