@@ -23,7 +23,9 @@ pub const CMAKE_FLAGS: &[&str] = &[
     "-DBUILD_SHARED_LIBS=ON",
     "-DGGML_NATIVE=OFF",
     "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
+    // llama-server and rpc-server are tools users run (the `serve` and `rpc` stages).
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DGGML_RPC=ON",
 ];
 
 /// Build targets; each is an executable of the same name in `build/bin`.
@@ -37,6 +39,8 @@ pub const TARGETS: &[&str] = &[
     "test-llama-archs",
     "llama-eval-callback",
     "llama-embedding",
+    "llama-server",
+    "rpc-server",
 ];
 
 const MARKER: &str = ".ggml-coreml-host-ok";
