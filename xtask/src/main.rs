@@ -17,6 +17,7 @@ mod paths;
 mod qvac;
 mod run;
 mod test;
+mod two_models;
 mod util;
 mod venv;
 
