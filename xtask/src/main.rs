@@ -6,6 +6,7 @@
 
 mod backend;
 mod bench;
+mod cuda;
 mod face;
 mod gguf;
 mod host;
@@ -93,6 +94,12 @@ enum Cmd {
     /// Instructions the host executes per prefill / decode test, stock vs ggml-coreml (valgrind's
     /// callgrind): the load-independent measure of what the backend's presence costs.
     Overhead(overhead::OverheadArgs),
+    /// Pack .device/ for the hybrid face's CUDA run on the lent GPU machine and print the command.
+    #[command(disable_help_flag = true)]
+    CudaBundle {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +125,10 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
             check: false, jobs, ..
         } => host::ensure_host(jobs)?,
         Cmd::Venv => venv::ensure_venv()?,
+        Cmd::CudaBundle { args } => {
+            cuda::main(&args)?;
+            return Ok(None);
+        }
         Cmd::Models { full, quants, only } => {
             let mut set = if full {
                 ModelSet::full()
