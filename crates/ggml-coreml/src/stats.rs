@@ -15,6 +15,10 @@ pub struct Stats {
     pub faults: AtomicU64,
     pub weights_prepared: AtomicU64,
     pub weight_bytes_held: AtomicU64,
+    /// Bytes of our own buffers (weights copied into our memory) and of buffers over llama.cpp's
+    /// mapping of the model file (borrowed: not ours, counted to show nothing was copied).
+    pub raw_bytes_owned: AtomicU64,
+    pub raw_bytes_borrowed: AtomicU64,
     pub prepare_ns: AtomicU64,
     /// Offloaded nodes that copied operands to or from a non-host inner buffer, the copies (bulk
     /// `tensor_get` / `tensor_set` calls) they made, the most one node made, and the bytes moved.
@@ -88,7 +92,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}}}}",
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1}}},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}}}}",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -99,6 +103,9 @@ impl Stats {
             g(&self.weights_prepared),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepare_ns) as f64 / 1e6,
+            g(&self.raw_bytes_owned) as f64 / (1024.0 * 1024.0),
+            g(&self.raw_bytes_borrowed) as f64 / (1024.0 * 1024.0),
+            g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.xfer_nodes),
             g(&self.xfer_calls),
             g(&self.xfer_max_per_node),
@@ -114,7 +121,8 @@ impl Stats {
         format!(
             "MUL_MAT offloaded {} ({:.1} ms in executor, {:.2} GFLOP), on host {} ({}), executor faults {}, \
              weights prepared {} ({:.1} MiB held, {:.1} ms), copies to/from the inner device {} in {} nodes \
-             (at most {} per node)",
+             (at most {} per node); memory: {:.1} MiB of weights copied into our buffers, {:.1} MiB borrowed \
+             from the model mapping",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -131,6 +139,8 @@ impl Stats {
             g(&self.xfer_calls),
             g(&self.xfer_nodes),
             g(&self.xfer_max_per_node),
+            g(&self.raw_bytes_owned) as f64 / (1024.0 * 1024.0),
+            g(&self.raw_bytes_borrowed) as f64 / (1024.0 * 1024.0),
         )
     }
 }

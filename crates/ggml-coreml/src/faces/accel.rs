@@ -30,7 +30,7 @@ pub const DEVICE_IFACE: GgmlBackendDeviceI = GgmlBackendDeviceI {
     init_backend: Some(dev_init_backend),
     get_buffer_type: Some(dev_get_buffer_type),
     get_host_buffer_type: None,
-    buffer_from_host_ptr: None,
+    buffer_from_host_ptr: Some(dev_buffer_from_host_ptr),
     supports_op: Some(dev_supports_op),
     supports_buft: Some(dev_supports_buft),
     offload_op: None,
@@ -82,11 +82,36 @@ unsafe extern "C" fn dev_get_props(dev: *mut Dev, props: *mut GgmlBackendDevProp
         p.memory_total = 0;
         p.type_ = DEV_TYPE_ACCEL;
         p.device_id = ptr::null();
-        // No host-pointer buffers: weights must come through set_tensor to be repacked.
+        // Host-pointer buffers: llama.cpp lends us its mapping of the model file instead of copying
+        // weights into our memory (`buffer::from_host_ptr`).
         p.caps = GgmlBackendDevCaps {
             mmap_support: true,
+            buffer_from_host_ptr: from_host_ptr_enabled(),
             ..Default::default()
         };
+    })
+}
+
+/// `GGML_COREML_MMAP=0`: copy weights into our own memory at load (the behaviour before weights were
+/// borrowed from llama.cpp's mapping; for comparisons).
+fn from_host_ptr_enabled() -> bool {
+    std::env::var("GGML_COREML_MMAP").map_or(true, |v| v != "0")
+}
+
+unsafe extern "C" fn dev_buffer_from_host_ptr(
+    _dev: *mut Dev,
+    ptr: *mut std::ffi::c_void,
+    size: usize,
+    _max_tensor_size: usize,
+) -> *mut GgmlBackendBuffer {
+    guard("buffer_from_host_ptr", ptr::null_mut(), || {
+        match globals() {
+            // SAFETY: our buffer type; llama.cpp keeps its mapping alive as long as the buffer.
+            Some(g) if from_host_ptr_enabled() => unsafe {
+                buffer::from_host_ptr(g.buft, ptr, size)
+            },
+            _ => ptr::null_mut(),
+        }
     })
 }
 

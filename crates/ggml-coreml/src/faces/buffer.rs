@@ -2,7 +2,7 @@
 //! weights through `set_tensor`, where we repack them), plus the prepared forms of the weights in it.
 
 use std::alloc::{Layout as AllocLayout, alloc_zeroed, dealloc};
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::ptr;
 use std::sync::atomic::Ordering;
 
@@ -18,10 +18,13 @@ use crate::weights::WeightRegistry;
 
 pub const ALIGNMENT: usize = 64;
 
-/// Context of one buffer allocated from our buffer type.
+/// Context of one buffer of our buffer type.
 pub struct BufferCtx {
     mem: *mut u8,
-    layout: AllocLayout,
+    /// None: the memory is borrowed (llama.cpp's mapping of the model file, see [`from_host_ptr`]).
+    layout: Option<AllocLayout>,
+    /// Size of borrowed memory (0 for our own).
+    borrowed: usize,
     pub weights: WeightRegistry,
 }
 
@@ -32,8 +35,21 @@ impl Drop for BufferCtx {
             .stats
             .weight_bytes_held
             .fetch_sub(released as u64, Ordering::Relaxed);
-        // SAFETY: `mem` was allocated with exactly `layout` in `alloc_buffer`.
-        unsafe { dealloc(self.mem, self.layout) };
+        let stats = &engine().stats;
+        match self.layout {
+            Some(layout) => {
+                stats
+                    .raw_bytes_owned
+                    .fetch_sub(layout.size() as u64, Ordering::Relaxed);
+                // SAFETY: `mem` was allocated with exactly `layout` in `alloc_buffer`.
+                unsafe { dealloc(self.mem, layout) };
+            }
+            None => {
+                stats
+                    .raw_bytes_borrowed
+                    .fetch_sub(self.borrowed as u64, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -131,9 +147,14 @@ unsafe extern "C" fn buft_alloc_buffer(buft: BuftPtr, size: usize) -> *mut GgmlB
         }
         let ctx = Box::into_raw(Box::new(BufferCtx {
             mem,
-            layout,
+            layout: Some(layout),
+            borrowed: 0,
             weights: WeightRegistry::default(),
         }));
+        engine()
+            .stats
+            .raw_bytes_owned
+            .fetch_add(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: ggml-base allocates the buffer struct and copies the interface by value.
         let buf = unsafe { (api.buffer_init)(buft, BUFFER_IFACE, ctx.cast(), size) };
         if buf.is_null() {
@@ -144,8 +165,62 @@ unsafe extern "C" fn buft_alloc_buffer(buft: BuftPtr, size: usize) -> *mut GgmlB
     })
 }
 
+/// A buffer of our type over memory llama.cpp already holds: its mapping of the model file
+/// (`buffer_from_host_ptr`, offered when the device says it can). Nothing is copied, so the ANE path
+/// holds one extra form of each weight — the prepared one — and the host fallback reads the mapping.
+/// Weights are prepared as llama.cpp places them (`init_tensor`), or at first use.
+///
 /// # Safety
-/// `buf` is a buffer created by [`buft_alloc_buffer`].
+/// `buft` is our buffer type; `mem` is NULL or `size` bytes of host memory that outlive the buffer.
+pub unsafe fn from_host_ptr(
+    buft: BuftPtr,
+    mem: *mut c_void,
+    size: usize,
+) -> *mut GgmlBackendBuffer {
+    let Some(api) = api() else {
+        return ptr::null_mut();
+    };
+    if mem.is_null() {
+        return ptr::null_mut();
+    }
+    let ctx = Box::into_raw(Box::new(BufferCtx {
+        mem: mem.cast(),
+        layout: None,
+        borrowed: size,
+        weights: WeightRegistry::default(),
+    }));
+    engine()
+        .stats
+        .raw_bytes_borrowed
+        .fetch_add(size as u64, Ordering::Relaxed);
+    let mut iface = BUFFER_IFACE;
+    iface.init_tensor = Some(buffer_init_tensor);
+    // SAFETY: ggml-base allocates the buffer struct and copies the interface by value.
+    let buf = unsafe { (api.buffer_init)(buft, iface, ctx.cast(), size) };
+    if buf.is_null() {
+        // SAFETY: `ctx` came from Box::into_raw above and was not handed out.
+        drop(unsafe { Box::from_raw(ctx) });
+    }
+    buf
+}
+
+/// `init_tensor` of a borrowed buffer: the tensor's bytes are already in place (the mapping).
+unsafe extern "C" fn buffer_init_tensor(buf: *mut GgmlBackendBuffer, t: *mut GgmlTensor) -> c_int {
+    guard("init_tensor", 0, || {
+        // SAFETY: our buffer; `t` is a live tensor just placed in it.
+        let (Some(c), Some(tr)) = (unsafe { ctx(buf) }, unsafe { TensorRef::from_ptr(t) }) else {
+            return 0;
+        };
+        // Views share their parent's bytes; only whole weights are prepared.
+        if engine().repack == Repack::Load && tr.op() == GGML_OP_NONE && !tr.data().is_null() {
+            prepare_at_load(c, &tr);
+        }
+        0
+    })
+}
+
+/// # Safety
+/// `buf` is a buffer created by [`buft_alloc_buffer`] or [`from_host_ptr`].
 unsafe fn ctx<'a>(buf: *mut GgmlBackendBuffer) -> Option<&'a BufferCtx> {
     // SAFETY: our buffers carry a BufferCtx as context.
     unsafe {

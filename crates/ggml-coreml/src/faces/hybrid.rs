@@ -144,7 +144,7 @@ const DEVICE_IFACE: GgmlBackendDeviceI = GgmlBackendDeviceI {
     init_backend: Some(dev_init_backend),
     get_buffer_type: Some(dev_get_buffer_type),
     get_host_buffer_type: Some(dev_get_host_buffer_type),
-    buffer_from_host_ptr: None,
+    buffer_from_host_ptr: Some(dev_buffer_from_host_ptr),
     supports_op: Some(dev_supports_op),
     supports_buft: Some(dev_supports_buft),
     offload_op: Some(dev_offload_op),
@@ -217,9 +217,28 @@ unsafe extern "C" fn dev_get_props(dev: *mut Dev, props: *mut GgmlBackendDevProp
             p.description = h.description.as_ptr();
             p.type_ = DEV_TYPE_GPU;
             p.device_id = ptr::null();
-            // Asynchronous copies and events are the inner device's (forwarded, see BACKEND_IFACE);
-            // buffers from host pointers would bypass our buffer type.
-            p.caps.buffer_from_host_ptr = false;
+            // Asynchronous copies, events and buffers over host memory (llama.cpp's mapping of the
+            // model file: Metal wraps it without a copy) are the inner device's, forwarded.
+        }
+    })
+}
+
+unsafe extern "C" fn dev_buffer_from_host_ptr(
+    dev: *mut Dev,
+    ptr: *mut c_void,
+    size: usize,
+    max_tensor_size: usize,
+) -> *mut GgmlBackendBuffer {
+    guard("hybrid buffer_from_host_ptr", ptr::null_mut(), || {
+        let Some(api) = api() else {
+            return ptr::null_mut();
+        };
+        // SAFETY: forwards to the inner device (NULL if it cannot); the new buffer is tracked like the
+        // wrapper's own, so its prepared weights go when it is freed.
+        unsafe {
+            let buf = (api.dev_buffer_from_host_ptr)(hctx(dev).inner, ptr, size, max_tensor_size);
+            hybrid_buffer::track_foreign(buf);
+            buf
         }
     })
 }

@@ -214,6 +214,18 @@ unsafe extern "C" fn w_alloc_buffer(buft: BuftPtr, size: usize) -> *mut GgmlBack
     })
 }
 
+/// A buffer the inner device made over host memory (llama.cpp's mapping of the model file), tracked
+/// like the wrapper's own.
+///
+/// # Safety
+/// `buf` is a live buffer just returned by the inner device, not yet used by anyone.
+pub unsafe fn track_foreign(buf: *mut GgmlBackendBuffer) {
+    if !buf.is_null() {
+        // SAFETY: per the contract.
+        unsafe { track(buf) };
+    }
+}
+
 /// Points the write and free slots of a new buffer at our trampolines and starts its registry.
 ///
 /// # Safety

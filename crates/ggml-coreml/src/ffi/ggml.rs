@@ -87,6 +87,8 @@ pub struct GgmlApi {
     pub event_new: unsafe extern "C" fn(*mut Dev) -> *mut GgmlBackendEvent,
     pub event_free: unsafe extern "C" fn(*mut GgmlBackendEvent),
     pub event_synchronize: unsafe extern "C" fn(*mut GgmlBackendEvent),
+    pub dev_buffer_from_host_ptr:
+        unsafe extern "C" fn(*mut Dev, *mut c_void, usize, usize) -> *mut GgmlBackendBuffer,
     /// `ggml_custom_4d` (ggml >= 0.0.2100 or so): lets the executor's GEMM run on the CPU backend's
     /// own worker threads (see `host::GgmlPool`). None on hosts without it.
     pub custom_4d: Option<FnCustom4d>,
@@ -371,6 +373,7 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
         event_new: get!("ggml_backend_event_new"),
         event_free: get!("ggml_backend_event_free"),
         event_synchronize: get!("ggml_backend_event_synchronize"),
+        dev_buffer_from_host_ptr: get!("ggml_backend_dev_buffer_from_host_ptr"),
         custom_4d: {
             let p = l.sym("ggml_custom_4d");
             // SAFETY: when present, the symbol has ggml.h's `ggml_custom_4d` signature.
