@@ -53,6 +53,12 @@ size_t ggml_backend_coreml_get_stats(char * buf, size_t len);
 typedef void (*ggml_backend_coreml_reset_stats_t)(void);
 void ggml_backend_coreml_reset_stats(void);
 
+/* Most bytes of prepared (program-form) weights kept resident; past it, weights are prepared per call
+ * and dropped. SIZE_MAX: unbounded (the default on macOS and Linux; on iOS the default is a quarter of
+ * os_proc_available_memory()). GGML_COREML_WEIGHT_BUDGET_MB sets the initial value. Returns the old one. */
+typedef size_t (*ggml_backend_coreml_set_weight_budget_t)(size_t bytes);
+size_t ggml_backend_coreml_set_weight_budget(size_t bytes);
+
 /* Library version (static string). */
 typedef const char * (*ggml_backend_coreml_version_t)(void);
 const char * ggml_backend_coreml_version(void);

@@ -71,6 +71,11 @@ pub struct Engine {
     /// `GGML_COREML_FAULT_INJECT=panic:N`: the injected fault is a panic (tests of the per-node guard).
     fault_panics: bool,
     calls: AtomicU64,
+    /// Most bytes of prepared weights kept resident (`GGML_COREML_WEIGHT_BUDGET_MB`,
+    /// `ggml_backend_coreml_set_weight_budget`); past it, prepared forms are made per call and dropped.
+    /// `u64::MAX`: unbounded (Macs, Linux); on iOS the default follows the memory the OS says the app may
+    /// still use.
+    pub weight_budget: AtomicU64,
     /// Per-device disk cache for the policy's measurements (accelerated executors only: reference
     /// timings say nothing about a device).
     measurements: Option<ggml_coreml_cache::Cache>,
@@ -189,6 +194,7 @@ impl Engine {
             parity: Mutex::new(BTreeMap::new()),
             fault_every,
             fault_panics,
+            weight_budget: AtomicU64::new(default_weight_budget()),
             calls: AtomicU64::new(0),
             measurements,
         }
@@ -361,6 +367,18 @@ impl Engine {
         Mode::for_type(wtype, self.mode_override)
     }
 
+    /// Would keeping an `n`×`k` weight prepared in `mode` exceed the resident budget?
+    pub fn over_budget(&self, mode: Mode, n: usize, k: usize) -> bool {
+        let budget = self.weight_budget.load(Ordering::Relaxed);
+        budget != u64::MAX
+            && self
+                .stats
+                .weight_bytes_held
+                .load(Ordering::Relaxed)
+                .saturating_add(estimate_prepared_bytes(mode, n, k))
+                > budget
+    }
+
     /// A prepared form made for one call and kept nowhere: for weights whose buffer we cannot watch
     /// for writes and frees (so a cached form could go stale).
     pub fn prepared_uncached(
@@ -397,6 +415,11 @@ impl Engine {
         if let Some(w) = registry.get(addr, mode, stride) {
             return Ok(w);
         }
+        // Over the budget: made for this call only (the next call prepares it again).
+        if self.over_budget(mode, n, k) {
+            self.stats.prepared_per_call.fetch_add(1, Ordering::Relaxed);
+            return self.prepared_uncached(wtype, bytes, n, k);
+        }
         let t0 = Instant::now();
         let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, addr as u64)
             .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
@@ -416,6 +439,41 @@ impl Engine {
             .fetch_sub((released as u64).min(held), Ordering::Relaxed);
         Ok(w)
     }
+}
+
+/// About the bytes [`PreparedWeight::bytes_held`] will report for an `n`×`k` weight in `mode`.
+fn estimate_prepared_bytes(mode: Mode, n: usize, k: usize) -> u64 {
+    let nk = (n * k) as u64;
+    match mode {
+        Mode::Program(Variant::F16) => 2 * nk,
+        Mode::Program(Variant::I8I8) => nk + 4 * n as u64,
+        // int8 values plus an fp16 scale (and offset) per block of 32.
+        Mode::Program(_) => nk + nk / 8,
+        Mode::ExactF32 => 4 * nk,
+    }
+}
+
+/// `GGML_COREML_WEIGHT_BUDGET_MB`, else the platform's default: on iOS, a quarter of what
+/// `os_proc_available_memory` says the app may still allocate; unbounded elsewhere.
+fn default_weight_budget() -> u64 {
+    if let Some(mb) = std::env::var("GGML_COREML_WEIGHT_BUDGET_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return mb.saturating_mul(1 << 20);
+    }
+    #[cfg(target_os = "ios")]
+    {
+        unsafe extern "C" {
+            fn os_proc_available_memory() -> usize;
+        }
+        // SAFETY: a libSystem query without arguments (iOS 13+).
+        let avail = unsafe { os_proc_available_memory() } as u64;
+        if avail > 0 {
+            return avail / 4;
+        }
+    }
+    u64::MAX
 }
 
 /// Temp file + rename, so a reader never sees half a file. Errors are logged once per call, not fatal.

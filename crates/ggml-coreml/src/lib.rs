@@ -135,6 +135,23 @@ pub unsafe extern "C" fn ggml_backend_coreml_enable_hybrid(inner: *const c_char)
 }
 
 /// The library version (static string).
+/// Most bytes of prepared weights kept resident; past it, weights are prepared per call. `usize::MAX`
+/// (SIZE_MAX): unbounded. Returns the previous value.
+#[unsafe(no_mangle)]
+pub extern "C" fn ggml_backend_coreml_set_weight_budget(bytes: usize) -> usize {
+    guard("ggml_backend_coreml_set_weight_budget", 0, || {
+        let v = if bytes == usize::MAX {
+            u64::MAX
+        } else {
+            bytes as u64
+        };
+        let old = engine::engine()
+            .weight_budget
+            .swap(v, std::sync::atomic::Ordering::Relaxed);
+        usize::try_from(old).unwrap_or(usize::MAX)
+    })
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn ggml_backend_coreml_version() -> *const c_char {
     static V: OnceLock<std::ffi::CString> = OnceLock::new();

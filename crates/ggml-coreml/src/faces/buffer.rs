@@ -329,7 +329,8 @@ fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
         return;
     }
     let eng = engine();
-    if !eng.policy.would_offload_weight(k, n) {
+    // Past the resident budget, weights are prepared per call: nothing to keep from load.
+    if !eng.policy.would_offload_weight(k, n) || eng.over_budget(eng.mode_for(wtype), n, k) {
         return;
     }
     for i3 in 0..ne[3] as usize {

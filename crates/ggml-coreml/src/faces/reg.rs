@@ -172,6 +172,9 @@ unsafe extern "C" fn reg_get_proc_address(_reg: *mut Reg, name: *const c_char) -
                 crate::ggml_backend_coreml_reset_stats as *const ()
             }
             b"ggml_backend_coreml_version" => crate::ggml_backend_coreml_version as *const (),
+            b"ggml_backend_coreml_set_weight_budget" => {
+                crate::ggml_backend_coreml_set_weight_budget as *const ()
+            }
             b"ggml_backend_coreml_enable_hybrid" => {
                 crate::ggml_backend_coreml_enable_hybrid as *const ()
             }
