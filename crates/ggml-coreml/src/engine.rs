@@ -412,7 +412,7 @@ impl Engine {
         k: usize,
     ) -> Result<Arc<PreparedWeight>, String> {
         let mode = self.mode_for(wtype);
-        if let Some(w) = registry.get(addr, mode, stride) {
+        if let Some(w) = registry.get(addr, mode, stride, n) {
             return Ok(w);
         }
         // Over the budget: made for this call only (the next call prepares it again).

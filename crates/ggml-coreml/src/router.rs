@@ -214,6 +214,20 @@ pub struct RouterCtx {
     /// Split graphs in which the inner backend was called more often than once per offloaded
     /// MUL_MAT plus one — i.e. split somewhere else than around an offloaded MUL_MAT. Should stay 0.
     pub oversplit_graphs: u64,
+    /// Split mode: the inner device's scratch buffer for its share of a split MUL_MAT.
+    split_buf: *mut GgmlBackendBuffer,
+    split_cap: usize,
+}
+
+impl Drop for RouterCtx {
+    fn drop(&mut self) {
+        if !self.split_buf.is_null()
+            && let Some(api) = api()
+        {
+            // SAFETY: a buffer we allocated and still own.
+            unsafe { (api.buffer_free)(self.split_buf) };
+        }
+    }
 }
 
 impl RouterCtx {
@@ -226,6 +240,8 @@ impl RouterCtx {
             split_graphs: 0,
             last_host_calls: 0,
             oversplit_graphs: 0,
+            split_buf: std::ptr::null_mut(),
+            split_cap: 0,
         }
     }
 }
@@ -493,6 +509,12 @@ fn run_ane(
     if w.data().is_null() || x.data().is_null() || node.data().is_null() {
         return Err("unallocated tensor".into());
     }
+    if face == Face::Hybrid
+        && let Some(share) = split_share()
+        && let Some(done) = run_split(ctx, node, e, share, registry_of)?
+    {
+        return Ok(done);
+    }
     let visible = |t: &TensorRef<'_>| host_visible(t, face);
     let (w_host, x_host, d_host) = (visible(&w), visible(&x), visible(node));
     let (wne, xne) = (w.ne(), x.ne());
@@ -533,7 +555,7 @@ fn run_ane(
             let (addr, stride) = unsafe { w.slice2d_addr(i02, i03) };
             let cached = registry
                 .as_ref()
-                .and_then(|reg| reg.get(addr, eng.mode_for(e.wtype), stride));
+                .and_then(|reg| reg.get(addr, eng.mode_for(e.wtype), stride, e.n));
             let pw = match cached {
                 Some(pw) => pw,
                 None => {
@@ -630,6 +652,197 @@ impl Transfers {
         self.calls += 1;
         self.bytes += n as u64;
     }
+}
+
+/// `GGML_COREML_SPLIT=<share>` (hybrid face, opt-in): the executor takes this share of an offloaded
+/// MUL_MAT's output rows (N), the inner device the rest, at the same time.
+fn split_share() -> Option<f64> {
+    static V: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("GGML_COREML_SPLIT")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| *s > 0.0 && *s < 1.0)
+    })
+}
+
+/// One MUL_MAT split along N between the inner device and the executor: the inner device computes
+/// rows `[n_ane, N)` of the output asynchronously (a small graph: a view of the weight rows, MUL_MAT,
+/// copy into a view of dst), while the executor computes rows `[0, n_ane)`; then both join. `None`
+/// when the node does not split (batched, or too few rows for two parts).
+fn run_split(
+    ctx: &mut RouterCtx,
+    node: &TensorRef<'_>,
+    e: Eligible,
+    share: f64,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> Result<Option<usize>, String> {
+    const ALIGN: usize = 32;
+    let eng = engine();
+    let api = api().ok_or("ggml not bound")?;
+    let (w, x) = (node.src(0).ok_or("no src0")?, node.src(1).ok_or("no src1")?);
+    let (wne, xne) = (w.ne(), x.ne());
+    if wne[2] * wne[3] != 1 || xne[2] * xne[3] != 1 {
+        return Ok(None);
+    }
+    let n_ane = ((e.n as f64 * share / ALIGN as f64).round() as usize * ALIGN).min(e.n);
+    if n_ane < ALIGN || e.n - n_ane < ALIGN {
+        return Ok(None);
+    }
+    let n_gpu = e.n - n_ane;
+    let row = e.wtype.row_bytes(e.k).map_err(|err| err.to_string())?;
+    let (wnb, dnb) = (w.nb(), node.nb());
+    // The inner device's part, queued first so that it runs while the executor computes.
+    // SAFETY: a private no-alloc context; every tensor made in it is a view of a live allocated tensor
+    // or the one intermediate placed in our scratch buffer below; the context is freed before return,
+    // after the inner device has finished.
+    let gctx = unsafe {
+        (api.init)(GgmlInitParams {
+            mem_size: (api.graph_overhead_custom)(16, false) + 16 * 1024,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        })
+    };
+    if gctx.is_null() {
+        return Err("ggml_init failed".into());
+    }
+    struct Ctx(*mut GgmlContext, &'static crate::ffi::ggml::GgmlApi);
+    impl Drop for Ctx {
+        fn drop(&mut self) {
+            // SAFETY: the context made above, freed once.
+            unsafe { (self.1.free)(self.0) };
+        }
+    }
+    let _guard = Ctx(gctx, api);
+    let wp = w.ptr().cast_mut();
+    let xp = x.ptr().cast_mut();
+    let dp = node.ptr().cast_mut();
+    // SAFETY: views within the tensors' extents (rows n_ane..N of the weight, columns n_ane..N of dst).
+    let status = unsafe {
+        let wv = (api.view_2d)(gctx, wp, e.k as i64, n_gpu as i64, wnb[1], n_ane * wnb[1]);
+        let t = (api.mul_mat)(gctx, wv, xp);
+        let dv = (api.view_2d)(gctx, dp, n_gpu as i64, e.m as i64, dnb[1], n_ane * 4);
+        let c = (api.cpy)(gctx, t, dv);
+        let g = (api.new_graph_custom)(gctx, 16, false);
+        if wv.is_null() || t.is_null() || dv.is_null() || c.is_null() || g.is_null() {
+            return Err("cannot build the inner device's part".into());
+        }
+        (api.build_forward_expand)(g, c);
+        (api.view_init)(wv);
+        (api.view_init)(dv);
+        // The intermediate lives in a scratch buffer of dst's buffer type, grown when too small.
+        let buft = (*node.buffer()).buft;
+        let need = (api.buft_get_alloc_size)(buft, t) + 256;
+        if ctx.split_cap < need {
+            if !ctx.split_buf.is_null() {
+                (api.buffer_free)(ctx.split_buf);
+            }
+            ctx.split_buf = (api.buft_alloc_buffer)(buft, need);
+            ctx.split_cap = if ctx.split_buf.is_null() { 0 } else { need };
+        }
+        if ctx.split_buf.is_null() {
+            return Err("no scratch buffer for the inner device's part".into());
+        }
+        let base = (api.buffer_get_base)(ctx.split_buf) as usize;
+        let align = (api.buft_get_alignment)(buft).max(1);
+        let at = base.div_ceil(align) * align;
+        (api.tensor_alloc)(ctx.split_buf, t, at as *mut std::ffi::c_void);
+        (api.graph_compute_async)(ctx.host.raw(), g)
+    };
+    if status != GGML_STATUS_SUCCESS {
+        return Err(format!("inner device part failed with status {status}"));
+    }
+    // The executor's part: the first n_ane rows of the weight.
+    let (addr, stride) = {
+        // SAFETY: eligible() checked rows of whole blocks; one 2-D slice.
+        unsafe { w.slice2d_addr(0, 0) }
+    };
+    let mode = eng.mode_for(e.wtype);
+    let registry = registry_of(&w);
+    let mut xfer = Transfers::default();
+    let pw = match registry
+        .as_ref()
+        .and_then(|r| r.get(addr, mode, stride, n_ane))
+    {
+        Some(pw) => pw,
+        None => {
+            let bytes: Vec<u8> = if host_visible(&w, Face::Hybrid) {
+                // SAFETY: as above.
+                let all = unsafe { w.slice2d_rows(0, 0, row) };
+                all[..n_ane * row].to_vec()
+            } else {
+                let span = wnb[1] * (n_ane - 1) + row;
+                let mut raw = vec![0u8; span];
+                // SAFETY: the first n_ane rows lie within the tensor; tensor_get checks bounds.
+                unsafe { (api.tensor_get)(wp, raw.as_mut_ptr().cast(), 0, span) };
+                xfer.add(span);
+                slice_rows(&raw, [e.k as i64, n_ane as i64, 1, 1], wnb, 0, 0, row)
+            };
+            match &registry {
+                Some(reg) => eng.prepared(reg, addr, stride, e.wtype, &bytes, n_ane, e.k)?,
+                None => eng.prepared_uncached(e.wtype, &bytes, n_ane, e.k)?,
+            }
+        }
+    };
+    let x_host = host_visible(&x, Face::Hybrid);
+    let x_copy = (!x_host).then(|| {
+        // SAFETY: a live allocated tensor; ggml_nbytes bytes are readable.
+        let nbytes = unsafe { (api.nbytes)(xp) };
+        let mut v = vec![0u8; nbytes];
+        // SAFETY: `v` has nbytes bytes.
+        unsafe { (api.tensor_get)(xp, v.as_mut_ptr().cast(), 0, nbytes) };
+        xfer.add(nbytes);
+        v
+    });
+    let rows = match &x_copy {
+        // SAFETY: src1 is F32 and allocated.
+        None => unsafe { x.f32_rows(0, 0) },
+        Some(bytes) => gather_f32(bytes, xne, x.nb(), 0, 0),
+    };
+    let (xs, xstride) = rows.as_slice();
+    let act = Activations {
+        x: xs,
+        m: e.m,
+        x_stride: xstride,
+    };
+    ctx.out.resize(e.m * n_ane, 0.0);
+    let pool = ctx.host.pool();
+    let (exec, scratch) = (eng.executor.as_ref(), &mut ctx.scratch);
+    let ran = ggml_coreml_program::pool::with_pool(pool, || {
+        driver::matmul(exec, &pw, &act, &mut ctx.out[..], n_ane, scratch)
+    })
+    .map_err(|err| err.to_string());
+    // Join: the inner device's part is done before dst is touched or the graph freed.
+    ctx.host.synchronize();
+    ran?;
+    if host_visible(node, Face::Hybrid) {
+        for m in 0..e.m {
+            // SAFETY: row m of dst holds N f32 at stride nb[1]; we write its first n_ane.
+            unsafe {
+                let d = node.data().cast::<u8>().add(m * dnb[1]).cast::<f32>();
+                std::ptr::copy_nonoverlapping(ctx.out[m * n_ane..].as_ptr(), d, n_ane);
+            }
+        }
+    } else {
+        // SAFETY: m rows of n_ane f32 at dst's row stride; tensor_set_2d checks bounds.
+        unsafe {
+            (api.tensor_set_2d)(
+                dp,
+                ctx.out.as_ptr().cast(),
+                0,
+                n_ane * 4,
+                e.m,
+                dnb[1],
+                n_ane * 4,
+            )
+        };
+        xfer.add(e.m * n_ane * 4);
+    }
+    eng.stats.transfers(xfer.calls, xfer.bytes);
+    eng.stats
+        .split_nodes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Some(1))
 }
 
 /// Do two f32 slices share memory?

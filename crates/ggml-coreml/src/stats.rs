@@ -21,6 +21,8 @@ pub struct Stats {
     pub raw_bytes_borrowed: AtomicU64,
     /// Weights prepared for one call only because the resident budget was full.
     pub prepared_per_call: AtomicU64,
+    /// MUL_MATs split between the executor and the inner device (`GGML_COREML_SPLIT`).
+    pub split_nodes: AtomicU64,
     pub prepare_ns: AtomicU64,
     /// Offloaded nodes that copied operands to or from a non-host inner buffer, the copies (bulk
     /// `tensor_get` / `tensor_set` calls) they made, the most one node made, and the bytes moved.
@@ -94,7 +96,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}}}}",
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"split_nodes\":{},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}}}}",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -109,6 +111,7 @@ impl Stats {
             g(&self.raw_bytes_borrowed) as f64 / (1024.0 * 1024.0),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepared_per_call),
+            g(&self.split_nodes),
             g(&self.xfer_nodes),
             g(&self.xfer_calls),
             g(&self.xfer_max_per_node),

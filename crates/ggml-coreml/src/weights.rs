@@ -21,10 +21,17 @@ pub struct WeightRegistry {
 }
 
 impl WeightRegistry {
-    pub fn get(&self, addr: usize, mode: Mode, stride: usize) -> Option<Arc<PreparedWeight>> {
+    /// The form prepared from the `n` rows at `addr` (a split node prepares only its first rows).
+    pub fn get(
+        &self,
+        addr: usize,
+        mode: Mode,
+        stride: usize,
+        n: usize,
+    ) -> Option<Arc<PreparedWeight>> {
         let e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         e.get(&addr)
-            .filter(|x| x.mode == mode && x.stride == stride)
+            .filter(|x| x.mode == mode && x.stride == stride && x.weight.n == n)
             .map(|x| x.weight.clone())
     }
 

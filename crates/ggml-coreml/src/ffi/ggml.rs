@@ -87,6 +87,27 @@ pub struct GgmlApi {
     pub event_new: unsafe extern "C" fn(*mut Dev) -> *mut GgmlBackendEvent,
     pub event_free: unsafe extern "C" fn(*mut GgmlBackendEvent),
     pub event_synchronize: unsafe extern "C" fn(*mut GgmlBackendEvent),
+    // The split mode's small graph on the inner device (`router::run_split`).
+    pub view_2d: unsafe extern "C" fn(
+        *mut GgmlContext,
+        *mut GgmlTensor,
+        i64,
+        i64,
+        usize,
+        usize,
+    ) -> *mut GgmlTensor,
+    pub mul_mat:
+        unsafe extern "C" fn(*mut GgmlContext, *mut GgmlTensor, *mut GgmlTensor) -> *mut GgmlTensor,
+    pub cpy:
+        unsafe extern "C" fn(*mut GgmlContext, *mut GgmlTensor, *mut GgmlTensor) -> *mut GgmlTensor,
+    pub build_forward_expand: unsafe extern "C" fn(*mut GgmlCgraph, *mut GgmlTensor),
+    pub view_init: unsafe extern "C" fn(*mut GgmlTensor) -> c_int,
+    pub tensor_alloc:
+        unsafe extern "C" fn(*mut GgmlBackendBuffer, *mut GgmlTensor, *mut c_void) -> c_int,
+    pub buffer_get_base: unsafe extern "C" fn(*mut GgmlBackendBuffer) -> *mut c_void,
+    pub buffer_free: unsafe extern "C" fn(*mut GgmlBackendBuffer),
+    pub tensor_set_2d:
+        unsafe extern "C" fn(*mut GgmlTensor, *const c_void, usize, usize, usize, usize, usize),
     pub dev_buffer_from_host_ptr:
         unsafe extern "C" fn(*mut Dev, *mut c_void, usize, usize) -> *mut GgmlBackendBuffer,
     /// `ggml_custom_4d` (ggml >= 0.0.2100 or so): lets the executor's GEMM run on the CPU backend's
@@ -374,6 +395,15 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
         event_free: get!("ggml_backend_event_free"),
         event_synchronize: get!("ggml_backend_event_synchronize"),
         dev_buffer_from_host_ptr: get!("ggml_backend_dev_buffer_from_host_ptr"),
+        view_2d: get!("ggml_view_2d"),
+        mul_mat: get!("ggml_mul_mat"),
+        cpy: get!("ggml_cpy"),
+        build_forward_expand: get!("ggml_build_forward_expand"),
+        view_init: get!("ggml_backend_view_init"),
+        tensor_alloc: get!("ggml_backend_tensor_alloc"),
+        buffer_get_base: get!("ggml_backend_buffer_get_base"),
+        buffer_free: get!("ggml_backend_buffer_free"),
+        tensor_set_2d: get!("ggml_backend_tensor_set_2d"),
         custom_4d: {
             let p = l.sym("ggml_custom_4d");
             // SAFETY: when present, the symbol has ggml.h's `ggml_custom_4d` signature.
