@@ -78,7 +78,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s DEVICE|- N_GPU_LAYERS OUT_PREFIX model.gguf [model.gguf ...]\n", argv[0]);
         return 2;
     }
-    ggml_backend_load_all();
+    // The host's backends live next to its libraries, not next to this program.
+    const char *dir = getenv("TWO_MODELS_BACKEND_DIR");
+    if (dir)
+        ggml_backend_load_all_from_path(dir);
+    else
+        ggml_backend_load_all();
     llama_backend_init();
     ggml_backend_dev_t dev = NULL;
     if (strcmp(argv[1], "-") != 0) {

@@ -37,6 +37,7 @@ BIN=$W/build/bin
 note "llama.cpp built with CUDA in $(elapsed) s"
 LIB=$B/libggml-coreml.so
 ours() { GGML_BACKEND_PATH=$LIB GGML_COREML_HYBRID=CUDA0 "$@"; }
+export TWO_MODELS_BACKEND_DIR=$W/build/bin
 
 # 2. Models: qwen3-tiny (80 MiB F16) and a wider one, both Q8_0.
 gen() { # name args...

@@ -457,12 +457,8 @@ fn conformance_hybrid(env: &Env) -> Result<String> {
     let dir = std::env::temp_dir().join(format!("ggml-coreml-hybrid-conf-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut notes = Vec::new();
-    for force_copy in [false, true] {
-        let stats = dir.join(if force_copy {
-            "copy.json"
-        } else {
-            "stats.json"
-        });
+    for (force_copy, split) in [(false, false), (true, false), (false, true)] {
+        let stats = dir.join(format!("{force_copy}-{split}.json"));
         let _ = std::fs::remove_file(&stats);
         let mut c = env.tool("test-backend-ops");
         c.args(["test", "-b", "CoreML-CPU", "-o", "MUL_MAT"])
@@ -472,8 +468,14 @@ fn conformance_hybrid(env: &Env) -> Result<String> {
             .env("GGML_COREML_STATS_FILE", &stats)
             .env("GGML_COREML_LOG", "info");
         if force_copy {
-            c.env("GGML_COREML_HYBRID_FORCE_COPY", "1")
-                .args(["-p", "type_a=(q8_0|q4_K|f16),type_b=f32"]);
+            c.env("GGML_COREML_HYBRID_FORCE_COPY", "1");
+        }
+        if split {
+            // Half of each MUL_MAT's rows on the inner device, half through the executor, joined.
+            c.env("GGML_COREML_SPLIT", "0.5");
+        }
+        if force_copy || split {
+            c.args(["-p", "type_a=(q8_0|q4_K|f16),type_b=f32"]);
         }
         let out = run_capture(&mut c)?;
         let report = ConformanceReport::parse_backend(&out, "CoreML-CPU");
@@ -487,7 +489,12 @@ fn conformance_hybrid(env: &Env) -> Result<String> {
             xfer["nodes"].as_u64().unwrap_or(0),
             xfer["max_per_node"].as_u64().unwrap_or(0),
         );
-        let what = if force_copy { "copy path" } else { "in place" };
+        let splits = json["split_nodes"].as_u64().unwrap_or(0);
+        let what = match (force_copy, split) {
+            (true, _) => "copy path",
+            (_, true) => "split mode",
+            _ => "in place",
+        };
         log!(
             "conformance-hybrid ({what}): {}; {ane} MUL_MATs through the executor",
             report.line()
@@ -498,7 +505,15 @@ fn conformance_hybrid(env: &Env) -> Result<String> {
         if force_copy && (xnodes == 0 || xmax > 3) {
             bail!("copy path: {xnodes} nodes copied, at most {xmax} copies per node (limit 3)");
         }
-        notes.push(if force_copy {
+        if split && splits == 0 {
+            bail!("split mode: no MUL_MAT was split");
+        }
+        notes.push(if split {
+            format!(
+                "split mode (GGML_COREML_SPLIT=0.5): {} passed, {splits} MUL_MATs split between the inner device and the executor",
+                report.passed
+            )
+        } else if force_copy {
             format!(
                 "copy path: {} passed, {ane} offloaded, {xnodes} nodes with at most {xmax} bulk copies each",
                 report.passed

@@ -113,7 +113,10 @@ fn run(exe: &Path, env: &Env, face: Option<&str>, models: &[&Path], tag: &str) -
             .env("GGML_COREML_POLICY", "always")
             .env("GGML_COREML_STATS_FILE", &stats);
     }
-    c.arg(&prefix).args(models).stdin(Stdio::null());
+    c.arg(&prefix)
+        .args(models)
+        .env("TWO_MODELS_BACKEND_DIR", &env.bin)
+        .stdin(Stdio::null());
     let line = util::display_cmd(&c);
     log!("$ {line}");
     let out = c.output().with_context(|| format!("cannot start {line}"))?;
