@@ -23,7 +23,7 @@ pub const CMAKE_FLAGS: &[&str] = &[
     "-DBUILD_SHARED_LIBS=ON",
     "-DGGML_NATIVE=OFF",
     "-DLLAMA_OPENSSL=OFF",
-    // llama-server and rpc-server are tools users run (the `serve` and `rpc` stages).
+    // llama-server and ggml-rpc-server (upstream's rpc-server) are tools users run (the `serve` and `rpc` stages).
     "-DLLAMA_BUILD_SERVER=ON",
     "-DGGML_RPC=ON",
 ];
@@ -40,7 +40,7 @@ pub const TARGETS: &[&str] = &[
     "llama-eval-callback",
     "llama-embedding",
     "llama-server",
-    "rpc-server",
+    "ggml-rpc-server",
 ];
 
 const MARKER: &str = ".ggml-coreml-host-ok";
