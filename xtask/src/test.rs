@@ -112,6 +112,14 @@ const STAGES: &[Stage] = &[
         run: hybrid,
     },
     Stage {
+        name: "serve",
+        run: crate::serve::stage,
+    },
+    Stage {
+        name: "rpc",
+        run: crate::rpc::stage,
+    },
+    Stage {
         name: "parity",
         run: |_| crate::parity::quick_check(),
     },
