@@ -133,7 +133,11 @@ impl Spawned {
 impl Drop for Spawned {
     fn drop(&mut self) {
         if self.child.is_some() {
-            log!("stopping {} (pid {}) and its process group", self.name, self.pid());
+            log!(
+                "stopping {} (pid {}) and its process group",
+                self.name,
+                self.pid()
+            );
         }
         self.kill();
     }
@@ -270,8 +274,9 @@ impl Response {
                     return Ok(None);
                 }
                 let size_line = read_line(&mut self.reader)?;
-                let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-                    .with_context(|| format!("bad chunk size {size_line:?}"))?;
+                let size =
+                    usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                        .with_context(|| format!("bad chunk size {size_line:?}"))?;
                 if size == 0 {
                     // Trailers up to the empty line.
                     while !read_line(&mut self.reader)?.is_empty() {}

@@ -88,13 +88,7 @@ fn body(req: &Req) -> String {
 
 /// Sends one request and returns its HTTP status and output (the body as text for a non-200).
 pub fn completion(port: u16, req: &Req) -> Result<(u16, Output)> {
-    let mut r = request(
-        port,
-        "POST",
-        "/completion",
-        Some(&body(req)),
-        REQ_TIMEOUT,
-    )?;
+    let mut r = request(port, "POST", "/completion", Some(&body(req)), REQ_TIMEOUT)?;
     let status = r.status;
     if status != 200 {
         let b = r.body().unwrap_or_default();
@@ -121,8 +115,8 @@ pub fn completion(port: u16, req: &Req) -> Result<(u16, Output)> {
     if req.stream {
         let mut stopped = false;
         r.sse(|data| {
-            let v: Value = serde_json::from_str(data)
-                .with_context(|| format!("bad event {data:?}"))?;
+            let v: Value =
+                serde_json::from_str(data).with_context(|| format!("bad event {data:?}"))?;
             if v.get("stop").and_then(Value::as_bool) == Some(true) {
                 // The final event repeats nothing when streaming; take it only if it carries text anyway.
                 if out.tokens.is_empty() {
@@ -147,13 +141,7 @@ pub fn completion(port: u16, req: &Req) -> Result<(u16, Output)> {
 
 /// Starts a request, reads its first streamed event and hangs up (a client going away mid-stream).
 fn disconnect_mid_stream(port: u16, req: &Req) -> Result<()> {
-    let mut r = request(
-        port,
-        "POST",
-        "/completion",
-        Some(&body(req)),
-        REQ_TIMEOUT,
-    )?;
+    let mut r = request(port, "POST", "/completion", Some(&body(req)), REQ_TIMEOUT)?;
     if r.status != 200 {
         bail!("the disconnecting client got HTTP {}", r.status);
     }
@@ -268,7 +256,11 @@ pub fn alone(
     for r in reqs {
         let (status, out) = completion(port, r)?;
         if status != 200 {
-            bail!("request {} served alone: HTTP {status}: {}", r.id, out.content);
+            bail!(
+                "request {} served alone: HTTP {status}: {}",
+                r.id,
+                out.content
+            );
         }
         check_len(r, &out)?;
         after_each(r)?;
@@ -297,11 +289,7 @@ pub fn mismatches(
     reference: &BTreeMap<usize, Output>,
 ) -> Result<Vec<usize>> {
     if round.done.len() != reqs.len() {
-        bail!(
-            "{} of {} requests completed",
-            round.done.len(),
-            reqs.len()
-        );
+        bail!("{} of {} requests completed", round.done.len(), reqs.len());
     }
     let mut bad = Vec::new();
     for d in &round.done {
@@ -404,7 +392,11 @@ pub fn start_server(bin: &Path, model: &Path, cfg: &ServerCfg, dir: &Path) -> Re
             break;
         }
         if t.elapsed() > Duration::from_secs(180) {
-            bail!("{} not ready after 180 s:\n{}", proc.name, proc.log_tail(30));
+            bail!(
+                "{} not ready after 180 s:\n{}",
+                proc.name,
+                proc.log_tail(30)
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -781,11 +773,9 @@ pub fn serve_bench(args: &ServeBenchArgs) -> Result<Option<PathBuf>> {
         let stats = dir.join(format!("stats-{}.json", rows.len()));
         let cfg = match policy {
             None => ServerCfg::stock(),
-            Some(p) => {
-                ServerCfg::ours("ours", &lib, (!p.is_empty()).then_some(p))
-                    .with("GGML_COREML_STATS_FILE", &stats)
-                    .with("GGML_COREML_CACHE_DIR", dir.join("program-cache"))
-            }
+            Some(p) => ServerCfg::ours("ours", &lib, (!p.is_empty()).then_some(p))
+                .with("GGML_COREML_STATS_FILE", &stats)
+                .with("GGML_COREML_CACHE_DIR", dir.join("program-cache")),
         };
         let mut srv = start_server(&bin, &model, &cfg, &dir)?;
         let (st, _) = completion(srv.port, &reqs[0])?;
