@@ -261,7 +261,7 @@ fn stage_in(env: &Env, model: &Path, dir: &Path) -> Result<String> {
     let ops: Vec<u64> = pair.stats.iter().map(|s| offloaded(s)).collect();
     pair.finish()?;
     let k: KldStats = parse_kld(&log).context("no KL divergence statistics in the client's log")?;
-    if ops.iter().any(|&n| n == 0) {
+    if ops.contains(&0) {
         bail!("policy always: MUL_MATs offloaded per server {ops:?} (each must be > 0)");
     }
     if k.kld >= GEMMA_Q8_KLD_BAR {
