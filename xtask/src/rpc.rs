@@ -259,7 +259,19 @@ fn stage_in(env: &Env, model: &Path, dir: &Path) -> Result<String> {
     let always = completion(env, model, &pair, &dir.join("client-always.log"))?;
     let log = perplexity(env, model, &pair, &base, true, &dir.join("ppl-always.log"))?;
     let ops: Vec<u64> = pair.stats.iter().map(|s| offloaded(s)).collect();
+    // The same servers serve a third client with another model: an rpc-server keeps its backends (and the
+    // hybrid face's prepared weights) across clients, so this must match a fresh pair exactly.
+    let tiny = model_path(&env.models, Model::Qwen3Tiny, "Q8_0");
+    let reused = completion(env, &tiny, &pair, &dir.join("client-always-reused.log"))?;
     pair.finish()?;
+    let pair = Pair::start(env, Side::Ours("always"), dir)?;
+    let fresh = completion(env, &tiny, &pair, &dir.join("client-always-fresh.log"))?;
+    pair.finish()?;
+    if reused != fresh {
+        bail!(
+            "policy always: qwen3-tiny through servers that served gemma-3-270m before differs from fresh servers:\n              reused: {reused:?}\n fresh:  {fresh:?}"
+        );
+    }
     let k: KldStats = parse_kld(&log).context("no KL divergence statistics in the client's log")?;
     if ops.contains(&0) {
         bail!("policy always: MUL_MATs offloaded per server {ops:?} (each must be > 0)");
@@ -272,7 +284,8 @@ fn stage_in(env: &Env, model: &Path, dir: &Path) -> Result<String> {
     }
     notes.push(format!(
         "policy always: KLD {:.4} ± {:.4} vs the stock split (bar {GEMMA_Q8_KLD_BAR}), same top-1 {:.1} %, \
-         greedy text {}, MUL_MATs offloaded per server {:?}",
+         greedy text {}, MUL_MATs offloaded per server {:?}; servers reused by a client with another model \
+         (qwen3-tiny) give its output bit-identical to fresh servers",
         k.kld,
         k.kld_unc,
         k.same_top,
