@@ -611,7 +611,7 @@ fn run_ours(
             label: "always-second",
             ..second_cfg
         };
-        let second: Mutex<Option<(Server, BTreeMap<usize, Output>)>> = Mutex::new(None);
+        let second: Mutex<Option<BTreeMap<usize, Output>>> = Mutex::new(None);
         let faults_during = || -> Result<()> {
             disconnect_mid_stream(port, &long)?;
             if cache.as_os_str().is_empty() || !cache.is_dir() {
@@ -619,14 +619,20 @@ fn run_ours(
             }
             fs::remove_dir_all(&cache)
                 .with_context(|| format!("cannot delete {}", cache.display()))?;
-            let s = start_server(&env.bin, model, &second_cfg, dir)?;
+            // Started, used and stopped on this thread: with `setpriv --pdeathsig` a child dies with the
+            // thread that spawned it.
+            let mut s = start_server(&env.bin, model, &second_cfg, dir)?;
             let sub: Vec<Req> = reqs.iter().step_by(3).cloned().collect();
             let outs = alone(s.port, &sub, |_| Ok(()))?;
-            *second.lock().unwrap() = Some((s, outs));
+            // Let the statistics file catch up before the server goes.
+            ane_ops(&second_stats, 1, Duration::from_secs(2));
+            std::thread::sleep(Duration::from_millis(600));
+            s.stop_cleanly()?;
+            *second.lock().unwrap() = Some(outs);
             Ok(())
         };
         let r2 = round(port, reqs, CLIENTS, Some(&faults_during))?;
-        let (mut s2, outs2) = second
+        let outs2 = second
             .into_inner()
             .unwrap()
             .context("the second server did not run")?;
@@ -640,7 +646,6 @@ fn run_ours(
         if f == 0 || n2 == 0 {
             bail!("second server: {f} injected faults, {n2} MUL_MATs offloaded (want both > 0)");
         }
-        s2.stop_cleanly()?;
         fault_note = format!(
             "; round 2 with a client hanging up mid-stream, the program cache deleted and a second server on it \
              ({} requests, {f} injected executor faults run on the host, {n2} MUL_MATs offloaded, {} differ from \
