@@ -347,3 +347,71 @@ impl Response {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// Serves one canned response to one connection (after reading the request head and body).
+    fn serve_once(resp: Vec<u8>) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; len];
+            r.read_exact(&mut body).unwrap();
+            let mut s = s;
+            s.write_all(&resp).unwrap();
+        });
+        port
+    }
+
+    #[test]
+    fn chunked_server_sent_events() {
+        let mut resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for part in [
+            "data: {\"a\":1}\r",
+            "\n\n",
+            "data: {\"a\":2}\n\ndata:",
+            " [x",
+        ] {
+            resp.extend_from_slice(format!("{:x}\r\n{part}\r\n", part.len()).as_bytes());
+        }
+        resp.extend_from_slice(b"0\r\n\r\n");
+        let port = serve_once(resp);
+        let mut r = request(port, "POST", "/x", Some("{}"), Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status, 200);
+        let mut got = Vec::new();
+        let stopped = r
+            .sse(|d| {
+                got.push(d.to_string());
+                Ok(true)
+            })
+            .unwrap();
+        assert!(!stopped);
+        assert_eq!(got, vec!["{\"a\":1}", "{\"a\":2}"]);
+    }
+
+    #[test]
+    fn content_length_body() {
+        let port = serve_once(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+        );
+        let r = request(port, "GET", "/health", None, Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!(r.body().unwrap(), b"hello");
+    }
+}
