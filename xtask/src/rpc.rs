@@ -74,17 +74,7 @@ impl Pair {
                 &dir.join(format!("rpc-{label}-{i}.log")),
             )?;
             wait_port(&mut s, port, Duration::from_secs(60))?;
-            let log = fs::read_to_string(&s.log).unwrap_or_default();
-            if let Side::Ours(_) = side
-                && !log.contains(face::HYBRID_DEVICE)
-            {
-                bail!(
-                    "{} does not list the device {}:\n{}",
-                    s.name,
-                    face::HYBRID_DEVICE,
-                    s.log_tail(20)
-                );
-            }
+            // An unknown `-d` device makes the server exit at once (wait_port reports that with its log).
             pair.servers.push(s);
             pair.ports.push(port);
         }
