@@ -8,7 +8,6 @@
 pub mod engine;
 pub mod faces;
 pub mod ffi;
-pub mod fingerprint;
 pub mod host;
 pub mod log;
 pub mod router;

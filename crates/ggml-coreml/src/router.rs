@@ -214,8 +214,6 @@ pub struct RouterCtx {
     /// Split graphs in which the inner backend was called more often than once per offloaded
     /// MUL_MAT plus one — i.e. split somewhere else than around an offloaded MUL_MAT. Should stay 0.
     pub oversplit_graphs: u64,
-    /// Fingerprints of the `foreign` weights (an RPC server's next client may put other bytes there).
-    pub foreign_seen: crate::fingerprint::Fingerprints,
 }
 
 impl RouterCtx {
@@ -229,7 +227,6 @@ impl RouterCtx {
             split_graphs: 0,
             last_host_calls: 0,
             oversplit_graphs: 0,
-            foreign_seen: Default::default(),
         }
     }
 }
@@ -480,16 +477,6 @@ fn run_ane(
             let (i02, i03) = (i12 / r2, i13 / r3);
             // SAFETY: eligible() checked rows of whole blocks; indices are within ne[2], ne[3].
             let (addr, stride) = unsafe { w.slice2d_addr(i02, i03) };
-            if registry.is_none() && w_host {
-                let span = stride * e.n.saturating_sub(1) + row;
-                // SAFETY: the slice's rows lie in the weight's host allocation (as for slice2d_rows).
-                if !unsafe { ctx.foreign_seen.unchanged(addr, span) } {
-                    let released = ctx.foreign.invalidate(addr, span) as u64;
-                    let held = &eng.stats.weight_bytes_held;
-                    let relaxed = std::sync::atomic::Ordering::Relaxed;
-                    held.fetch_sub(released.min(held.load(relaxed)), relaxed);
-                }
-            }
             let reg = registry.unwrap_or(&ctx.foreign);
             let pw = match reg.get(addr, eng.mode_for(e.wtype), stride) {
                 Some(pw) => pw,
