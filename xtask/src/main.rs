@@ -6,6 +6,7 @@
 
 mod backend;
 mod bench;
+mod cuda;
 mod face;
 mod gguf;
 mod host;
@@ -20,6 +21,7 @@ mod rpc;
 mod run;
 mod serve;
 mod test;
+mod two_models;
 mod util;
 mod venv;
 
@@ -98,6 +100,12 @@ enum Cmd {
     /// llama-server under 8 concurrent clients (`-np 4`, Gemma-3-270M Q8_0): requests/s and p50/p95 latency,
     /// stock vs ours (default policy and `always`); writes the serving section of docs/benchmarks.md.
     ServeBench(serve::ServeBenchArgs),
+    /// Pack .device/ for the hybrid face's CUDA run on the lent GPU machine and print the command.
+    #[command(disable_help_flag = true)]
+    CudaBundle {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -123,6 +131,10 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
             check: false, jobs, ..
         } => host::ensure_host(jobs)?,
         Cmd::Venv => venv::ensure_venv()?,
+        Cmd::CudaBundle { args } => {
+            cuda::main(&args)?;
+            return Ok(None);
+        }
         Cmd::Models { full, quants, only } => {
             let mut set = if full {
                 ModelSet::full()

@@ -347,19 +347,19 @@ fn source_recipe(model: Model) -> Result<String> {
     })
 }
 
-fn generator_script() -> PathBuf {
+pub(crate) fn generator_script() -> PathBuf {
     paths::workspace_root()
         .join("tools")
         .join("gen_qwen3_tiny.py")
 }
 
-fn qwen2_vocab() -> PathBuf {
+pub(crate) fn qwen2_vocab() -> PathBuf {
     paths::host_src_dir()
         .join("models")
         .join("ggml-vocab-qwen2.gguf")
 }
 
-fn generator_args(model: Model) -> Vec<&'static str> {
+pub(crate) fn generator_args(model: Model) -> Vec<&'static str> {
     let mut args = QWEN3_TINY_ARGS.to_vec();
     if model == Model::Qwen3TinyMoe {
         args.extend_from_slice(QWEN3_TINY_MOE_ARGS);

@@ -96,6 +96,14 @@ const STAGES: &[Stage] = &[
         run: support_listing,
     },
     Stage {
+        name: "conformance-hybrid",
+        run: conformance_hybrid,
+    },
+    Stage {
+        name: "two-models",
+        run: crate::two_models::stage,
+    },
+    Stage {
         name: "fault-injection",
         run: fault_injection,
     },
@@ -390,6 +398,12 @@ pub struct ConformanceReport {
 
 impl ConformanceReport {
     pub fn parse(out: &str) -> ConformanceReport {
+        Self::parse_backend(out, "CoreML")
+    }
+
+    /// Counts for the backend named `backend` (e.g. `CoreML-CPU` for the hybrid face).
+    pub fn parse_backend(out: &str, backend: &str) -> ConformanceReport {
+        let done = format!("Backend {backend}:");
         let mut r = ConformanceReport::default();
         for l in strip_ansi(out).lines() {
             let l = l.trim();
@@ -402,7 +416,7 @@ impl ConformanceReport {
                     r.unsupported += 1;
                 }
             }
-            if l.starts_with("Backend CoreML:") && l.contains("OK") {
+            if l.starts_with(&done) && l.contains("OK") {
                 r.backend_ok = true;
             }
         }
@@ -441,6 +455,70 @@ fn support_listing(env: &Env) -> Result<String> {
 
 /// Executor faults mid-graph: every 3rd executor call fails; each failed node must run on the host with a
 /// correct result (the suite still passes), faults are counted and a shape is disabled after repeats.
+/// The hybrid face (`CoreML-CPU`) with every buffer test-backend-ops allocates marked WEIGHTS
+/// (`GGML_COREML_HYBRID_MARK_WEIGHTS=1`), so each case's src0 reaches the executor as a model weight
+/// does, in buffers freed and reallocated between cases (often at the same address: the case that
+/// once served stale prepared weights). Every MUL_MAT case must pass with offloads counted. A second
+/// run forces the copy path that non-host inner buffers take (Metal private buffers, CUDA) on a
+/// subset: at most 3 bulk copies per offloaded node.
+fn conformance_hybrid(env: &Env) -> Result<String> {
+    let dir = std::env::temp_dir().join(format!("ggml-coreml-hybrid-conf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut notes = Vec::new();
+    for force_copy in [false, true] {
+        let stats = dir.join(if force_copy {
+            "copy.json"
+        } else {
+            "stats.json"
+        });
+        let _ = std::fs::remove_file(&stats);
+        let mut c = env.tool("test-backend-ops");
+        c.args(["test", "-b", "CoreML-CPU", "-o", "MUL_MAT"])
+            .env("GGML_COREML_HYBRID", "CPU")
+            .env("GGML_COREML_HYBRID_MARK_WEIGHTS", "1")
+            .env("GGML_COREML_POLICY", "always")
+            .env("GGML_COREML_STATS_FILE", &stats)
+            .env("GGML_COREML_LOG", "info");
+        if force_copy {
+            c.env("GGML_COREML_HYBRID_FORCE_COPY", "1")
+                .args(["-p", "type_a=(q8_0|q4_K|f16),type_b=f32"]);
+        }
+        let out = run_capture(&mut c)?;
+        let report = ConformanceReport::parse_backend(&out, "CoreML-CPU");
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&stats)
+                .with_context(|| format!("no stats file {}", stats.display()))?,
+        )?;
+        let ane = json["ane_ops"].as_u64().unwrap_or(0);
+        let xfer = &json["transfers"];
+        let (xnodes, xmax) = (
+            xfer["nodes"].as_u64().unwrap_or(0),
+            xfer["max_per_node"].as_u64().unwrap_or(0),
+        );
+        let what = if force_copy { "copy path" } else { "in place" };
+        log!(
+            "conformance-hybrid ({what}): {}; {ane} MUL_MATs through the executor",
+            report.line()
+        );
+        if report.failed > 0 || !report.backend_ok || report.passed == 0 || ane == 0 {
+            bail!("hybrid face ({what}): {}; {ane} offloaded", report.line());
+        }
+        if force_copy && (xnodes == 0 || xmax > 3) {
+            bail!("copy path: {xnodes} nodes copied, at most {xmax} copies per node (limit 3)");
+        }
+        notes.push(if force_copy {
+            format!(
+                "copy path: {} passed, {ane} offloaded, {xnodes} nodes with at most {xmax} bulk copies each",
+                report.passed
+            )
+        } else {
+            format!("{}; {ane} MUL_MATs through the executor", report.line())
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(notes.join("; "))
+}
+
 fn fault_injection(env: &Env) -> Result<String> {
     let mut c = env.tool("test-backend-ops");
     c.args([
@@ -474,9 +552,33 @@ fn fault_injection(env: &Env) -> Result<String> {
             report.line()
         );
     }
+    // Panics inside a node (executor, driver) must send that node to the host, never fail the graph.
+    let mut c = env.tool("test-backend-ops");
+    c.args([
+        "test",
+        "-b",
+        "CoreML",
+        "-o",
+        "MUL_MAT",
+        "-p",
+        "type_a=(q8_0|f16),type_b=f32",
+    ])
+    .env("GGML_COREML_POLICY", "always")
+    .env("GGML_COREML_FAULT_INJECT", "panic:2")
+    .env("GGML_COREML_LOG", "info");
+    let out = run_capture(&mut c)?;
+    let panics = ConformanceReport::parse(&out);
+    let caught = out.lines().filter(|l| l.contains("injected panic")).count();
+    if panics.failed > 0 || !panics.backend_ok || panics.passed == 0 || caught == 0 {
+        bail!(
+            "with injected panics: {}; {caught} panics reported",
+            panics.line()
+        );
+    }
     Ok(format!(
-        "{}; {disabled} shapes disabled after repeated faults",
-        report.line()
+        "{}; {disabled} shapes disabled after repeated faults; with a panic every 2nd call: {} passed, {caught} nodes sent to the host",
+        report.line(),
+        panics.passed
     ))
 }
 

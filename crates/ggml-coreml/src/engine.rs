@@ -68,6 +68,8 @@ pub struct Engine {
     pub parity: Mutex<BTreeMap<String, ParityEntry>>,
     /// `GGML_COREML_FAULT_INJECT=N`: every Nth executor call fails (tests of the fallback path).
     fault_every: u64,
+    /// `GGML_COREML_FAULT_INJECT=panic:N`: the injected fault is a panic (tests of the per-node guard).
+    fault_panics: bool,
     calls: AtomicU64,
     /// Per-device disk cache for the policy's measurements (accelerated executors only: reference
     /// timings say nothing about a device).
@@ -140,13 +142,18 @@ impl Engine {
                 .filter(|v| !v.is_empty())
                 .map(std::path::PathBuf::from)
         };
-        let fault_every = std::env::var("GGML_COREML_FAULT_INJECT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        // `N`: every Nth executor call fails; `panic:N`: every Nth call panics inside the node.
+        let (fault_every, fault_panics) = match std::env::var("GGML_COREML_FAULT_INJECT").ok() {
+            None => (0, false),
+            Some(v) => match v.strip_prefix("panic:") {
+                Some(n) => (n.parse().unwrap_or(0), true),
+                None => (v.parse().unwrap_or(0), false),
+            },
+        };
         if fault_every > 0 {
             log::warn(&format!(
-                "GGML_COREML_FAULT_INJECT={fault_every}: every {fault_every}th executor call fails"
+                "GGML_COREML_FAULT_INJECT: every {fault_every}th executor call {}",
+                if fault_panics { "panics" } else { "fails" }
             ));
         }
         let measurements = caps.accelerated.then(|| {
@@ -181,6 +188,7 @@ impl Engine {
             parity_path: path("GGML_COREML_PARITY"),
             parity: Mutex::new(BTreeMap::new()),
             fault_every,
+            fault_panics,
             calls: AtomicU64::new(0),
             measurements,
         }
@@ -194,10 +202,18 @@ impl Engine {
         }
     }
 
-    /// Counts an executor call; true when fault injection says this one must fail.
+    /// Counts an executor call; true when fault injection says this one must fail. In panic mode the
+    /// injected fault is a panic, which the router's per-node guard must turn into a host fallback.
     pub fn inject_fault(&self) -> bool {
         let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        self.fault_every > 0 && n.is_multiple_of(self.fault_every)
+        let hit = self.fault_every > 0 && n.is_multiple_of(self.fault_every);
+        if hit && self.fault_panics {
+            panic!(
+                "injected panic (GGML_COREML_FAULT_INJECT=panic:{})",
+                self.fault_every
+            );
+        }
+        hit
     }
 
     /// Applies `GGML_COREML_CONTROL` when the file changed (checked at most every 250 ms).
@@ -343,6 +359,25 @@ impl Engine {
 
     pub fn mode_for(&self, wtype: WeightType) -> Mode {
         Mode::for_type(wtype, self.mode_override)
+    }
+
+    /// A prepared form made for one call and kept nowhere: for weights whose buffer we cannot watch
+    /// for writes and frees (so a cached form could go stale).
+    pub fn prepared_uncached(
+        &self,
+        wtype: WeightType,
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+    ) -> Result<Arc<PreparedWeight>, String> {
+        let mode = self.mode_for(wtype);
+        let t0 = Instant::now();
+        let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, 0)
+            .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
+        self.stats
+            .prepare_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(Arc::new(w))
     }
 
     /// The prepared form of the 2-D weight whose rows (`bytes`, gathered) start at `addr` with row stride

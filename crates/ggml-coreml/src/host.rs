@@ -120,16 +120,16 @@ impl HostBackend {
         self.backend
     }
 
-    /// Hands a whole graph to the inner backend.
+    /// Hands a whole graph to the inner backend without waiting for it ([`Self::synchronize`] does).
     ///
     /// # Safety
     /// `graph` is a live graph whose tensors are allocated where the inner backend can use them.
-    pub unsafe fn compute_graph(&mut self, graph: *mut GgmlCgraph) -> i32 {
+    pub unsafe fn compute_graph_async(&mut self, graph: *mut GgmlCgraph) -> i32 {
         let Some(api) = api() else {
             return GGML_STATUS_FAILED;
         };
-        // SAFETY: the graph ggml gave us; the inner backend computes it synchronously.
-        unsafe { (api.backend_graph_compute)(self.backend, graph) }
+        // SAFETY: the graph ggml gave us; an asynchronous inner backend queues it.
+        unsafe { (api.graph_compute_async)(self.backend, graph) }
     }
 
     /// Waits for the inner backend.
@@ -140,7 +140,8 @@ impl HostBackend {
         }
     }
 
-    /// Computes `nodes` in order on the inner backend.
+    /// Computes `nodes` in order on the inner backend; an asynchronous inner backend may still be
+    /// running them when this returns ([`Self::synchronize`] waits).
     pub fn compute(&mut self, nodes: &[*mut GgmlTensor]) -> i32 {
         let Some(api) = api() else {
             return GGML_STATUS_FAILED;
@@ -153,7 +154,7 @@ impl HostBackend {
                 for &n in chunk {
                     (api.graph_add_node)(self.graph, n);
                 }
-                (api.backend_graph_compute)(self.backend, self.graph)
+                (api.graph_compute_async)(self.backend, self.graph)
             };
             if st != GGML_STATUS_SUCCESS {
                 log::error(&format!(

@@ -18,7 +18,7 @@ use crate::ffi::ggml::{GgmlApi, api};
 use crate::ffi::tensor::{RowsF32, TensorRef};
 use crate::host::HostBackend;
 use crate::log;
-use crate::weights::WeightRegistry;
+use crate::weights::RegistryRef;
 
 /// GGML_PREC_F32 in `op_params[0]`: the graph asks for f32 accumulation.
 const PREC_F32: i32 = 10;
@@ -204,8 +204,6 @@ pub struct RouterCtx {
     pub host: HostBackend,
     pub scratch: Scratch,
     pub out: Vec<f32>,
-    /// Weights whose buffer is not one of ours (hybrid face): prepared and kept here.
-    pub foreign: WeightRegistry,
     /// Hybrid face: graphs handed to the inner backend whole / split around offloaded MUL_MATs.
     pub unsplit_graphs: u64,
     pub split_graphs: u64,
@@ -222,7 +220,6 @@ impl RouterCtx {
             host,
             scratch: Scratch::default(),
             out: Vec::new(),
-            foreign: WeightRegistry::default(),
             unsplit_graphs: 0,
             split_graphs: 0,
             last_host_calls: 0,
@@ -233,9 +230,10 @@ impl RouterCtx {
 
 /// Runs the nodes of a graph: returns a ggml status.
 ///
-/// `registry_of` maps a weight tensor to the registry of prepared weights of its buffer (None: the
-/// backend's own registry). A graph in which no node goes to the ANE is handed to the inner backend
-/// whole (`graph`), so decode costs nothing extra.
+/// `registry_of` maps a weight tensor to the registry of prepared weights of its buffer (None: a
+/// buffer nobody watches for writes and frees, whose weights are prepared per call). A graph in which
+/// no node goes to the ANE is handed to the inner backend whole (`graph`) and not waited for, so decode
+/// costs nothing extra.
 ///
 /// # Safety
 /// `graph` is the live graph ggml passed to a face's `graph_compute`.
@@ -243,7 +241,7 @@ pub unsafe fn compute(
     ctx: &mut RouterCtx,
     graph: *mut GgmlCgraph,
     face: Face,
-    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<&'t WeightRegistry>,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
 ) -> i32 {
     let Some(api) = api() else {
         return GGML_STATUS_FAILED;
@@ -258,19 +256,35 @@ pub unsafe fn compute(
     eng.poll_control();
     eng.refresh_device_state();
     if face == Face::Hybrid {
-        let any_ane = nodes.iter().any(|&p| {
+        let mut any_ane = false;
+        for &p in nodes {
             // SAFETY: live graph nodes.
             let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else {
-                return false;
+                continue;
             };
-            n.op() == GGML_OP_MUL_MAT
-                && n.flags() & GGML_TENSOR_FLAG_COMPUTE != 0
-                && matches!(route(&n, face), Route::Ane(_))
-        });
+            if n.flags() & GGML_TENSOR_FLAG_COMPUTE == 0 {
+                continue;
+            }
+            match n.op() {
+                GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE
+                | GGML_OP_TRANSPOSE => continue,
+                _ => {}
+            }
+            // A graph that writes into a weight buffer: what we prepared from those bytes is stale.
+            if n.buffer_usage() == Some(BUFFER_USAGE_WEIGHTS) {
+                // SAFETY: an allocated node of the live graph.
+                let len = unsafe { (api.nbytes)(n.ptr()) };
+                crate::faces::hybrid_buffer::invalidate(n.buffer(), n.data() as usize, len);
+            }
+            if !any_ane && n.op() == GGML_OP_MUL_MAT && matches!(route(&n, face), Route::Ane(_)) {
+                any_ane = true;
+            }
+        }
         if !any_ane {
             ctx.unsplit_graphs += 1;
             // SAFETY: the graph ggml gave the hybrid face, allocated in the inner device's buffers.
-            return unsafe { ctx.host.compute_graph(graph) };
+            // Not waited for: ggml synchronizes through our `synchronize` when it needs the results.
+            return unsafe { ctx.host.compute_graph_async(graph) };
         }
         ctx.split_graphs += 1;
     }
@@ -316,7 +330,22 @@ pub unsafe fn compute(
                     n: e.n,
                 };
                 let variant = eng.variant_for(e.wtype);
-                match run_ane(ctx, &node, e, face, registry_of) {
+                // The ANE node reads what the inner device computed: wait for it (a no-op on the CPU).
+                ctx.host.synchronize();
+                // A panic inside one node (executor, driver, bridge) sends that node to the host; it
+                // never fails the graph.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_ane(ctx, &node, e, face, registry_of)
+                }))
+                .unwrap_or_else(|payload| {
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(format!("panic: {msg}"))
+                });
+                match ran {
                     Ok(batches) => {
                         let dt = t0.elapsed();
                         let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
@@ -371,10 +400,18 @@ pub unsafe fn compute(
 /// hybrid face only when the inner device's buffer says so (Metal's may not).
 fn host_visible(t: &TensorRef<'_>, face: Face) -> bool {
     face == Face::Accel
-        || api().is_some_and(|api| {
-            // SAFETY: an allocated tensor's live buffer.
-            !t.buffer().is_null() && unsafe { (api.buffer_is_host)(t.buffer()) }
-        })
+        || !force_copy()
+            && api().is_some_and(|api| {
+                // SAFETY: an allocated tensor's live buffer.
+                !t.buffer().is_null() && unsafe { (api.buffer_is_host)(t.buffer()) }
+            })
+}
+
+/// `GGML_COREML_HYBRID_FORCE_COPY=1` (tests): the hybrid face treats its inner buffers as non-host
+/// memory, so the copy path that Metal's private buffers and CUDA take runs on Linux with the CPU inside.
+fn force_copy() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("GGML_COREML_HYBRID_FORCE_COPY").is_ok_and(|v| v == "1"))
 }
 
 /// `GGML_COREML_PARITY`: runs the node again on the host, records NMSE(ours, host) under the weight's
@@ -388,6 +425,7 @@ fn parity_check(ctx: &mut RouterCtx, node: &TensorRef<'_>, e: Eligible) {
     if ctx.host.compute(&[node.ptr().cast_mut()]) != GGML_STATUS_SUCCESS {
         return;
     }
+    ctx.host.synchronize();
     // SAFETY: as above.
     let Some(host) = (unsafe { node.host_bytes() }) else {
         return;
@@ -442,7 +480,7 @@ fn run_ane(
     node: &TensorRef<'_>,
     e: Eligible,
     face: Face,
-    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<&'t WeightRegistry>,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
 ) -> Result<usize, String> {
     let eng = engine();
     let api = api().ok_or("ggml not bound")?;
@@ -459,6 +497,7 @@ fn run_ane(
     let (r2, r3) = ((xne[2] / wne[2]) as usize, (xne[3] / wne[3]) as usize);
     let row = e.wtype.row_bytes(e.k).map_err(|err| err.to_string())?;
     let registry = registry_of(&w);
+    let mut xfer = Transfers::default();
     // Non-host activations: one copy of the whole tensor.
     let x_copy: Option<Vec<u8>> = if x_host {
         None
@@ -468,26 +507,54 @@ fn run_ane(
         let mut v = vec![0u8; nbytes];
         // SAFETY: `v` has nbytes bytes; the backend copies the tensor into it.
         unsafe { (api.tensor_get)(x.ptr(), v.as_mut_ptr().cast(), 0, nbytes) };
+        xfer.add(nbytes);
         Some(v)
     };
     let pool = ctx.host.pool();
     let mut batches = 0;
+    let mut w_copy: Option<Vec<u8>> = None;
+    // Non-host dst in one piece (MUL_MAT's dst is a fresh contiguous tensor): an image of all
+    // batches, written back with one call at the end.
+    let (dne, dnb) = (node.ne(), node.nb());
+    let d_contiguous = dnb[1] == e.n * 4
+        && dnb[2] == dnb[1] * dne[1] as usize
+        && dnb[3] == dnb[2] * dne[2] as usize;
+    let mut d_image: Vec<f32> = if !d_host && d_contiguous {
+        vec![0.0; e.n * e.m * (dne[2] * dne[3]) as usize]
+    } else {
+        Vec::new()
+    };
     for i13 in 0..xne[3] as usize {
         for i12 in 0..xne[2] as usize {
             let (i02, i03) = (i12 / r2, i13 / r3);
             // SAFETY: eligible() checked rows of whole blocks; indices are within ne[2], ne[3].
             let (addr, stride) = unsafe { w.slice2d_addr(i02, i03) };
-            let reg = registry.unwrap_or(&ctx.foreign);
-            let pw = match reg.get(addr, eng.mode_for(e.wtype), stride) {
+            let cached = registry
+                .as_ref()
+                .and_then(|reg| reg.get(addr, eng.mode_for(e.wtype), stride));
+            let pw = match cached {
                 Some(pw) => pw,
-                None if w_host => {
-                    // SAFETY: as above.
-                    let bytes = unsafe { w.slice2d_rows(i02, i03, row) };
-                    eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?
-                }
                 None => {
-                    let bytes = copy_rows(api, &w, i02, i03, row);
-                    eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?
+                    let bytes = if w_host {
+                        // SAFETY: as above.
+                        unsafe { w.slice2d_rows(i02, i03, row) }
+                    } else {
+                        // Non-host weights: the whole tensor in one read, at the first miss.
+                        let whole = w_copy.get_or_insert_with(|| {
+                            // SAFETY: a live allocated tensor; ggml_nbytes bytes are readable.
+                            let nbytes = unsafe { (api.nbytes)(w.ptr()) };
+                            let mut v = vec![0u8; nbytes];
+                            // SAFETY: `v` has nbytes bytes; the backend copies the tensor into it.
+                            unsafe { (api.tensor_get)(w.ptr(), v.as_mut_ptr().cast(), 0, nbytes) };
+                            xfer.add(nbytes);
+                            v
+                        });
+                        std::borrow::Cow::Owned(slice_rows(whole, w.ne(), w.nb(), i02, i03, row))
+                    };
+                    match &registry {
+                        Some(reg) => eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?,
+                        None => eng.prepared_uncached(e.wtype, &bytes, e.n, e.k)?,
+                    }
                 }
             };
             let rows = match &x_copy {
@@ -524,13 +591,43 @@ fn run_ane(
             if copy_back && d_host {
                 // SAFETY: as above.
                 unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
+            } else if copy_back && !d_image.is_empty() {
+                let at = (i13 * dne[2] as usize + i12) * e.m * e.n;
+                d_image[at..at + e.m * e.n].copy_from_slice(&ctx.out[..e.m * e.n]);
             } else if copy_back {
-                write_rows_via_api(api, node, i12, i13, &ctx.out, e.n);
+                write_rows_via_api(api, node, i12, i13, &ctx.out, e.n, &mut xfer);
             }
             batches += 1;
         }
     }
+    if !d_image.is_empty() {
+        // SAFETY: dst is contiguous and holds exactly d_image's bytes; tensor_set checks bounds.
+        unsafe {
+            (api.tensor_set)(
+                node.ptr().cast_mut(),
+                d_image.as_ptr().cast(),
+                0,
+                d_image.len() * 4,
+            )
+        };
+        xfer.add(d_image.len() * 4);
+    }
+    eng.stats.transfers(xfer.calls, xfer.bytes);
     Ok(batches)
+}
+
+/// Copies between host memory and a non-host inner buffer made for one node.
+#[derive(Default)]
+struct Transfers {
+    calls: u64,
+    bytes: u64,
+}
+
+impl Transfers {
+    fn add(&mut self, n: usize) {
+        self.calls += 1;
+        self.bytes += n as u64;
+    }
 }
 
 /// Do two f32 slices share memory?
@@ -539,22 +636,23 @@ fn overlaps(a: &[f32], b: &[f32]) -> bool {
     a0 < b0 + std::mem::size_of_val(b) && b0 < a0 + std::mem::size_of_val(a)
 }
 
-/// Rows of a weight slice in a non-host buffer, compacted to `row` bytes each.
-fn copy_rows(api: &GgmlApi, w: &TensorRef<'_>, i2: usize, i3: usize, row: usize) -> Vec<u8> {
-    let (ne, nb) = (w.ne(), w.nb());
+/// Rows of the 2-D slice `(i2, i3)` of a host copy of a whole weight tensor, compacted to `row` bytes.
+fn slice_rows(
+    whole: &[u8],
+    ne: [i64; 4],
+    nb: [usize; 4],
+    i2: usize,
+    i3: usize,
+    row: usize,
+) -> Vec<u8> {
     let rows = ne[1] as usize;
     let off = i2 * nb[2] + i3 * nb[3];
     let mut out = vec![0u8; rows * row];
-    for r in 0..rows {
-        // SAFETY: the row lies within the tensor (ggml strides); tensor_get checks bounds itself.
-        unsafe {
-            (api.tensor_get)(
-                w.ptr(),
-                out[r * row..].as_mut_ptr().cast(),
-                off + r * nb[1],
-                row,
-            )
-        };
+    for (r, dst) in out.chunks_exact_mut(row).enumerate() {
+        let at = off + r * nb[1];
+        if let Some(src) = whole.get(at..at + row) {
+            dst.copy_from_slice(src);
+        }
     }
     out
 }
@@ -581,7 +679,8 @@ fn gather_f32(
     RowsF32::Gathered { x, stride: k }
 }
 
-/// Writes `m` rows of `n` f32 into batch `(i2, i3)` of a tensor in a non-host buffer.
+/// Writes `m` rows of `n` f32 into batch `(i2, i3)` of a tensor in a non-host buffer: one bulk write
+/// when its rows are contiguous (the usual case), else one per row.
 fn write_rows_via_api(
     api: &GgmlApi,
     dst: &TensorRef<'_>,
@@ -589,10 +688,17 @@ fn write_rows_via_api(
     i3: usize,
     src: &[f32],
     n: usize,
+    xfer: &mut Transfers,
 ) {
     let (ne, nb) = (dst.ne(), dst.nb());
     let m = ne[1] as usize;
     let off = i2 * nb[2] + i3 * nb[3];
+    if nb[1] == n * 4 || m == 1 {
+        // SAFETY: m contiguous rows of n f32 lie within the tensor; tensor_set checks bounds itself.
+        unsafe { (api.tensor_set)(dst.ptr().cast_mut(), src.as_ptr().cast(), off, m * n * 4) };
+        xfer.add(m * n * 4);
+        return;
+    }
     for r in 0..m {
         let row = &src[r * n..(r + 1) * n];
         // SAFETY: the destination row lies within the tensor; tensor_set checks bounds itself.
@@ -604,5 +710,6 @@ fn write_rows_via_api(
                 n * 4,
             )
         };
+        xfer.add(n * 4);
     }
 }

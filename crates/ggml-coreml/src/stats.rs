@@ -16,6 +16,12 @@ pub struct Stats {
     pub weights_prepared: AtomicU64,
     pub weight_bytes_held: AtomicU64,
     pub prepare_ns: AtomicU64,
+    /// Offloaded nodes that copied operands to or from a non-host inner buffer, the copies (bulk
+    /// `tensor_get` / `tensor_set` calls) they made, the most one node made, and the bytes moved.
+    pub xfer_nodes: AtomicU64,
+    pub xfer_calls: AtomicU64,
+    pub xfer_max_per_node: AtomicU64,
+    pub xfer_bytes: AtomicU64,
     /// Host ops by reason (small set of static strings).
     pub host_reasons: Mutex<Vec<(&'static str, u64)>>,
 }
@@ -26,6 +32,17 @@ impl Stats {
         self.ane_ns
             .fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
         self.ane_flops.fetch_add(flops, Ordering::Relaxed);
+    }
+
+    /// One offloaded node's copies through the ggml buffer API (nothing when it read in place).
+    pub fn transfers(&self, calls: u64, bytes: u64) {
+        if calls == 0 {
+            return;
+        }
+        self.xfer_nodes.fetch_add(1, Ordering::Relaxed);
+        self.xfer_calls.fetch_add(calls, Ordering::Relaxed);
+        self.xfer_max_per_node.fetch_max(calls, Ordering::Relaxed);
+        self.xfer_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn host(&self, reason: &'static str, t: Duration) {
@@ -47,6 +64,10 @@ impl Stats {
             &self.host_ops,
             &self.host_ns,
             &self.faults,
+            &self.xfer_nodes,
+            &self.xfer_calls,
+            &self.xfer_max_per_node,
+            &self.xfer_bytes,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -67,7 +88,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3}}}",
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}}}}",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -78,6 +99,10 @@ impl Stats {
             g(&self.weights_prepared),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepare_ns) as f64 / 1e6,
+            g(&self.xfer_nodes),
+            g(&self.xfer_calls),
+            g(&self.xfer_max_per_node),
+            g(&self.xfer_bytes) as f64 / (1024.0 * 1024.0),
         )
     }
 
@@ -88,7 +113,8 @@ impl Stats {
         let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
         format!(
             "MUL_MAT offloaded {} ({:.1} ms in executor, {:.2} GFLOP), on host {} ({}), executor faults {}, \
-             weights prepared {} ({:.1} MiB held, {:.1} ms)",
+             weights prepared {} ({:.1} MiB held, {:.1} ms), copies to/from the inner device {} in {} nodes \
+             (at most {} per node)",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -102,6 +128,9 @@ impl Stats {
             g(&self.weights_prepared),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepare_ns) as f64 / 1e6,
+            g(&self.xfer_calls),
+            g(&self.xfer_nodes),
+            g(&self.xfer_max_per_node),
         )
     }
 }

@@ -82,3 +82,21 @@ impl WeightRegistry {
         e.values().map(|x| x.weight.bytes_held()).sum()
     }
 }
+
+/// The registry a weight's prepared forms live in: borrowed from one of our buffers (ACCEL face), or
+/// shared with a tracked inner buffer (hybrid face; see `faces::hybrid_buffer`).
+pub enum RegistryRef<'a> {
+    Borrowed(&'a WeightRegistry),
+    Shared(Arc<WeightRegistry>),
+}
+
+impl std::ops::Deref for RegistryRef<'_> {
+    type Target = WeightRegistry;
+
+    fn deref(&self) -> &WeightRegistry {
+        match self {
+            RegistryRef::Borrowed(r) => r,
+            RegistryRef::Shared(r) => r,
+        }
+    }
+}

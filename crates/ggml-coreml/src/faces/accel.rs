@@ -16,7 +16,7 @@ use crate::ffi::tensor::TensorRef;
 use crate::host::HostBackend;
 use crate::log;
 use crate::router::{self, RouterCtx};
-use crate::weights::WeightRegistry;
+use crate::weights::RegistryRef;
 
 pub const NAME: &std::ffi::CStr = c"CoreML";
 pub(crate) static GUID: [u8; 16] = *b"ggml-coreml-ane\0";
@@ -196,13 +196,13 @@ unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgra
 }
 
 /// The prepared-weight registry of a tensor's buffer, if that buffer is one of ours.
-pub fn registry_of<'t>(t: &TensorRef<'t>) -> Option<&'t WeightRegistry> {
+pub fn registry_of<'t>(t: &TensorRef<'t>) -> Option<RegistryRef<'t>> {
     let buft = globals()?.buft;
     if buft.is_null() || t.buft() != buft {
         return None;
     }
     // SAFETY: the tensor's buffer has our buffer type, so its context is a BufferCtx.
-    unsafe { buffer::registry(t.buffer()) }
+    unsafe { buffer::registry(t.buffer()) }.map(RegistryRef::Borrowed)
 }
 
 pub fn is_ours(dev: *mut Dev) -> bool {

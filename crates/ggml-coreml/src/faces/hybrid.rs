@@ -8,24 +8,28 @@
 //! is loaded, or call `ggml_backend_coreml_enable_hybrid("<name>")` at any time before model load
 //! (the device is then registered with ggml on the spot). Select it with llama.cpp's `--device`.
 
-use std::ffi::{CString, c_char, c_int};
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::ptr;
 use std::sync::Mutex;
 
 use crate::engine::engine;
 use crate::faces::BackendCtx;
+use crate::faces::hybrid_buffer;
 use crate::ffi::abi::*;
 use crate::ffi::ggml::{api, cstr_or};
 use crate::ffi::guard::guard;
 use crate::host::HostBackend;
 use crate::log;
 use crate::router::{self, Face, RouterCtx};
+use crate::weights::RegistryRef;
 
 pub(crate) static GUID: [u8; 16] = *b"ggml-coreml-hyb\0";
 
 /// Context of one hybrid device (leaked: devices live as long as the process).
 pub struct HybridDev {
     pub inner: *mut Dev,
+    /// The inner device's default buffer type, wrapped (see `hybrid_buffer`).
+    buft: BuftPtr,
     pub inner_name: String,
     name: CString,
     description: CString,
@@ -81,8 +85,14 @@ pub fn create(inner_name: &str, reg: *mut Reg) -> Result<*mut Dev, String> {
             cstr_or((api.dev_description)(inner), "?"),
         )
     };
+    // SAFETY: a live device's default buffer type (static in its backend).
+    let inner_buft = unsafe { (api.dev_buffer_type)(inner) };
+    if inner_buft.is_null() {
+        return Err(format!("{iname} has no default buffer type"));
+    }
     let ctx = Box::into_raw(Box::new(HybridDev {
         inner,
+        buft: ptr::null_mut(),
         inner_name: inner_name.to_string(),
         name: CString::new(format!("CoreML-{inner_name}")).map_err(|_| "bad name")?,
         description: CString::new(format!("ANE matmuls + {iname} ({idesc})")).unwrap_or_default(),
@@ -92,6 +102,8 @@ pub fn create(inner_name: &str, reg: *mut Reg) -> Result<*mut Dev, String> {
         reg,
         context: ctx.cast(),
     }));
+    // SAFETY: `ctx` was just made and is not shared yet; the wrapper names our device as its own.
+    unsafe { (*ctx).buft = hybrid_buffer::new_buft(api.layout, dev, inner_buft) };
     list.0.push(dev);
     log::info(&format!("hybrid device CoreML-{inner_name} wraps {iname}"));
     Ok(dev)
@@ -136,10 +148,39 @@ const DEVICE_IFACE: GgmlBackendDeviceI = GgmlBackendDeviceI {
     supports_op: Some(dev_supports_op),
     supports_buft: Some(dev_supports_buft),
     offload_op: Some(dev_offload_op),
-    event_new: None,
-    event_free: None,
-    event_synchronize: None,
+    event_new: Some(dev_event_new),
+    event_free: Some(dev_event_free),
+    event_synchronize: Some(dev_event_synchronize),
 };
+
+// Events are the inner device's own (their `device` field names it, so ggml-base sends
+// `event_free` / `event_synchronize` straight there); ours only forward.
+unsafe extern "C" fn dev_event_new(dev: *mut Dev) -> *mut GgmlBackendEvent {
+    guard("hybrid event_new", ptr::null_mut(), || {
+        // SAFETY: forwards to the inner device (NULL when it has no events).
+        api().map_or(ptr::null_mut(), |a| unsafe {
+            (a.event_new)(hctx(dev).inner)
+        })
+    })
+}
+
+unsafe extern "C" fn dev_event_free(_dev: *mut Dev, event: *mut GgmlBackendEvent) {
+    guard("hybrid event_free", (), || {
+        if let Some(a) = api() {
+            // SAFETY: an event made by the inner device.
+            unsafe { (a.event_free)(event) };
+        }
+    })
+}
+
+unsafe extern "C" fn dev_event_synchronize(_dev: *mut Dev, event: *mut GgmlBackendEvent) {
+    guard("hybrid event_synchronize", (), || {
+        if let Some(a) = api() {
+            // SAFETY: an event made by the inner device.
+            unsafe { (a.event_synchronize)(event) };
+        }
+    })
+}
 
 unsafe extern "C" fn dev_get_name(dev: *mut Dev) -> *const c_char {
     // SAFETY: ggml calls our iface with our device.
@@ -176,19 +217,16 @@ unsafe extern "C" fn dev_get_props(dev: *mut Dev, props: *mut GgmlBackendDevProp
             p.description = h.description.as_ptr();
             p.type_ = DEV_TYPE_GPU;
             p.device_id = ptr::null();
-            // Synchronous wrapper: no async copies or events of our own.
-            p.caps.async_ = false;
-            p.caps.events = false;
+            // Asynchronous copies and events are the inner device's (forwarded, see BACKEND_IFACE);
+            // buffers from host pointers would bypass our buffer type.
             p.caps.buffer_from_host_ptr = false;
         }
     })
 }
 
 unsafe extern "C" fn dev_get_buffer_type(dev: *mut Dev) -> BuftPtr {
-    // SAFETY: forwards to the inner device.
-    api().map_or(ptr::null_mut(), |a| unsafe {
-        (a.dev_buffer_type)(hctx(dev).inner)
-    })
+    // SAFETY: our device; the wrapper was made with it.
+    unsafe { hctx(dev) }.buft
 }
 
 unsafe extern "C" fn dev_get_host_buffer_type(dev: *mut Dev) -> BuftPtr {
@@ -208,7 +246,8 @@ unsafe extern "C" fn dev_supports_op(dev: *mut Dev, op: *const GgmlTensor) -> bo
 unsafe extern "C" fn dev_supports_buft(dev: *mut Dev, buft: BuftPtr) -> bool {
     // SAFETY: forwards to the inner device.
     guard("hybrid supports_buft", false, || {
-        api().is_some_and(|a| unsafe { (a.dev_supports_buft)(hctx(dev).inner, buft) })
+        let h = unsafe { hctx(dev) };
+        buft == h.buft || api().is_some_and(|a| unsafe { (a.dev_supports_buft)(h.inner, buft) })
     })
 }
 
@@ -257,16 +296,227 @@ unsafe extern "C" fn dev_init_backend(dev: *mut Dev, _params: *const c_char) -> 
             }
         };
         let _ = engine();
+        let iface = backend_iface(host.raw());
         let ctx = Box::new(BackendCtx {
             router: RouterCtx::new(host),
             name: h.name.clone(),
         });
         Box::into_raw(Box::new(GgmlBackend {
             guid: &GUID,
-            iface: BACKEND_IFACE,
+            iface,
             device: dev,
             context: Box::into_raw(ctx).cast(),
         }))
+    })
+}
+
+/// Our interface, with the inner backend's asynchronous entry points forwarded where it has them (a
+/// NULL slot tells ggml-base to fall back to the synchronous path, as it would for the inner backend).
+fn backend_iface(inner: *mut GgmlBackend) -> GgmlBackendI {
+    let mut i = BACKEND_IFACE;
+    // SAFETY: the inner backend was just created and is live.
+    let ii = unsafe { &(*inner).iface };
+    if ii.set_tensor_async.is_some() {
+        i.set_tensor_async = Some(backend_set_tensor_async);
+    }
+    if ii.get_tensor_async.is_some() {
+        i.get_tensor_async = Some(backend_get_tensor_async);
+    }
+    if ii.set_tensor_2d_async.is_some() {
+        i.set_tensor_2d_async = Some(backend_set_tensor_2d_async);
+    }
+    if ii.get_tensor_2d_async.is_some() {
+        i.get_tensor_2d_async = Some(backend_get_tensor_2d_async);
+    }
+    if ii.cpy_tensor_async.is_some() {
+        i.cpy_tensor_async = Some(backend_cpy_tensor_async);
+    }
+    if ii.event_record.is_some() {
+        i.event_record = Some(backend_event_record);
+    }
+    if ii.event_wait.is_some() {
+        i.event_wait = Some(backend_event_wait);
+    }
+    i
+}
+
+/// The inner backend of one of our hybrid backends (NULL for any other backend).
+///
+/// # Safety
+/// `b` is NULL or a live backend.
+unsafe fn inner_backend(b: *mut GgmlBackend) -> *mut GgmlBackend {
+    // SAFETY: compare guid pointers before touching the context.
+    match unsafe { b.as_ref() } {
+        Some(be) if ptr::eq(be.guid, &GUID) => {
+            // SAFETY: our backends carry a BackendCtx.
+            unsafe { &*be.context.cast::<BackendCtx>() }
+                .router
+                .host
+                .raw()
+        }
+        _ => ptr::null_mut(),
+    }
+}
+
+/// A write through the backend API into a tracked weight buffer drops what we prepared from it.
+///
+/// # Safety
+/// `t` is a live, allocated tensor.
+unsafe fn written(t: *mut GgmlTensor, offset: usize, len: usize) {
+    // SAFETY: per the contract.
+    let (buf, data) = unsafe { ((*t).buffer, (*t).data) };
+    hybrid_buffer::invalidate(buf, data as usize + offset, len);
+}
+
+unsafe extern "C" fn backend_set_tensor_async(
+    b: *mut GgmlBackend,
+    t: *mut GgmlTensor,
+    data: *const c_void,
+    offset: usize,
+    size: usize,
+) {
+    guard("hybrid set_tensor_async", (), || {
+        // SAFETY: our backend; its inner backend has this slot (backend_iface); ggml-base checked bounds.
+        unsafe {
+            let inner = inner_backend(b);
+            if let Some(f) = (*inner).iface.set_tensor_async {
+                f(inner, t, data, offset, size);
+            }
+            written(t, offset, size);
+        }
+    })
+}
+
+unsafe extern "C" fn backend_get_tensor_async(
+    b: *mut GgmlBackend,
+    t: *const GgmlTensor,
+    data: *mut c_void,
+    offset: usize,
+    size: usize,
+) {
+    guard("hybrid get_tensor_async", (), || {
+        // SAFETY: as above.
+        unsafe {
+            let inner = inner_backend(b);
+            if let Some(f) = (*inner).iface.get_tensor_async {
+                f(inner, t, data, offset, size);
+            }
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn backend_set_tensor_2d_async(
+    b: *mut GgmlBackend,
+    t: *mut GgmlTensor,
+    data: *const c_void,
+    offset: usize,
+    size: usize,
+    n_copies: usize,
+    stride_tensor: usize,
+    stride_data: usize,
+) {
+    guard("hybrid set_tensor_2d_async", (), || {
+        // SAFETY: as above.
+        unsafe {
+            let inner = inner_backend(b);
+            if let Some(f) = (*inner).iface.set_tensor_2d_async {
+                f(
+                    inner,
+                    t,
+                    data,
+                    offset,
+                    size,
+                    n_copies,
+                    stride_tensor,
+                    stride_data,
+                );
+            }
+            let span = stride_tensor.saturating_mul(n_copies.saturating_sub(1)) + size;
+            written(t, offset, span);
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn backend_get_tensor_2d_async(
+    b: *mut GgmlBackend,
+    t: *const GgmlTensor,
+    data: *mut c_void,
+    offset: usize,
+    size: usize,
+    n_copies: usize,
+    stride_tensor: usize,
+    stride_data: usize,
+) {
+    guard("hybrid get_tensor_2d_async", (), || {
+        // SAFETY: as above.
+        unsafe {
+            let inner = inner_backend(b);
+            if let Some(f) = (*inner).iface.get_tensor_2d_async {
+                f(
+                    inner,
+                    t,
+                    data,
+                    offset,
+                    size,
+                    n_copies,
+                    stride_tensor,
+                    stride_data,
+                );
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn backend_cpy_tensor_async(
+    b_src: *mut GgmlBackend,
+    b_dst: *mut GgmlBackend,
+    src: *const GgmlTensor,
+    dst: *mut GgmlTensor,
+) -> bool {
+    guard("hybrid cpy_tensor_async", false, || {
+        // SAFETY: ggml-base calls the destination backend's slot: `b_dst` is ours; a source that is
+        // one of ours is replaced by its inner backend, so the inner device sees its own kind.
+        unsafe {
+            let inner = inner_backend(b_dst);
+            let src_inner = match inner_backend(b_src) {
+                p if p.is_null() => b_src,
+                p => p,
+            };
+            let Some(f) = (*inner).iface.cpy_tensor_async else {
+                return false;
+            };
+            let done = f(src_inner, inner, src, dst);
+            if done && let Some(api) = api() {
+                written(dst, 0, (api.nbytes)(dst));
+            }
+            done
+        }
+    })
+}
+
+unsafe extern "C" fn backend_event_record(b: *mut GgmlBackend, event: *mut GgmlBackendEvent) {
+    guard("hybrid event_record", (), || {
+        // SAFETY: our backend; an event of the inner device.
+        unsafe {
+            let inner = inner_backend(b);
+            if let Some(f) = (*inner).iface.event_record {
+                f(inner, event);
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn backend_event_wait(b: *mut GgmlBackend, event: *mut GgmlBackendEvent) {
+    guard("hybrid event_wait", (), || {
+        // SAFETY: as above.
+        unsafe {
+            let inner = inner_backend(b);
+            if let Some(f) = (*inner).iface.event_wait {
+                f(inner, event);
+            }
+        }
     })
 }
 
@@ -311,7 +561,11 @@ unsafe extern "C" fn backend_graph_compute(b: *mut GgmlBackend, g: *mut GgmlCgra
         // SAFETY: our backend; ggml drives one graph_compute at a time per backend.
         let ctx = unsafe { &mut *(*b).context.cast::<BackendCtx>() };
         // SAFETY: the graph ggml passed to graph_compute.
-        unsafe { router::compute(&mut ctx.router, g, Face::Hybrid, &|_| None) }
+        unsafe {
+            router::compute(&mut ctx.router, g, Face::Hybrid, &|w| {
+                hybrid_buffer::registry(w.buffer()).map(RegistryRef::Shared)
+            })
+        }
     })
 }
 

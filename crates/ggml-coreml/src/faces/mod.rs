@@ -5,6 +5,7 @@
 pub mod accel;
 pub mod buffer;
 pub mod hybrid;
+pub mod hybrid_buffer;
 pub mod reg;
 
 use std::ffi::{CString, c_int};

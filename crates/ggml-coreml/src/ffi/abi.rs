@@ -200,21 +200,53 @@ pub struct GgmlBackendBuffer {
 pub struct GgmlBackendI {
     pub get_name: Option<unsafe extern "C" fn(*mut GgmlBackend) -> *const c_char>,
     pub free: Option<unsafe extern "C" fn(*mut GgmlBackend)>,
-    pub set_tensor_async: Option<unsafe extern "C" fn()>,
-    pub get_tensor_async: Option<unsafe extern "C" fn()>,
-    pub set_tensor_2d_async: Option<unsafe extern "C" fn()>,
-    pub get_tensor_2d_async: Option<unsafe extern "C" fn()>,
-    pub cpy_tensor_async: Option<unsafe extern "C" fn()>,
+    pub set_tensor_async: Option<SetTensorAsync>,
+    pub get_tensor_async: Option<GetTensorAsync>,
+    pub set_tensor_2d_async: Option<SetTensor2dAsync>,
+    pub get_tensor_2d_async: Option<GetTensor2dAsync>,
+    pub cpy_tensor_async: Option<CpyTensorAsync>,
     pub synchronize: Option<unsafe extern "C" fn(*mut GgmlBackend)>,
     pub graph_plan_create: Option<unsafe extern "C" fn()>,
     pub graph_plan_free: Option<unsafe extern "C" fn()>,
     pub graph_plan_update: Option<unsafe extern "C" fn()>,
     pub graph_plan_compute: Option<unsafe extern "C" fn()>,
     pub graph_compute: Option<unsafe extern "C" fn(*mut GgmlBackend, *mut GgmlCgraph) -> c_int>,
-    pub event_record: Option<unsafe extern "C" fn()>,
-    pub event_wait: Option<unsafe extern "C" fn()>,
+    pub event_record: Option<EventFn>,
+    pub event_wait: Option<EventFn>,
     pub graph_optimize: Option<unsafe extern "C" fn()>,
 }
+
+pub type SetTensorAsync =
+    unsafe extern "C" fn(*mut GgmlBackend, *mut GgmlTensor, *const c_void, usize, usize);
+pub type GetTensorAsync =
+    unsafe extern "C" fn(*mut GgmlBackend, *const GgmlTensor, *mut c_void, usize, usize);
+pub type SetTensor2dAsync = unsafe extern "C" fn(
+    *mut GgmlBackend,
+    *mut GgmlTensor,
+    *const c_void,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+);
+pub type GetTensor2dAsync = unsafe extern "C" fn(
+    *mut GgmlBackend,
+    *const GgmlTensor,
+    *mut c_void,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+);
+pub type CpyTensorAsync = unsafe extern "C" fn(
+    *mut GgmlBackend,
+    *mut GgmlBackend,
+    *const GgmlTensor,
+    *mut GgmlTensor,
+) -> bool;
+pub type EventFn = unsafe extern "C" fn(*mut GgmlBackend, *mut GgmlBackendEvent);
 
 #[repr(C)]
 pub struct GgmlBackend {

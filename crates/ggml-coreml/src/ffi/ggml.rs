@@ -76,6 +76,17 @@ pub struct GgmlApi {
     pub reg_dev_count: unsafe extern "C" fn(*mut Reg) -> usize,
     pub reg_dev_get: unsafe extern "C" fn(*mut Reg, usize) -> *mut Dev,
     pub device_register: unsafe extern "C" fn(*mut Dev),
+    // Buffer types and asynchronous entry points, for the hybrid face's wrappers of its inner device.
+    pub buft_name: unsafe extern "C" fn(BuftPtr) -> *const c_char,
+    pub buft_alloc_buffer: unsafe extern "C" fn(BuftPtr, usize) -> *mut GgmlBackendBuffer,
+    pub buft_get_alignment: unsafe extern "C" fn(BuftPtr) -> usize,
+    pub buft_get_max_size: unsafe extern "C" fn(BuftPtr) -> usize,
+    pub buft_get_alloc_size: unsafe extern "C" fn(BuftPtr, *const GgmlTensor) -> usize,
+    pub buft_is_host: unsafe extern "C" fn(BuftPtr) -> bool,
+    pub graph_compute_async: unsafe extern "C" fn(*mut GgmlBackend, *mut GgmlCgraph) -> c_int,
+    pub event_new: unsafe extern "C" fn(*mut Dev) -> *mut GgmlBackendEvent,
+    pub event_free: unsafe extern "C" fn(*mut GgmlBackendEvent),
+    pub event_synchronize: unsafe extern "C" fn(*mut GgmlBackendEvent),
     /// `ggml_custom_4d` (ggml >= 0.0.2100 or so): lets the executor's GEMM run on the CPU backend's
     /// own worker threads (see `host::GgmlPool`). None on hosts without it.
     pub custom_4d: Option<FnCustom4d>,
@@ -350,6 +361,16 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
         reg_dev_count: get!("ggml_backend_reg_dev_count"),
         reg_dev_get: get!("ggml_backend_reg_dev_get"),
         device_register: get!("ggml_backend_device_register"),
+        buft_name: get!("ggml_backend_buft_name"),
+        buft_alloc_buffer: get!("ggml_backend_buft_alloc_buffer"),
+        buft_get_alignment: get!("ggml_backend_buft_get_alignment"),
+        buft_get_max_size: get!("ggml_backend_buft_get_max_size"),
+        buft_get_alloc_size: get!("ggml_backend_buft_get_alloc_size"),
+        buft_is_host: get!("ggml_backend_buft_is_host"),
+        graph_compute_async: get!("ggml_backend_graph_compute_async"),
+        event_new: get!("ggml_backend_event_new"),
+        event_free: get!("ggml_backend_event_free"),
+        event_synchronize: get!("ggml_backend_event_synchronize"),
         custom_4d: {
             let p = l.sym("ggml_custom_4d");
             // SAFETY: when present, the symbol has ggml.h's `ggml_custom_4d` signature.
