@@ -179,7 +179,7 @@ fn counts(stats: &Path) -> (u64, u64) {
                 .unwrap_or(0)
         };
         let (a, h) = (get("ane_ops"), get("host_ops"));
-        if a + h > 0 || t.elapsed() > Duration::from_secs(2) {
+        if a + h > 0 || t.elapsed() > Duration::from_millis(1500) {
             return (a, h);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -233,9 +233,11 @@ fn stage_in(env: &Env, model: &Path, dir: &Path) -> Result<String> {
             "policy off over our servers differs from stock servers:\n stock: {stock:?}\n ours:  {off:?}"
         );
     }
-    if off_ops.iter().any(|&(a, h)| a != 0 || h == 0) {
+    // (Under `off` every graph goes to the inner device whole, which leaves the statistics file unwritten;
+    // that both servers hold layers is shown by the `always` run below.)
+    if off_ops.iter().any(|&(a, _)| a != 0) {
         bail!(
-            "policy off: (offloaded, inner-device nodes) per server {off_ops:?}: want (0, > 0) on each"
+            "policy off: (offloaded, inner-device nodes) per server {off_ops:?}: nothing may be offloaded"
         );
     }
     notes.push(
