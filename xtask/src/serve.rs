@@ -519,6 +519,7 @@ fn stage_in(env: &crate::test::Env, model: &Path, dir: &Path) -> Result<String> 
         .with("GGML_COREML_CACHE_DIR", &cache)
         .with("GGML_COREML_STATS_FILE", &stats);
     let note = run_ours(env, model, dir, &reqs, &cfg, &stock_alone, &stock_bad, None)?;
+    log!("serve: {note}");
     notes.push(note);
 
     // Policy always: every weight MUL_MAT through the executor, faults injected in the second round.
