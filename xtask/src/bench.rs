@@ -501,9 +501,13 @@ fn write_outputs(results: &Results, out: &Path) -> Result<()> {
         let old = fs::read_to_string(&doc).unwrap_or_default();
         let new = match matrix.face {
             // The ACCEL default run rewrites the file and keeps the hybrid face's section.
-            Face::Accel => splice_hybrid(
-                &render_doc(results, out),
-                hybrid_section(&old).unwrap_or(""),
+            // The serving section (`cargo xtask serve-bench`) is kept too.
+            Face::Accel => crate::serve::splice_serve(
+                &splice_hybrid(
+                    &render_doc(results, out),
+                    hybrid_section(&old).unwrap_or(""),
+                ),
+                crate::serve::serve_section(&old).unwrap_or(""),
             ),
             Face::Hybrid => splice_hybrid(&old, &render_hybrid_section(results, out)),
         };

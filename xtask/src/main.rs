@@ -15,8 +15,11 @@ mod models;
 mod overhead;
 mod parity;
 mod paths;
+mod proc;
 mod qvac;
+mod rpc;
 mod run;
+mod serve;
 mod test;
 mod two_models;
 mod util;
@@ -94,6 +97,9 @@ enum Cmd {
     /// Instructions the host executes per prefill / decode test, stock vs ggml-coreml (valgrind's
     /// callgrind): the load-independent measure of what the backend's presence costs.
     Overhead(overhead::OverheadArgs),
+    /// llama-server under 8 concurrent clients (`-np 4`, Gemma-3-270M Q8_0): requests/s and p50/p95 latency,
+    /// stock vs ours (default policy and `always`); writes the serving section of docs/benchmarks.md.
+    ServeBench(serve::ServeBenchArgs),
     /// Pack .device/ for the hybrid face's CUDA run on the lent GPU machine and print the command.
     #[command(disable_help_flag = true)]
     CudaBundle {
@@ -159,5 +165,6 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
         Cmd::Parity(args) => return parity::main(args),
         Cmd::Bench(args) => return bench::main(args),
         Cmd::Overhead(args) => return overhead::main(args),
+        Cmd::ServeBench(args) => return serve::serve_bench(&args),
     }))
 }

@@ -120,6 +120,14 @@ const STAGES: &[Stage] = &[
         run: hybrid,
     },
     Stage {
+        name: "serve",
+        run: crate::serve::stage,
+    },
+    Stage {
+        name: "rpc",
+        run: crate::rpc::stage,
+    },
+    Stage {
         name: "parity",
         run: |_| crate::parity::quick_check(),
     },
@@ -159,7 +167,8 @@ pub fn main(args: &[String]) -> Result<()> {
                 println!(
                     "cargo xtask test [--only a,b] [--skip a,b] [--list]\n\
                      Runs every stage (fmt, clippy on Linux and both Apple targets, the iOS staticlib build,\n\
-                     cargo test with the host/venv/models, test-backend-ops conformance, llama-bench smoke,\n\
+                     cargo test with the host/venv/models, test-backend-ops conformance, llama-bench smoke, llama-server\n\
+                     under concurrent load (serve), llama.cpp RPC across two servers (rpc),\n\
                      API-version mismatch). Ends with `N passed, M failed`."
                 );
                 return Ok(());

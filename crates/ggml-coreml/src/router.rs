@@ -182,9 +182,7 @@ pub fn route(node: &TensorRef<'_>, face: Face) -> Route {
     };
     // The hybrid face sees every matmul of the graph; only those over model weights may go to the ANE
     // (prepared weights are cached by address, and a KV-cache operand changes every step).
-    if face == Face::Hybrid
-        && node.src(0).and_then(|w| w.buffer_usage()) != Some(BUFFER_USAGE_WEIGHTS)
-    {
+    if face == Face::Hybrid && !node.src(0).is_some_and(|w| w.is_model_weight()) {
         return Route::Host("not a weight");
     }
     let eng = engine();

@@ -4,6 +4,11 @@ use std::ffi::{CStr, c_int, c_void};
 
 use super::abi::*;
 
+/// `GGML_BACKEND_BUFFER_USAGE_ANY`.
+const BUFFER_USAGE_ANY: c_int = 0;
+/// `GGML_TENSOR_FLAG_INPUT`.
+const TENSOR_FLAG_INPUT: i32 = 1;
+
 /// Borrowed view of a live ggml tensor.
 #[derive(Clone, Copy)]
 pub struct TensorRef<'a> {
@@ -63,6 +68,24 @@ impl<'a> TensorRef<'a> {
     pub fn buffer_usage(&self) -> Option<c_int> {
         // SAFETY: a non-NULL tensor->buffer points to a live ggml_backend_buffer.
         unsafe { self.t.buffer.as_ref() }.map(|b| b.usage)
+    }
+    /// Whether this is a model weight, whose prepared form may be kept by address (hybrid face).
+    ///
+    /// A weight sits in a buffer marked `WEIGHTS`. llama.cpp's rpc-server cannot mark any: the RPC protocol
+    /// carries no buffer usage, so every buffer it allocates for a client is `ANY`, weights and KV cache
+    /// alike. There a weight is recognised by what llama.cpp's loader makes of it: a leaf (no op), not a
+    /// view (KV-cache operands of MUL_MAT are views of the cache), not a graph input, named `*.weight`.
+    pub fn is_model_weight(&self) -> bool {
+        match self.buffer_usage() {
+            Some(BUFFER_USAGE_WEIGHTS) => true,
+            Some(BUFFER_USAGE_ANY) => {
+                self.op() == GGML_OP_NONE
+                    && self.t.view_src.is_null()
+                    && self.t.flags & TENSOR_FLAG_INPUT == 0
+                    && self.name().ends_with(".weight")
+            }
+            _ => false,
+        }
     }
     pub fn src(&self, i: usize) -> Option<TensorRef<'a>> {
         // SAFETY: sources of a live tensor are live tensors or NULL.
