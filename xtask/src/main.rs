@@ -6,6 +6,7 @@
 
 mod backend;
 mod bench;
+mod device_report;
 mod face;
 mod gguf;
 mod host;
@@ -89,6 +90,10 @@ enum Cmd {
     /// Stock vs ggml-coreml llama-bench runs, alternating, over a model × type × policy matrix; writes
     /// bench-out/<time>/ and (default matrix) docs/benchmarks.md.
     Bench(bench::BenchArgs),
+    /// Mac only: the device suite, `cargo xtask run`, a llama-bench comparison (Metal, hybrid
+    /// CoreML-Metal, ACCEL at -ngl 0, each vs stock) and `parity --quick`, into one markdown + JSON
+    /// report (docs/apple.md §1). Elsewhere: prints what it would run and fails.
+    DeviceReport(device_report::DeviceReportArgs),
     /// Instructions the host executes per prefill / decode test, stock vs ggml-coreml (valgrind's
     /// callgrind): the load-independent measure of what the backend's presence costs.
     Overhead(overhead::OverheadArgs),
@@ -147,5 +152,6 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
         Cmd::Parity(args) => return parity::main(args),
         Cmd::Bench(args) => return bench::main(args),
         Cmd::Overhead(args) => return overhead::main(args),
+        Cmd::DeviceReport(args) => return device_report::main(args),
     }))
 }
