@@ -130,7 +130,16 @@ impl BackgroundExecutor {
     /// preparation before the breaker opens (the inner executor's own compile timeout is normally
     /// shorter). Starts the worker, which runs the probe first.
     pub fn new(inner: Arc<dyn Executor>, watchdog: Duration) -> BackgroundExecutor {
-        Self::with_breaker(inner, watchdog, CircuitBreaker::global(), Arc::new(|_| {}))
+        // The backend's log callback lives above this crate: the two messages this wrapper has (a
+        // failed probe, the breaker opening) go to stderr unless GGML_COREML_LOG=off; `health()`
+        // carries them to the statistics.
+        let quiet = std::env::var("GGML_COREML_LOG").is_ok_and(|v| v.trim() == "off");
+        let log: Log = Arc::new(move |m: &str| {
+            if !quiet {
+                eprintln!("ggml-coreml: {m}");
+            }
+        });
+        Self::with_breaker(inner, watchdog, CircuitBreaker::global(), log)
     }
 
     /// As [`Self::new`] with an explicit breaker (tests: a leaked one of their own) and log.
@@ -394,6 +403,29 @@ impl Executor for BackgroundExecutor {
             ProbeState::Failed(why) => Err(why),
             _ => Ok(()),
         }
+    }
+
+    fn health(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        match self.probe_state() {
+            ProbeState::Failed(why) => parts.push(format!("unusable: startup probe failed: {why}")),
+            ProbeState::Running => parts.push("startup probe running".to_owned()),
+            ProbeState::Passed => {}
+        }
+        if let Some(why) = self.shared.breaker.open_reason() {
+            parts.push(format!("compile circuit breaker open: {why}"));
+        }
+        let s = self.stats();
+        if s.pending > 0 || s.held > 0 {
+            parts.push(format!(
+                "{} programs being prepared, {} held back",
+                s.pending, s.held
+            ));
+        }
+        if let Some(h) = self.shared.inner.health() {
+            parts.push(h);
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     fn run(

@@ -177,6 +177,12 @@ pub trait Executor: Send + Sync {
         Ok(())
     }
 
+    /// One line on what holds the executor back, for the statistics and logs: a failed startup probe,
+    /// an open compile circuit breaker, programs still being prepared. `None` when nothing does.
+    fn health(&self) -> Option<String> {
+        None
+    }
+
     /// Runs one program call. `out` is `[N, Mp]` fp16. `weight_key` identifies the weight data for
     /// executors that keep device copies of weights between calls (0 = do not cache).
     fn run(

@@ -401,3 +401,24 @@ fn a_panic_while_preparing_is_a_refusal_not_a_crash() {
     // The worker survived: the probe state is still good and the executor still answers.
     assert_eq!(exec.probe_state(), ProbeState::Passed);
 }
+
+#[test]
+fn health_names_the_probe_and_the_breaker() {
+    let exec = bg(
+        Arc::new(Faulty {
+            inner: ReferenceExecutor::new(),
+            probe: Err("fp16 surface rejected".into()),
+            panic_in_prepare: false,
+        }),
+        Duration::from_secs(60),
+    );
+    exec.wait_probe(Duration::from_secs(10));
+    exec.breaker().trip("compile of f16-m64-k64-n16 timed out");
+    let h = exec.health().expect("health");
+    assert!(
+        h.contains("startup probe failed: fp16 surface rejected")
+            && h.contains("circuit breaker open"),
+        "{h}"
+    );
+    assert_eq!(ReferenceExecutor::new().health(), None);
+}

@@ -846,6 +846,22 @@ impl Executor for CoreMlExecutor {
         }
     }
 
+    fn health(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(why) = &self.unusable {
+            parts.push(format!("unusable: {why}"));
+        }
+        if let Some(Err(why)) = self.probe_result() {
+            parts.push(format!("unusable: startup probe failed: {why}"));
+        }
+        if let Some(why) = self.int8_refused() {
+            parts.push(format!(
+                "int8-input programs refused ({why}); weights use the f16 program"
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
     fn needs_compile(&self, desc: &ProgramDesc) -> bool {
         self.unusable.is_none()
             && self.ready.get(desc).is_none()
