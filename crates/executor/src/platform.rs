@@ -278,6 +278,13 @@ pub fn best_executor() -> (Arc<dyn Executor>, String) {
                             format!("{} (programs prepared in the background)", caps.description),
                         );
                     }
+                    // GGML_COREML_COMPILE=sync: the startup probe runs here, on the calling thread.
+                    if let Err(why) = e.probe() {
+                        return (
+                            reference(),
+                            format!("reference executor: CoreML startup probe failed: {why}"),
+                        );
+                    }
                     return (e, caps.description);
                 }
                 (
