@@ -7,6 +7,7 @@
 mod backend;
 mod bench;
 mod cuda;
+mod device_report;
 mod face;
 mod gguf;
 mod host;
@@ -94,6 +95,10 @@ enum Cmd {
     /// Stock vs ggml-coreml llama-bench runs, alternating, over a model × type × policy matrix; writes
     /// bench-out/<time>/ and (default matrix) docs/benchmarks.md.
     Bench(bench::BenchArgs),
+    /// Mac only: the device suite, `cargo xtask run`, a llama-bench comparison (Metal, hybrid
+    /// CoreML-Metal, ACCEL at -ngl 0, each vs stock) and `parity --quick`, into one markdown + JSON
+    /// report (docs/apple.md §1). Elsewhere: prints what it would run and fails.
+    DeviceReport(device_report::DeviceReportArgs),
     /// Instructions the host executes per prefill / decode test, stock vs ggml-coreml (valgrind's
     /// callgrind): the load-independent measure of what the backend's presence costs.
     Overhead(overhead::OverheadArgs),
@@ -166,5 +171,6 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<Option<PathBuf>> {
         Cmd::Bench(args) => return bench::main(args),
         Cmd::Overhead(args) => return overhead::main(args),
         Cmd::ServeBench(args) => return serve::serve_bench(&args),
+        Cmd::DeviceReport(args) => return device_report::main(args),
     }))
 }

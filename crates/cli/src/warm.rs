@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use ggml_coreml_cache::gguf::Gguf;
+use ggml_coreml_executor::{ProgramDesc, Variant};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cache_cmd::WarmArgs;
@@ -62,7 +63,7 @@ pub fn run(cli: &Cli, args: &WarmArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let bar = ProgressBar::new(plan.programs.len() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}, eta {eta}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut t = Tally::default();
@@ -76,6 +77,29 @@ pub fn run(cli: &Cli, args: &WarmArgs) -> anyhow::Result<ExitCode> {
             Ok(Prepared::Declined(why)) => {
                 t.declined += 1;
                 bar.println(format!("declined {desc}: {why}"));
+                // The backend runs a weight whose int8-input program is refused through the f16
+                // program (dequantised at prepare time): warm that one too.
+                if desc.variant != Variant::F16 {
+                    let f16 = ProgramDesc {
+                        variant: Variant::F16,
+                        group: 0,
+                        offsets: false,
+                        ..*desc
+                    };
+                    bar.set_message(format!("{} (fallback)", f16.key()));
+                    match preparer.prepare(&f16) {
+                        Ok(Prepared::Hit) => t.hits += 1,
+                        Ok(Prepared::Built | Prepared::BuiltUnstored) => t.built += 1,
+                        Ok(Prepared::Declined(why)) => {
+                            t.declined += 1;
+                            bar.println(format!("declined fallback {f16}: {why}"));
+                        }
+                        Err(e) => {
+                            t.failed += 1;
+                            failures.push(format!("{f16}: {e}"));
+                        }
+                    }
+                }
             }
             Err(e) => {
                 t.failed += 1;
@@ -85,6 +109,11 @@ pub fn run(cli: &Cli, args: &WarmArgs) -> anyhow::Result<ExitCode> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if failures.is_empty() {
+        // The cache is warm: compiles may start again in this process (the breaker opens after a
+        // compile timeout; see ggml_coreml_executor::background).
+        ggml_coreml_executor::background::CircuitBreaker::global().reset();
+    }
     for f in &failures {
         eprintln!("failed {f}");
     }

@@ -4,6 +4,8 @@
 //!
 //! ggml's MUL_MAT computes `dst[m][n] = Σ_k w[n][k] · x[m][k]`; programs compute `y[N, Mp] = w[N, K] · x[K, Mp]`.
 
+use std::sync::OnceLock;
+
 use half::f16;
 
 use ggml_coreml_bridge::{self as bridge, BridgeError, RowwiseInt8, WeightType};
@@ -81,6 +83,10 @@ pub struct PreparedWeight {
     pub form: WeightForm,
     /// Identity of the weight data for executors that keep device copies (0 = none).
     pub key: u64,
+    /// The f16 form, made from `form` the first time the executor refuses this weight's int8-input
+    /// program (i8i8, w8f16): from then on the weight runs through the f16 program, and goes to the
+    /// host only if that is refused too. See [`matmul`].
+    fallback: OnceLock<WeightForm>,
 }
 
 impl PreparedWeight {
@@ -128,7 +134,62 @@ impl PreparedWeight {
             mode,
             form,
             key,
+            fallback: OnceLock::new(),
         })
+    }
+
+    /// True once the weight runs through its f16 fallback program.
+    pub fn on_f16_fallback(&self) -> bool {
+        self.fallback.get().is_some()
+    }
+
+    /// The f16 fallback form, dequantised from the int8 form once (None for f16 / exact forms).
+    fn f16_fallback(&self) -> Option<&WeightForm> {
+        match &self.form {
+            WeightForm::Rowwise(_) | WeightForm::Block { .. } => Some(
+                self.fallback
+                    .get_or_init(|| WeightForm::Half(self.dequantize_f16())),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The weight's values in fp16 as its int8 program would see them: `q · scale` per row (i8i8),
+    /// `q · scale (+ offset)` per group (w8f16, the program's own formula).
+    fn dequantize_f16(&self) -> Vec<f16> {
+        let (n, k) = (self.n, self.k);
+        let mut out = Vec::with_capacity(n * k);
+        match &self.form {
+            WeightForm::Rowwise(r) => {
+                for row in 0..n {
+                    let s = r.scales[row];
+                    out.extend(
+                        r.q[row * k..(row + 1) * k]
+                            .iter()
+                            .map(|&q| f16::from_f32(q as f32 * s)),
+                    );
+                }
+            }
+            WeightForm::Block {
+                q,
+                scales,
+                offsets,
+                group,
+            } => {
+                let g = (*group).max(1);
+                for (i, &v) in q.iter().enumerate() {
+                    let gi = i / g;
+                    let mut x = f16::from_f32(v as f32) * scales[gi];
+                    if let Some(o) = offsets {
+                        x += o[gi];
+                    }
+                    out.push(x);
+                }
+            }
+            WeightForm::Half(h) => out.extend_from_slice(h),
+            WeightForm::Exact(e) => out.extend(e.iter().map(|&v| f16::from_f32(v))),
+        }
+        out
     }
 
     /// Bytes this form keeps alive (the original ggml bytes are not counted).
@@ -195,7 +256,35 @@ pub fn matmul(
         }
         Mode::Program(v) => v,
     };
-    let (group, offsets) = match &w.form {
+    if let Some(h) = w.fallback.get() {
+        return matmul_form(exec, w, h, Variant::F16, act, out, out_stride, scratch);
+    }
+    match matmul_form(exec, w, &w.form, variant, act, out, out_stride, scratch) {
+        // The int8-input program is refused here (placement, compile, an OS without int8 inputs on
+        // the ANE): the same weight through the f16 program before the host.
+        Err(e) if e.is_refusal() && variant != Variant::F16 => match w.f16_fallback() {
+            Some(h) => matmul_form(exec, w, h, Variant::F16, act, out, out_stride, scratch),
+            None => Err(e),
+        },
+        r => r,
+    }
+}
+
+/// [`matmul`] with an explicit weight form and program variant (the weight's own, or its f16 fallback).
+#[allow(clippy::too_many_arguments)]
+fn matmul_form(
+    exec: &dyn Executor,
+    w: &PreparedWeight,
+    form: &WeightForm,
+    variant: Variant,
+    act: &Activations<'_>,
+    out: &mut [f32],
+    out_stride: usize,
+    scratch: &mut Scratch,
+) -> Result<(), ExecError> {
+    let (m, k, n) = (act.m, w.k, w.n);
+    let bad = |why: String| ExecError::BadInputs(format!("matmul m={m} k={k} n={n}"), why);
+    let (group, offsets) = match form {
         WeightForm::Block { group, offsets, .. } => (*group, offsets.is_some()),
         _ => (0, false),
     };
@@ -220,10 +309,10 @@ pub fn matmul(
     for part in &plan.parts {
         let d = part.desc;
         run_part(
-            exec, w, act, scratch, part.m0, part.m_len, part.k0, part.n0, &d,
+            exec, w, form, act, scratch, part.m0, part.m_len, part.k0, part.n0, &d,
         )?;
         // y[N, Mp] (fp16) into out[m][n], rescaled for i8i8.
-        let rescale = match &w.form {
+        let rescale = match form {
             WeightForm::Rowwise(r) => {
                 let s = d.i8_scale().to_f32();
                 let inv = 1.0 / (s * s);
@@ -322,6 +411,7 @@ fn store_y(
 fn run_part(
     exec: &dyn Executor,
     w: &PreparedWeight,
+    form: &WeightForm,
     act: &Activations<'_>,
     s: &mut Scratch,
     m0: usize,
@@ -339,7 +429,7 @@ fn run_part(
         w.key ^ ((k0 as u64) << 40 | (n0 as u64) << 16 | 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
     };
     let whole_k = kp == k;
-    match &w.form {
+    match form {
         WeightForm::Rowwise(r) => {
             // x [K, Mp] int8, zero padding past m_len.
             transpose_i8_into(&s.xq[m0 * k + k0..], k, m_len, kp, mp, &mut s.xt_i8);

@@ -7,6 +7,7 @@
 //! The host side of a matmul (activation quantisation, transposes, padding, splits, rescale) lives in
 //! [`driver`], shared by every executor.
 
+pub mod background;
 pub mod coreml;
 pub mod driver;
 pub mod platform;
@@ -17,7 +18,14 @@ use half::f16;
 pub use ggml_coreml_program::{ProgramDesc, Variant};
 
 /// Why an executor could not run a program. Every error maps to the host fallback path.
-#[derive(Debug, thiserror::Error)]
+///
+/// Three families (see [`ExecError::is_refusal`], [`ExecError::is_not_ready`]):
+/// - refusals (`Unsupported`, `Compile`, `Placement`): this program cannot run here, stable for the
+///   process; the driver tries the f16 program of the same weight before the host;
+/// - `NotReady`: the program is being built off the compute thread; the node runs on the host this time,
+///   and it is not a fault;
+/// - faults (`BadInputs`, `Run`): something went wrong on this call.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("program {0} is not supported by this executor: {1}")]
     Unsupported(String, String),
@@ -29,6 +37,34 @@ pub enum ExecError {
     Placement(String, String),
     #[error("program {0} failed to run: {1}")]
     Run(String, String),
+    /// Contains [`NOT_READY_TAG`] in its message, so callers that only keep the text can tell.
+    #[error("program {0} is not ready yet: {1}")]
+    NotReady(String, String),
+}
+
+/// Part of every [`ExecError::NotReady`] message.
+pub const NOT_READY_TAG: &str = "is not ready yet";
+
+/// True when an error message (an [`ExecError`] turned into text) says "not ready": the node should
+/// run on the host without counting a fault.
+pub fn is_not_ready_message(msg: &str) -> bool {
+    msg.contains(NOT_READY_TAG)
+}
+
+impl ExecError {
+    /// The program is being prepared off the compute thread: run this call on the host, no fault.
+    pub fn is_not_ready(&self) -> bool {
+        matches!(self, ExecError::NotReady(..))
+    }
+
+    /// The program cannot run on this executor (stable for the process): another program variant of
+    /// the same weight may.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ExecError::Unsupported(..) | ExecError::Compile(..) | ExecError::Placement(..)
+        )
+    }
 }
 
 /// Inputs of one program call, matching the variant of its [`ProgramDesc`].
@@ -125,8 +161,27 @@ pub trait Executor: Send + Sync {
     /// `ggml_backend_set_n_threads` ends here. Executors that do not use host threads ignore it.
     fn set_threads(&self, _n: usize) {}
 
-    /// Makes `desc` ready to run (compile or load from the cache). Idempotent; cheap when ready.
+    /// Makes `desc` ready to run (compile or load from the cache), blocking until it is. Idempotent;
+    /// cheap when ready. `cache warm` and the device suite call it; the compute path does not have to.
     fn prepare(&self, desc: &ProgramDesc) -> Result<(), ExecError>;
+
+    /// Would [`Executor::prepare`] have to compile `desc` (not in any cache)? The compile circuit
+    /// breaker ([`background::CircuitBreaker`]) holds those back. Executors without compiles say false.
+    fn needs_compile(&self, _desc: &ProgramDesc) -> bool {
+        false
+    }
+
+    /// The once-per-process startup probe (CoreML: an int8 and an fp16 surface made into arrays and
+    /// run through a prediction). `Err` makes the executor unusable for the process, with the reason.
+    fn probe(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// One line on what holds the executor back, for the statistics and logs: a failed startup probe,
+    /// an open compile circuit breaker, programs still being prepared. `None` when nothing does.
+    fn health(&self) -> Option<String> {
+        None
+    }
 
     /// Runs one program call. `out` is `[N, Mp]` fp16. `weight_key` identifies the weight data for
     /// executors that keep device copies of weights between calls (0 = do not cache).

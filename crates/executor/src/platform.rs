@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Executor;
+use crate::background::BackgroundExecutor;
 use crate::reference::ReferenceExecutor;
 
 /// The first OS major version whose CoreML takes int8 model inputs (every program uses spec 10).
@@ -243,10 +244,24 @@ pub fn describe() -> String {
 /// The executor the backend should use, and why: the CoreML executor on an Apple device that can run
 /// the programs, the reference executor elsewhere. `GGML_COREML_EXECUTOR=reference` forces the
 /// reference executor.
+///
+/// The CoreML executor prepares programs on a background worker ([`BackgroundExecutor`]) unless
+/// `GGML_COREML_COMPILE=sync`; the reference executor does only with `GGML_COREML_COMPILE=background`
+/// (tests of the not-ready path, with `GGML_COREML_REFERENCE_COMPILE_MS` as a slow compiler).
 pub fn best_executor() -> (Arc<dyn Executor>, String) {
+    let reference = || -> Arc<dyn Executor> {
+        let r: Arc<dyn Executor> = Arc::new(ReferenceExecutor::from_env());
+        if std::env::var("GGML_COREML_COMPILE")
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("background"))
+        {
+            Arc::new(BackgroundExecutor::new(r, compile_watchdog()))
+        } else {
+            r
+        }
+    };
     if std::env::var("GGML_COREML_EXECUTOR").is_ok_and(|v| v.eq_ignore_ascii_case("reference")) {
         return (
-            Arc::new(ReferenceExecutor::new()),
+            reference(),
             "reference executor (GGML_COREML_EXECUTOR=reference)".into(),
         );
     }
@@ -256,15 +271,29 @@ pub fn best_executor() -> (Arc<dyn Executor>, String) {
             Ok(e) => {
                 let caps = e.capabilities();
                 if caps.accelerated {
-                    return (Arc::new(e), caps.description);
+                    let e: Arc<dyn Executor> = Arc::new(e);
+                    if crate::background::background_enabled() {
+                        return (
+                            Arc::new(BackgroundExecutor::new(e, compile_watchdog())),
+                            format!("{} (programs prepared in the background)", caps.description),
+                        );
+                    }
+                    // GGML_COREML_COMPILE=sync: the startup probe runs here, on the calling thread.
+                    if let Err(why) = e.probe() {
+                        return (
+                            reference(),
+                            format!("reference executor: CoreML startup probe failed: {why}"),
+                        );
+                    }
+                    return (e, caps.description);
                 }
                 (
-                    Arc::new(ReferenceExecutor::new()),
+                    reference(),
                     format!("reference executor: {}", caps.description),
                 )
             }
             Err(why) => (
-                Arc::new(ReferenceExecutor::new()),
+                reference(),
                 format!("reference executor: CoreML executor unavailable: {why}"),
             ),
         }
@@ -272,13 +301,24 @@ pub fn best_executor() -> (Arc<dyn Executor>, String) {
     #[cfg(not(target_vendor = "apple"))]
     {
         (
-            Arc::new(ReferenceExecutor::new()),
+            reference(),
             format!(
                 "reference executor: {} is not an Apple platform",
                 std::env::consts::OS
             ),
         )
     }
+}
+
+/// How long a program may be in preparation before the compile circuit breaker opens: three times
+/// `GGML_COREML_COMPILE_TIMEOUT_S` (compile, compute plan and load each have that limit; default 300 s).
+pub fn compile_watchdog() -> std::time::Duration {
+    let s = std::env::var("GGML_COREML_COMPILE_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(300);
+    std::time::Duration::from_secs(s.saturating_mul(3))
 }
 
 #[cfg(target_vendor = "apple")]
@@ -289,8 +329,12 @@ mod apple {
     use std::sync::atomic::Ordering;
 
     use block2::RcBlock;
+    use objc2::msg_send;
+    use objc2::rc::Retained;
+    use objc2::runtime::{AnyClass, AnyObject};
     use objc2_foundation::{
-        NSNotification, NSNotificationCenter, NSProcessInfo, NSProcessInfoThermalState, NSString,
+        NSNotification, NSNotificationCenter, NSOperationQueue, NSProcessInfo,
+        NSProcessInfoThermalState, NSString, NSThread,
     };
 
     use super::{BACKGROUND, NeuralEngine, OsVersion, PlatformFacts, Thermal};
@@ -385,8 +429,45 @@ mod apple {
         WATCH.call_once(|| {
             observe("UIApplicationDidEnterBackgroundNotification", true);
             observe("UIApplicationWillEnterForegroundNotification", false);
+            read_state_at_start();
         });
         true
+    }
+
+    /// `UIApplicationStateBackground`.
+    const STATE_BACKGROUND: isize = 2;
+
+    /// The notifications only report changes: a process started in the background (background fetch,
+    /// a BGTask) or a library loaded late would think it is in the foreground. Read
+    /// `UIApplication.sharedApplication.applicationState` once, by class name (UIKit stays unlinked; no
+    /// UIApplication class on macOS). UIKit wants it read on the main thread: directly when we are on it,
+    /// else on the main queue (no waiting: a blocked main thread must not block us).
+    fn read_state_at_start() {
+        if AnyClass::get(c"UIApplication").is_none() {
+            return;
+        }
+        if NSThread::isMainThread_class() {
+            read_application_state();
+        } else {
+            let block = RcBlock::new(read_application_state);
+            // SAFETY: the block only reads UIKit state on the main thread and stores to an atomic.
+            unsafe { NSOperationQueue::mainQueue().addOperationWithBlock(&block) };
+        }
+    }
+
+    fn read_application_state() {
+        let Some(cls) = AnyClass::get(c"UIApplication") else {
+            return;
+        };
+        // SAFETY: `+[UIApplication sharedApplication]` takes no arguments and returns the app object
+        // (nil in an app extension); `-applicationState` returns an NSInteger. Run on the main thread.
+        let state: Option<isize> = unsafe {
+            let app: Option<Retained<AnyObject>> = msg_send![cls, sharedApplication];
+            app.map(|a| msg_send![&*a, applicationState])
+        };
+        if let Some(st) = state {
+            BACKGROUND.store(st == STATE_BACKGROUND, Ordering::Relaxed);
+        }
     }
 
     /// Sets [`BACKGROUND`] to `value` whenever the notification `name` is posted. The names are

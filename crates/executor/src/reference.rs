@@ -3,8 +3,9 @@
 //! integer GEMM for int8 × int8). Portable, so the whole pipeline is testable without Apple hardware.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ggml_coreml_program::{Interpreter, ProgramError, TensorRef, emit_model};
 use half::f16;
@@ -16,6 +17,11 @@ use crate::{Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, Varia
 pub struct ReferenceExecutor {
     programs: Mutex<HashMap<ProgramDesc, Arc<Interpreter>>>,
     threads: AtomicUsize,
+    /// Test hook: refuse programs with int8 inputs (i8i8, w8f16) the way CoreML refuses a placement,
+    /// as an OS that does not take int8 inputs on the ANE would.
+    refuse_int8: AtomicBool,
+    /// Test hook: each program's first build takes this long (a slow compiler).
+    compile_delay_ms: AtomicU64,
 }
 
 impl Default for ReferenceExecutor {
@@ -30,7 +36,42 @@ impl ReferenceExecutor {
         ReferenceExecutor {
             programs: Mutex::new(HashMap::new()),
             threads: AtomicUsize::new(1),
+            refuse_int8: AtomicBool::new(false),
+            compile_delay_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The test hooks from the environment (the backend's reference executor only):
+    /// `GGML_COREML_REFERENCE_REFUSE=int8` refuses int8-input programs, and
+    /// `GGML_COREML_REFERENCE_COMPILE_MS=<ms>` makes each first build that slow.
+    pub fn from_env() -> ReferenceExecutor {
+        let e = ReferenceExecutor::new();
+        if std::env::var("GGML_COREML_REFERENCE_REFUSE").is_ok_and(|v| v.trim() == "int8") {
+            e.set_refuse_int8(true);
+        }
+        if let Some(ms) = std::env::var("GGML_COREML_REFERENCE_COMPILE_MS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            e.set_compile_delay(Duration::from_millis(ms));
+        }
+        e
+    }
+
+    /// Test hook: refuse i8i8 and w8f16 programs (placement refusal).
+    pub fn set_refuse_int8(&self, on: bool) {
+        self.refuse_int8.store(on, Ordering::Relaxed);
+    }
+
+    /// Test hook: every first build of a program sleeps this long.
+    pub fn set_compile_delay(&self, d: Duration) {
+        self.compile_delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Has `desc` been built?
+    pub fn is_prepared(&self, desc: &ProgramDesc) -> bool {
+        self.lock().contains_key(desc)
     }
 
     /// Threads each matmul is split across (0 counts as 1).
@@ -53,11 +94,21 @@ impl ReferenceExecutor {
     }
 
     fn interpreter(&self, desc: &ProgramDesc) -> Result<Arc<Interpreter>, ExecError> {
+        if self.refuse_int8.load(Ordering::Relaxed) && desc.variant != Variant::F16 {
+            return Err(ExecError::Placement(
+                desc.key(),
+                "int8 inputs refused (reference test hook)".into(),
+            ));
+        }
         if let Some(i) = self.lock().get(desc) {
             return Ok(i.clone());
         }
         desc.validate()
             .map_err(|e| ExecError::Unsupported(desc.key(), e))?;
+        let delay = self.compile_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         // Built outside the lock: emission is deterministic, so a racing twin builds the same program.
         let bytes = emit_model(desc).map_err(|e| ExecError::Compile(desc.key(), e.to_string()))?;
         let interp =
@@ -89,6 +140,10 @@ impl Executor for ReferenceExecutor {
 
     fn prepare(&self, desc: &ProgramDesc) -> Result<(), ExecError> {
         self.interpreter(desc).map(|_| ())
+    }
+
+    fn needs_compile(&self, desc: &ProgramDesc) -> bool {
+        !self.is_prepared(desc)
     }
 
     fn run(

@@ -56,8 +56,11 @@ mod device {
     fn exec() -> &'static CoreMlExecutor {
         static EXEC: OnceLock<CoreMlExecutor> = OnceLock::new();
         EXEC.get_or_init(|| {
+            // The speed check would refuse the suite's small shapes (the CPU wins those); it has a
+            // test of its own below.
             let settings = Settings {
                 cache_dir: Some(temp_dir("suite")),
+                speed_check: false,
                 ..Settings::from_env()
             };
             let e = coreml::try_new_with(settings).expect("CoreML executor");
@@ -74,13 +77,18 @@ mod device {
     fn print_status(e: &CoreMlExecutor, d: &ggml_coreml_executor::ProgramDesc) {
         if let Some(s) = e.status(d) {
             eprintln!(
-                "  {:<26} {} compile/find {:>8.1} ms, load {:>8.1} ms, placement [{}], self-check [{}]",
+                "  {:<26} {} compile/find {:>8.1} ms, load {:>8.1} ms, placement [{}], self-check [{}], speed [{}]{}",
                 d.key(),
                 if s.cache_hit { "cached  " } else { "compiled" },
                 s.compile_ms,
                 s.load_ms,
                 s.placement,
-                s.self_check.as_deref().unwrap_or("off")
+                s.self_check.as_deref().unwrap_or("off"),
+                s.speed_check.as_deref().unwrap_or("off"),
+                s.refused
+                    .as_ref()
+                    .map(|r| format!(", REFUSED: {r}"))
+                    .unwrap_or_default()
             );
         }
     }
@@ -94,6 +102,36 @@ mod device {
         eprintln!("capabilities: {caps:?}");
         assert_eq!(caps.variants, Variant::ALL.to_vec());
         assert!(e.facts().neural_engine.present());
+    }
+
+    /// The startup probe (int8 and fp16 surfaces → arrays → a prediction) and the speed check (ANE vs
+    /// the same model loaded CPU-only) on model-sized programs; prints every verdict.
+    #[test]
+    fn startup_probe_and_speed_verdicts() {
+        let settings = Settings {
+            cache_dir: Some(temp_dir("speed")),
+            speed_check: true,
+            ..Settings::from_env()
+        };
+        let e = coreml::try_new_with(settings).expect("CoreML executor");
+        let t = Instant::now();
+        let probe = e.probe();
+        eprintln!(
+            "startup probe: {probe:?} in {:.0} ms; int8 refused: {:?}",
+            t.elapsed().as_secs_f64() * 1e3,
+            e.int8_refused()
+        );
+        assert!(probe.is_ok(), "startup probe failed: {probe:?}");
+        eprintln!("speed verdicts (ane vs cpu-only, same compiled model):");
+        for d in common::large_shapes().into_iter().take(6) {
+            let r = e.prepare(&d);
+            print_status(&e, &d);
+            if let Err(err) = r {
+                eprintln!("    refused: {err}");
+            }
+        }
+        let st = e.stats();
+        eprintln!("stats: {st:?}");
     }
 
     #[test]

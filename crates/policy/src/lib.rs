@@ -96,6 +96,22 @@ pub struct MatmulShape {
     pub n: usize,
 }
 
+/// What the host side of a face is: where an op the policy keeps off the ANE runs.
+///
+/// iOS aborts GPU work submitted from the background (and apps built on ggml crash on it), while the
+/// CPU always runs and the ANE compute unit may still run. So the background rule depends on the host:
+/// with a CPU host (the ACCEL face) the background sends ops to the CPU; with a GPU host (the hybrid
+/// face over Metal) the background never sends an op to the host — an op the ANE would take stays on
+/// the ANE, and nothing goes *to* Metal because the app went to the background.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HostKind {
+    /// The CPU backend (ACCEL face; hybrid face over the CPU).
+    #[default]
+    Cpu,
+    /// A GPU backend such as Metal (hybrid face `CoreML-Metal`).
+    Gpu,
+}
+
 /// Why an op stays on the host. `as_str()` values are stable: they appear in logs and stats JSON keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -417,7 +433,13 @@ impl Policy {
     }
 
     pub fn decide_for(&self, shape: &MatmulShape, variant: Variant) -> Decision {
-        self.evaluate(shape, variant, true).0
+        self.evaluate(shape, variant, true, HostKind::Cpu).0
+    }
+
+    /// The decision when the host side is `host` (see [`HostKind`]: a GPU host is never chosen because
+    /// the app is in the background). The hybrid face over Metal asks with [`HostKind::Gpu`].
+    pub fn decide_on(&self, shape: &MatmulShape, variant: Variant, host: HostKind) -> Decision {
+        self.evaluate(shape, variant, true, host).0
     }
 
     /// At weight placement: could any MUL_MAT over this weight ever go to the ANE under the current mode?
@@ -437,7 +459,11 @@ impl Policy {
             .copied()
             .filter(|&b| b < ubatch)
             .chain(std::iter::once(ubatch))
-            .any(|m| self.evaluate(&MatmulShape { m, k, n }, variant, false).0 == Decision::Ane)
+            .any(|m| {
+                self.evaluate(&MatmulShape { m, k, n }, variant, false, HostKind::Cpu)
+                    .0
+                    == Decision::Ane
+            })
     }
 
     /// Times the decision compares for this shape.
@@ -550,7 +576,7 @@ impl Policy {
     }
 
     pub fn explain_for(&self, shape: &MatmulShape, variant: Variant) -> String {
-        let (d, p) = self.evaluate(shape, variant, true);
+        let (d, p) = self.evaluate(shape, variant, true, HostKind::Cpu);
         let facts = self.device_facts();
         let st = self.device_state();
         let mode = self.mode();
@@ -655,12 +681,13 @@ impl Policy {
     }
 
     /// The decision; `transient` includes the device state (thermal, power, background). Returns the
-    /// prediction when the cost rule was reached.
+    /// prediction when the cost rule was reached. `host_kind`: see [`HostKind`].
     fn evaluate(
         &self,
         shape: &MatmulShape,
         variant: Variant,
         transient: bool,
+        host_kind: HostKind,
     ) -> (Decision, Option<Prediction>) {
         let host = |r| (Decision::Host(r), None);
         if shape.m == 0 || shape.k == 0 || shape.n == 0 {
@@ -703,7 +730,8 @@ impl Policy {
         }
         if transient {
             let st = self.device_state();
-            if st.background {
+            // A GPU host is not a refuge in the background: iOS aborts its work. Only a CPU host is.
+            if st.background && host_kind == HostKind::Cpu {
                 return host(Reason::Background);
             }
             if st.thermal == Thermal::Critical

@@ -293,9 +293,40 @@ pub fn compare_ideal(
     }
 }
 
+/// The speed check's verdict: the best time of the program loaded for the Neural Engine
+/// (`CPUAndNeuralEngine`) against the best time of the same compiled model loaded `CPUOnly`. The
+/// program is kept only when the Neural Engine is faster; otherwise it is refused (and the refusal
+/// cached like a placement verdict), because a plan that names the Neural Engine is not proof that the
+/// prediction ran there.
+pub fn speed_verdict(ane_ms: f64, cpu_ms: f64) -> Result<String, String> {
+    let line = format!("ane {ane_ms:.3} ms vs cpu-only {cpu_ms:.3} ms");
+    if !(ane_ms.is_finite() && cpu_ms.is_finite()) || ane_ms <= 0.0 || cpu_ms <= 0.0 {
+        return Err(format!("{line}: not measurable"));
+    }
+    if ane_ms < cpu_ms {
+        Ok(format!("{line} ({:.2}x)", cpu_ms / ane_ms))
+    } else {
+        Err(format!("{line}: not faster than the CPU alone"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speed_verdict_keeps_only_faster_programs() {
+        assert!(speed_verdict(0.5, 2.0).unwrap().contains("4.00x"));
+        let why = speed_verdict(2.0, 2.0).unwrap_err();
+        assert!(why.contains("not faster"), "{why}");
+        assert!(speed_verdict(3.0, 1.0).is_err());
+        assert!(
+            speed_verdict(f64::NAN, 1.0)
+                .unwrap_err()
+                .contains("not measurable")
+        );
+        assert!(speed_verdict(0.0, 1.0).is_err());
+    }
 
     fn desc(
         variant: Variant,

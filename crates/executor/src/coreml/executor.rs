@@ -20,10 +20,11 @@ use objc2_core_ml::MLMultiArray;
 
 use super::check::{
     Agreement, FULL_CHECK_MAX_MACS, OwnedInputs, SAMPLED_ENTRIES, SELF_CHECK_MAX_NMSE,
-    compare_ideal, compare_outputs,
+    compare_ideal, compare_outputs, speed_verdict,
 };
 use super::io::{Surface, f16_bytes, f16_bytes_mut, i8_bytes};
-use super::runtime::{self, CompileError, Model, Output};
+use super::runtime::{self, CompileError, Model, Output, Units};
+use crate::background::CircuitBreaker;
 use crate::platform::{self, PlatformFacts};
 use crate::reference::ReferenceExecutor;
 use crate::{Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, Variant};
@@ -43,6 +44,12 @@ pub struct Settings {
     /// `GGML_COREML_REQUIRE_ANE` (default on; `0` runs programs CoreML would not place on the Neural
     /// Engine — for experiments on a device only).
     pub require_ane: bool,
+    /// `GGML_COREML_SPEED_CHECK` (default on; `0` turns it off): after load, one timed prediction against
+    /// the same compiled model loaded CPU-only; a program that is not faster on the Neural Engine is
+    /// refused and the verdict cached.
+    pub speed_check: bool,
+    /// `GGML_COREML_PROBE` (default on; `0` skips the startup probe).
+    pub probe: bool,
     /// Cache directory; `None` means `GGML_COREML_CACHE_DIR` or the platform default.
     pub cache_dir: Option<PathBuf>,
     pub log: LogFn,
@@ -54,6 +61,8 @@ impl Default for Settings {
             timeout: Duration::from_secs(300),
             self_check: true,
             require_ane: true,
+            speed_check: true,
+            probe: true,
             cache_dir: None,
             log: stderr_log(),
         }
@@ -76,6 +85,8 @@ impl Settings {
                 .map_or(d.timeout, Duration::from_secs),
             self_check: flag("GGML_COREML_SELF_CHECK").unwrap_or(d.self_check),
             require_ane: flag("GGML_COREML_REQUIRE_ANE").unwrap_or(d.require_ane),
+            speed_check: flag("GGML_COREML_SPEED_CHECK").unwrap_or(d.speed_check),
+            probe: flag("GGML_COREML_PROBE").unwrap_or(d.probe),
             ..d
         }
     }
@@ -90,6 +101,8 @@ pub struct ProgramStatus {
     pub placement: String,
     /// Self-check result (`nmse …`), when run.
     pub self_check: Option<String>,
+    /// Speed check result (`ane … ms vs cpu-only … ms`), when run.
+    pub speed_check: Option<String>,
     /// Time to get the compiled model (compile, placement check, cache write; or the cache lookup).
     pub compile_ms: f64,
     /// Time of the CoreML load (includes the Neural Engine's own compile on first use).
@@ -162,8 +175,12 @@ struct Program {
     inputs: Vec<TensorSpec>,
     output: TensorSpec,
     pool: Mutex<Vec<IoSet>>,
-    /// Keeps a process-private build directory alive as long as the model (memory-only cache).
-    _entry: Entry,
+    /// Held around each synchronous prediction: one prediction per model at a time, until the device
+    /// suite shows concurrent predictions on one `MLModel` are safe (docs/apple.md §3).
+    predict_lock: Mutex<()>,
+    /// Keeps a process-private build directory alive as long as the model (memory-only cache); None for
+    /// the probe's and the speed check's models.
+    _entry: Option<Entry>,
 }
 
 enum Ready {
@@ -172,6 +189,18 @@ enum Ready {
 }
 
 impl Program {
+    fn new(desc: &ProgramDesc, model: Model, entry: Option<Entry>) -> Program {
+        Program {
+            desc: *desc,
+            model,
+            inputs: input_specs(desc),
+            output: output_spec(desc),
+            pool: Mutex::new(Vec::new()),
+            predict_lock: Mutex::new(()),
+            _entry: entry,
+        }
+    }
+
     fn take_io(&self) -> Result<IoSet, String> {
         if let Some(io) = self
             .pool
@@ -247,7 +276,13 @@ impl Program {
             .map(|s| s.array().map(|a| (s.spec.name, a)))
             .collect::<Result<Vec<(&str, Retained<MLMultiArray>)>, String>>()?;
         let backing = io.output.array()?;
-        let output = runtime::predict(&self.model, &arrays, io.output.spec.name, &backing)?;
+        let output = {
+            let _one = self
+                .predict_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            runtime::predict(&self.model, &arrays, io.output.spec.name, &backing)?
+        };
         bump(&stats.predictions);
         match output {
             Output::Backed => io.output.read(f16_bytes_mut(out)),
@@ -268,6 +303,11 @@ pub struct CoreMlExecutor {
     ready: ReadyPrograms<Ready>,
     reference: ReferenceExecutor,
     counters: Counters,
+    /// Set when the startup probe's int8 program failed while its fp16 one passed: int8-input programs
+    /// are refused for the process (their weights take the f16 program).
+    int8_refused: Mutex<Option<String>>,
+    /// The startup probe's outcome, once run (for stats and `ggml-coreml info`).
+    probe_result: Mutex<Option<Result<String, String>>>,
 }
 
 /// The cache env key of the CoreML executor on a machine: OS build and chip (an OS update or another
@@ -299,6 +339,11 @@ pub fn try_new_with(settings: Settings) -> Result<CoreMlExecutor, String> {
         None => CacheConfig::from_env(env),
     };
     let cache = Cache::open(config.with_log(settings.log.clone()));
+    if let Some(dir) = cache.dir() {
+        // Leftovers of a process that died while compiling (each entry's `.work` is removed on every
+        // path this process takes, but not by a crash).
+        sweep_work_dirs(dir);
+    }
     let reference = ReferenceExecutor::new();
     reference.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
     Ok(CoreMlExecutor {
@@ -309,7 +354,28 @@ pub fn try_new_with(settings: Settings) -> Result<CoreMlExecutor, String> {
         ready: ReadyPrograms::new(),
         reference,
         counters: Counters::default(),
+        int8_refused: Mutex::new(None),
+        probe_result: Mutex::new(None),
     })
+}
+
+/// Removes `.work` directories (temporary `.mlpackage` / `.mlmodelc`) left under the cache by a crash.
+fn sweep_work_dirs(root: &Path) {
+    fn walk(dir: &Path, depth: usize) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name() == ".work" {
+                let _ = fs::remove_dir_all(&p);
+            } else if depth > 0 {
+                walk(&p, depth - 1);
+            }
+        }
+    }
+    walk(root, 4);
 }
 
 impl CoreMlExecutor {
@@ -352,6 +418,17 @@ impl CoreMlExecutor {
         }
         desc.validate()
             .map_err(|e| ExecError::Unsupported(desc.key(), e))?;
+        if desc.variant != Variant::F16
+            && let Some(why) = &*self
+                .int8_refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        {
+            return Err(ExecError::Unsupported(
+                desc.key(),
+                format!("int8 inputs failed the startup probe: {why}"),
+            ));
+        }
         // Refusals are kept too, so a refused program costs one lookup per call, not a compile.
         let r = self
             .ready
@@ -412,6 +489,11 @@ impl CoreMlExecutor {
                 Refusal::Compile(w.to_owned())
             } else if why.starts_with("self-check: ") {
                 Refusal::Unsupported(why.clone())
+            } else if why.starts_with("speed: ") && !self.settings.require_ane {
+                // Experiments without the Neural Engine requirement run slow programs too.
+                Refusal::Placement(why.clone())
+            } else if why.starts_with("speed: ") {
+                Refusal::Unsupported(why.clone())
             } else {
                 Refusal::Placement(why.clone())
             };
@@ -434,14 +516,7 @@ impl CoreMlExecutor {
         let model = runtime::load(&mlmodelc, self.settings.timeout)
             .map_err(|e| Refusal::Compile(format!("load: {e}")))?;
         status.load_ms = t.elapsed().as_secs_f64() * 1e3;
-        let program = Program {
-            desc: *desc,
-            model,
-            inputs: input_specs(desc),
-            output: output_spec(desc),
-            pool: Mutex::new(Vec::new()),
-            _entry: entry.clone(),
-        };
+        let program = Program::new(desc, model, Some(entry.clone()));
         if self.settings.self_check {
             match self.self_check(&program) {
                 Ok(a) => status.self_check = Some(a.to_string()),
@@ -457,15 +532,33 @@ impl CoreMlExecutor {
                 }
             }
         }
+        if self.settings.speed_check {
+            match self.speed_check(&program, &mlmodelc) {
+                Ok(s) => status.speed_check = Some(s),
+                Err(SelfCheck::Mismatch(why)) => {
+                    let why = format!("speed: {why}");
+                    self.remember_refusal(&key, &entry, &why);
+                    if self.settings.require_ane {
+                        return Err(Refusal::Placement(why));
+                    }
+                    status.speed_check = Some(why);
+                }
+                Err(SelfCheck::Failed(why)) => {
+                    // Not a verdict: the program runs, the check is tried again next process.
+                    status.speed_check = Some(format!("did not run: {why}"));
+                }
+            }
+        }
         self.log(
             LogLevel::Debug,
             &format!(
-                "coreml: {desc} ready ({}, {:.0} ms to compile/find, {:.0} ms to load, placement {}, self-check {})",
+                "coreml: {desc} ready ({}, {:.0} ms to compile/find, {:.0} ms to load, placement {}, self-check {}, speed {})",
                 if status.cache_hit { "cached" } else { "compiled" },
                 status.compile_ms,
                 status.load_ms,
                 status.placement,
-                status.self_check.as_deref().unwrap_or("off")
+                status.self_check.as_deref().unwrap_or("off"),
+                status.speed_check.as_deref().unwrap_or("off")
             ),
         );
         Ok(program)
@@ -502,10 +595,23 @@ impl CoreMlExecutor {
                 });
             }
             Err(CompileError::Transient(why)) => return Err(format!("compile: {why}")),
+            Err(CompileError::Timeout(why)) => {
+                if CircuitBreaker::global().trip(&format!("{desc}: {why}")) {
+                    self.log(
+                        LogLevel::Warn,
+                        &format!(
+                            "coreml: {desc}: {why}; compile circuit breaker open: no new compiles in this process until the cache is warmed (ggml-coreml cache warm)"
+                        ),
+                    );
+                }
+                return Err(why);
+            }
         };
         let target = dir.join(MODEL_DIR);
-        move_tree(&compiled, &target)
-            .map_err(|e| format!("moving {} into the cache: {e}", compiled.display()))?;
+        let moved = move_tree(&compiled, &target);
+        // CoreML's temporary .mlmodelc goes on every path (a rename leaves nothing to remove).
+        let _ = fs::remove_dir_all(&compiled);
+        moved.map_err(|e| format!("moving {} into the cache: {e}", compiled.display()))?;
         let report = runtime::plan(&target, self.settings.timeout)
             .map_err(|e| format!("compute plan: {e}"))?;
         *summary = Some(report.to_string());
@@ -516,6 +622,10 @@ impl CoreMlExecutor {
         self.log(
             LogLevel::Info,
             &format!("coreml: compiled {desc}: {report} -> {}", note.to_note()),
+        );
+        self.log(
+            LogLevel::Debug,
+            &format!("coreml: compute plan of {desc}:\n{}", report.table()),
         );
         Ok(Built::Dir {
             note: note.to_note(),
@@ -565,6 +675,115 @@ impl CoreMlExecutor {
             )))
         }
     }
+}
+
+impl CoreMlExecutor {
+    /// Times the program against the same compiled model loaded CPU-only (best of a few predictions
+    /// each, after a warm-up); `Mismatch` when the Neural Engine is not faster.
+    fn speed_check(&self, program: &Program, mlmodelc: &Path) -> Result<String, SelfCheck> {
+        let desc = &program.desc;
+        let cpu = autoreleasepool(|_| {
+            runtime::load_with(mlmodelc, Units::CpuOnly, self.settings.timeout)
+        })
+        .map_err(|e| SelfCheck::Failed(format!("cpu-only load: {e}")))?;
+        let cpu = Program::new(desc, cpu, None);
+        let inputs = OwnedInputs::random(desc, SELF_CHECK_SEED);
+        let mut out = vec![f16::ZERO; desc.n * desc.m];
+        let mut time = |p: &Program| -> Result<f64, SelfCheck> {
+            p.run(inputs.inputs(), &mut out, &self.counters)
+                .map_err(SelfCheck::Failed)?;
+            let mut best = f64::INFINITY;
+            for _ in 0..SPEED_CHECK_RUNS {
+                let t = Instant::now();
+                p.run(inputs.inputs(), &mut out, &self.counters)
+                    .map_err(SelfCheck::Failed)?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(best)
+        };
+        let ane_ms = time(program)?;
+        let cpu_ms = time(&cpu)?;
+        speed_verdict(ane_ms, cpu_ms).map_err(SelfCheck::Mismatch)
+    }
+
+    /// Where the startup probe's programs are built (removed after).
+    fn probe_dir(&self, desc: &ProgramDesc) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "ggml-coreml-probe-{}-{}",
+            std::process::id(),
+            desc.key()
+        ))
+    }
+
+    /// One probe program: emit, compile, load, then the self-check (surfaces → arrays → a prediction →
+    /// compared with the reference executor). No placement or speed verdict: a tiny program may well
+    /// run on the CPU; the probe asks whether the I/O path works at all.
+    fn probe_one(&self, desc: &ProgramDesc) -> Result<(), String> {
+        let dir = self.probe_dir(desc);
+        let _ = fs::remove_dir_all(&dir);
+        let r = autoreleasepool(|_| {
+            let pkg = write_mlpackage(desc, &dir.join("src")).map_err(|e| format!("emit: {e}"))?;
+            let compiled = match runtime::compile(&pkg, self.settings.timeout) {
+                Ok(p) => p,
+                Err(
+                    CompileError::Rejected(w)
+                    | CompileError::Transient(w)
+                    | CompileError::Timeout(w),
+                ) => return Err(format!("compile: {w}")),
+            };
+            let target = dir.join(MODEL_DIR);
+            let moved = move_tree(&compiled, &target);
+            let _ = fs::remove_dir_all(&compiled);
+            moved.map_err(|e| format!("moving the compiled model: {e}"))?;
+            let model = runtime::load(&target, self.settings.timeout)?;
+            let program = Program::new(desc, model, None);
+            match self.self_check(&program) {
+                Ok(_) => Ok(()),
+                Err(SelfCheck::Mismatch(w) | SelfCheck::Failed(w)) => Err(w),
+            }
+        });
+        let _ = fs::remove_dir_all(&dir);
+        r
+    }
+
+    /// The startup probe's outcome (`None` before it ran).
+    pub fn probe_result(&self) -> Option<Result<String, String>> {
+        self.probe_result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Why int8-input programs are refused for this process, when they are.
+    pub fn int8_refused(&self) -> Option<String> {
+        self.int8_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Timed predictions per model in the speed check (after one warm-up).
+const SPEED_CHECK_RUNS: usize = 3;
+
+/// The startup probe's programs: the smallest fp16 program (fp16 surfaces) and the smallest w8f16
+/// program (an int8 surface next to fp16 ones).
+fn probe_descs() -> (ProgramDesc, ProgramDesc) {
+    let m = ggml_coreml_program::M_BUCKETS[0];
+    let f16 = ProgramDesc {
+        variant: Variant::F16,
+        m,
+        k: 64,
+        n: 64,
+        group: 0,
+        offsets: false,
+    };
+    let w8 = ProgramDesc {
+        variant: Variant::W8F16,
+        group: 32,
+        ..f16
+    };
+    (f16, w8)
 }
 
 enum SelfCheck {
@@ -625,6 +844,68 @@ impl Executor for CoreMlExecutor {
                 ),
             },
         }
+    }
+
+    fn health(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(why) = &self.unusable {
+            parts.push(format!("unusable: {why}"));
+        }
+        if let Some(Err(why)) = self.probe_result() {
+            parts.push(format!("unusable: startup probe failed: {why}"));
+        }
+        if let Some(why) = self.int8_refused() {
+            parts.push(format!(
+                "int8-input programs refused ({why}); weights use the f16 program"
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
+    fn needs_compile(&self, desc: &ProgramDesc) -> bool {
+        self.unusable.is_none()
+            && self.ready.get(desc).is_none()
+            && self.cache.get(&EntryKey::program(desc)).is_none()
+    }
+
+    /// The smallest fp16 program must pass (else the executor is unusable for the process); when the
+    /// int8 one fails, int8-input programs are refused for the process and weights take the f16 program.
+    fn probe(&self) -> Result<(), String> {
+        if let Some(why) = &self.unusable {
+            return Err(why.clone());
+        }
+        if !self.settings.probe {
+            return Ok(());
+        }
+        let (f16, w8) = probe_descs();
+        let t = Instant::now();
+        let r = self
+            .probe_one(&f16)
+            .map_err(|e| format!("fp16 program {f16}: {e}"));
+        let r = r.map(|()| match self.probe_one(&w8) {
+            Ok(()) => format!("fp16 and int8 surfaces pass ({:.0} ms)", t.elapsed().as_secs_f64() * 1e3),
+            Err(e) => {
+                let why = format!("int8 program {w8}: {e}");
+                self.log(
+                    LogLevel::Warn,
+                    &format!("coreml: startup probe: {why}; int8-input programs refused, weights use the f16 program"),
+                );
+                *self.int8_refused.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.clone());
+                format!("fp16 passes, int8 refused: {why}")
+            }
+        });
+        match &r {
+            Ok(s) => self.log(LogLevel::Info, &format!("coreml: startup probe: {s}")),
+            Err(e) => self.log(
+                LogLevel::Warn,
+                &format!("coreml: startup probe failed, executor unusable for this process: {e}"),
+            ),
+        }
+        *self
+            .probe_result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(r.clone());
+        r.map(|_| ())
     }
 
     fn prepare(&self, desc: &ProgramDesc) -> Result<(), ExecError> {

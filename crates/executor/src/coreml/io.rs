@@ -4,22 +4,27 @@
 
 use std::ptr::NonNull;
 
-use objc2::AnyThread;
 use objc2::rc::Retained;
-use objc2_core_foundation::{CFDictionary, CFRetained, CFString, CFType};
+use objc2::{AnyThread, msg_send};
+use objc2_core_foundation::{CFDictionary, CFNumber, CFRetained, CFString, CFType};
 use objc2_core_ml::{MLMultiArray, MLMultiArrayDataType};
 use objc2_core_video::{
     CVPixelBuffer, CVPixelBufferCreate, CVPixelBufferGetBaseAddress, CVPixelBufferGetBytesPerRow,
-    CVPixelBufferGetDataSize, CVPixelBufferGetHeight, CVPixelBufferGetIOSurface,
-    CVPixelBufferGetPixelFormatType, CVPixelBufferGetWidth, CVPixelBufferLockBaseAddress,
-    CVPixelBufferLockFlags, CVPixelBufferUnlockBaseAddress, kCVPixelBufferIOSurfacePropertiesKey,
-    kCVPixelFormatType_OneComponent8, kCVPixelFormatType_OneComponent16Half, kCVReturnSuccess,
+    CVPixelBufferGetHeight, CVPixelBufferGetIOSurface, CVPixelBufferGetPixelFormatType,
+    CVPixelBufferGetWidth, CVPixelBufferLockBaseAddress, CVPixelBufferLockFlags,
+    CVPixelBufferUnlockBaseAddress, kCVPixelBufferBytesPerRowAlignmentKey,
+    kCVPixelBufferIOSurfacePropertiesKey, kCVPixelFormatType_OneComponent8,
+    kCVPixelFormatType_OneComponent16Half, kCVReturnSuccess,
 };
 use objc2_foundation::{NSArray, NSNumber};
 
 use ggml_coreml_program::{DType, TensorSpec};
 
 use super::layout;
+
+/// Row alignment asked of every pixel buffer (`kCVPixelBufferBytesPerRowAlignmentKey`): 64 bytes, what
+/// the Neural Engine's DMA wants for strided inputs (CoreML copies a buffer whose rows are not aligned).
+pub(super) const ROW_ALIGNMENT: i32 = 64;
 
 /// One program tensor in a pixel buffer.
 pub(super) struct Surface {
@@ -42,11 +47,20 @@ impl Surface {
             DType::Float16 => kCVPixelFormatType_OneComponent16Half,
             other => return Err(format!("{}: no pixel format for {other}", spec.name)),
         };
-        // SAFETY: reading an immutable CFString constant exported by CoreVideo.
-        let key: &CFString = unsafe { kCVPixelBufferIOSurfacePropertiesKey };
+        // SAFETY: reading immutable CFString constants exported by CoreVideo.
+        let (key, align_key): (&CFString, &CFString) = unsafe {
+            (
+                kCVPixelBufferIOSurfacePropertiesKey,
+                kCVPixelBufferBytesPerRowAlignmentKey,
+            )
+        };
         // An empty IOSurface properties dictionary asks for an IOSurface-backed buffer.
         let props = CFDictionary::<CFString, CFType>::empty();
-        let attrs = CFDictionary::<CFString, CFType>::from_slices(&[key], &[props.as_ref()]);
+        let align = CFNumber::new_i32(ROW_ALIGNMENT);
+        let attrs = CFDictionary::<CFString, CFType>::from_slices(
+            &[key, align_key],
+            &[props.as_ref(), align.as_ref()],
+        );
         let mut raw: *mut CVPixelBuffer = std::ptr::null_mut();
         // SAFETY: default allocator, valid attributes dictionary, `raw` receives a +1 buffer.
         let rc = unsafe {
@@ -115,21 +129,24 @@ impl Surface {
         }
         let base = CVPixelBufferGetBaseAddress(&self.buf).cast::<u8>();
         let pitch = CVPixelBufferGetBytesPerRow(&self.buf);
-        let size = CVPixelBufferGetDataSize(&self.buf);
-        let r = if base.is_null()
-            || pitch < self.row_bytes()
-            || size < pitch * (self.height - 1) + self.row_bytes()
-        {
-            Err(format!(
-                "{}: locked buffer base {base:?}, pitch {pitch}, size {size}",
-                self.spec.name
-            ))
-        } else {
-            // SAFETY: the buffer is locked, so `base..base+size` is mapped for the CPU; this Surface is
-            // used by one thread at a time and CoreML does not touch it outside a prediction, so the
-            // slice is not aliased. A read-only lock is only used with `f`s that read.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(base, size) };
-            Ok(f(bytes, pitch))
+        // The plane is `bytesPerRow × height` bytes from the base address; CVPixelBufferGetDataSize
+        // may count more (planes, extended pixels) or, for some formats, less than that.
+        let size = pitch.checked_mul(self.height);
+        let r = match size {
+            Some(size) if !base.is_null() && pitch >= self.row_bytes() => {
+                // SAFETY: the buffer is locked, so the plane `base..base + bytesPerRow × height` is
+                // mapped for the CPU; this Surface is used by one thread at a time and CoreML does not
+                // touch it outside a prediction, so the slice is not aliased. A read-only lock is only
+                // used with `f`s that read.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(base, size) };
+                Ok(f(bytes, pitch))
+            }
+            _ => Err(format!(
+                "{}: locked buffer base {base:?}, pitch {pitch} (row {} bytes), height {}",
+                self.spec.name,
+                self.row_bytes(),
+                self.height
+            )),
         };
         // SAFETY: matches the lock above.
         unsafe { CVPixelBufferUnlockBaseAddress(&self.buf, flags) };
@@ -163,12 +180,22 @@ impl Surface {
             .map(|&d| NSNumber::new_usize(d))
             .collect();
         let shape = NSArray::from_retained_slice(&dims);
-        // SAFETY: the initializer raises when the shape does not fit the buffer; here the last dimension
-        // is the width, the product of the others the height, and the one-component format matches the
-        // element type (checked in `new`), which are its documented preconditions.
-        let a = unsafe {
-            MLMultiArray::initWithPixelBuffer_shape(MLMultiArray::alloc(), &self.buf, &shape)
+        // Bound through `msg_send!` with an optional result: the generated binding declares a
+        // non-null return, but the initializer answers nil when it refuses the buffer (format, shape),
+        // and a nil in a non-null `Retained` would be undefined behaviour. Nil becomes an error here.
+        // SAFETY: `initWithPixelBuffer:shape:` takes a CVPixelBufferRef and an NSArray<NSNumber*>; it
+        // raises when the shape does not fit the buffer — here the last dimension is the width, the
+        // product of the others the height, and the one-component format matches the element type
+        // (checked in `new`), its documented preconditions.
+        let a: Option<Retained<MLMultiArray>> = unsafe {
+            msg_send![MLMultiArray::alloc(), initWithPixelBuffer: &*self.buf, shape: &*shape]
         };
+        let a = a.ok_or_else(|| {
+            format!(
+                "{}: MLMultiArray initWithPixelBuffer:shape: returned nil ({}×{} {})",
+                self.spec.name, self.height, self.width, self.spec.dtype
+            )
+        })?;
         let want = match self.spec.dtype {
             DType::Int8 => MLMultiArrayDataType::Int8,
             _ => MLMultiArrayDataType::Float16,

@@ -9,10 +9,15 @@
 //! Life of a program on Apple (details in `docs/apple.md`):
 //! 1. `prepare`: look the program up in the disk cache (key: program format, OS build, chip, backend
 //!    version, shape). On a miss: emit the `.mlpackage`, compile it with CoreML, keep the `.mlmodelc` in
-//!    the cache together with the placement verdict from `MLComputePlan` (matmul and dequantize must
-//!    prefer the Neural Engine). A refusal is remembered in the cache, so it is not retried every run.
+//!    the cache together with the placement verdict from `MLComputePlan` ([`placement`]: every matmul on
+//!    the Neural Engine, the rest judged by cost share). A refusal is remembered in the cache, so it is
+//!    not retried every run.
 //! 2. First load in a process: `CPUAndNeuralEngine` configuration, then one numeric self-check against
-//!    the reference executor; a mismatch refuses the program.
+//!    the reference executor (a mismatch refuses the program), then the speed check against the same
+//!    model loaded CPU-only (not faster refuses it, remembered).
+//!
+//! In the backend the executor is wrapped in [`crate::background::BackgroundExecutor`]: the startup
+//! probe and every prepare run on a worker thread, never on ggml's compute thread.
 //! 3. `run`: inputs are copied into IOSurface-backed pixel buffers (reused per program shape), the
 //!    output comes back through `outputBackings` (identity-checked; copied from CoreML's own array when
 //!    it was not honoured).

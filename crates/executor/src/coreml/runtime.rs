@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use block2::{RcBlock, StackBlock};
 use half::f16;
-use objc2::rc::Retained;
+use objc2::rc::{Retained, autoreleasepool};
 use objc2::runtime::{AnyObject, ProtocolObject};
 use objc2::{AnyThread, available};
 use objc2_core_ml::{
@@ -42,8 +42,10 @@ unsafe impl Sync for Model {}
 pub(super) enum CompileError {
     /// CoreML answered with an error: deterministic for this program on this OS, worth remembering.
     Rejected(String),
-    /// No answer in time, or trouble on our side: worth retrying another time.
+    /// Trouble on our side: worth retrying another time.
     Transient(String),
+    /// No answer in time: retried another time, and opens the compile circuit breaker.
+    Timeout(String),
 }
 
 fn error_text(e: &NSError) -> String {
@@ -65,11 +67,33 @@ fn url_path(u: &NSURL) -> Result<PathBuf, String> {
 
 /// `CPUAndNeuralEngine`: no GPU (there is no Neural-Engine-only option).
 pub(super) fn configuration() -> Retained<MLModelConfiguration> {
+    configuration_for(MLComputeUnits::CPUAndNeuralEngine)
+}
+
+pub(super) fn configuration_for(units: MLComputeUnits) -> Retained<MLModelConfiguration> {
     // SAFETY: plain creation and a setter taking a valid enum value.
     unsafe {
         let c = MLModelConfiguration::new();
-        c.setComputeUnits(MLComputeUnits::CPUAndNeuralEngine);
+        c.setComputeUnits(units);
         c
+    }
+}
+
+/// Which compute units a model is loaded with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Units {
+    /// `CPUAndNeuralEngine`: how programs run.
+    Ane,
+    /// `CPUOnly`: the same compiled model as the yardstick of the speed check.
+    CpuOnly,
+}
+
+impl Units {
+    fn ml(self) -> MLComputeUnits {
+        match self {
+            Units::Ane => MLComputeUnits::CPUAndNeuralEngine,
+            Units::CpuOnly => MLComputeUnits::CPUOnly,
+        }
     }
 }
 
@@ -87,8 +111,13 @@ fn wait<T>(rx: &mpsc::Receiver<T>, timeout: Duration, what: &str) -> Result<T, S
 }
 
 /// Compiles a `.mlpackage` (or `.mlmodel`) into a `.mlmodelc` in a temporary directory of CoreML's; the
-/// caller moves it where it belongs.
+/// caller moves it where it belongs (and removes it on every failure path). A compile that answers after
+/// its timeout removes its own output: nobody is waiting for it any more.
 pub(super) fn compile(package: &Path, timeout: Duration) -> Result<PathBuf, CompileError> {
+    autoreleasepool(|_| compile_inner(package, timeout))
+}
+
+fn compile_inner(package: &Path, timeout: Duration) -> Result<PathBuf, CompileError> {
     let url = file_url(package).map_err(CompileError::Transient)?;
     let (tx, rx) = mpsc::channel::<Result<PathBuf, CompileError>>();
     let handler = RcBlock::new(move |out: *mut NSURL, err: *mut NSError| {
@@ -101,19 +130,40 @@ pub(super) fn compile(package: &Path, timeout: Duration) -> Result<PathBuf, Comp
                 "compile failed without an error".into(),
             )),
         };
-        let _ = tx.send(r);
+        if let Err(std::sync::mpsc::SendError(Ok(late))) = tx.send(r) {
+            // The caller timed out: the temporary .mlmodelc would be left behind.
+            let _ = std::fs::remove_dir_all(late);
+        }
     });
     // SAFETY: `url` is a file URL; the handler is a heap block CoreML retains until it has run; it only
-    // sends on a channel (a closed channel after a timeout is fine).
+    // sends on a channel (a closed channel after a timeout is fine) or removes its own output.
     unsafe { MLModel::compileModelAtURL_completionHandler(&url, &handler) };
-    wait(&rx, timeout, "compile").map_err(CompileError::Transient)?
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(CompileError::Timeout(format!(
+            "compile: no answer from CoreML within {} s",
+            timeout.as_secs()
+        ))),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(CompileError::Transient(
+            "compile: CoreML dropped the completion handler".into(),
+        )),
+    }
 }
 
 /// Loads a compiled model with the `CPUAndNeuralEngine` configuration. The first load of a program on
 /// a machine includes the Neural Engine's own compile (E5RT), which CoreML caches per OS build.
 pub(super) fn load(mlmodelc: &Path, timeout: Duration) -> Result<Model, String> {
+    load_with(mlmodelc, Units::Ane, timeout)
+}
+
+/// [`load`] with the given compute units.
+pub(super) fn load_with(mlmodelc: &Path, units: Units, timeout: Duration) -> Result<Model, String> {
+    autoreleasepool(|_| load_inner(mlmodelc, units, timeout))
+}
+
+fn load_inner(mlmodelc: &Path, units: Units, timeout: Duration) -> Result<Model, String> {
     let url = file_url(mlmodelc)?;
-    let config = configuration();
+    let config = configuration_for(units.ml());
     let (tx, rx) = mpsc::channel::<Result<Model, String>>();
     let handler = RcBlock::new(move |model: *mut MLModel, err: *mut NSError| {
         // SAFETY: CoreML passes a valid model or error (or null), alive during the handler; retaining
@@ -132,6 +182,10 @@ pub(super) fn load(mlmodelc: &Path, timeout: Duration) -> Result<Model, String> 
 
 /// The compute plan of a compiled model: the preferred device of each main-function operation.
 pub(super) fn plan(mlmodelc: &Path, timeout: Duration) -> Result<PlanReport, String> {
+    autoreleasepool(|_| plan_inner(mlmodelc, timeout))
+}
+
+fn plan_inner(mlmodelc: &Path, timeout: Duration) -> Result<PlanReport, String> {
     if !available!(macos = 14.4, ios = 17.4) {
         return Err("MLComputePlan needs macOS 14.4 / iOS 17.4".into());
     }
