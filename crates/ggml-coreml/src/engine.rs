@@ -264,8 +264,20 @@ impl Engine {
     }
 
     pub fn stats_json(&self) -> String {
-        self.stats
-            .to_json(self.policy.mode().name(), self.executor.name())
+        let j = self
+            .stats
+            .to_json(self.policy.mode().name(), self.executor.name());
+        // What holds the executor back (failed startup probe, open compile breaker, programs still
+        // being prepared), when anything does.
+        match (self.executor.health(), j.strip_suffix('}')) {
+            (Some(h), Some(body)) => {
+                format!(
+                    "{body},\"executor_health\":\"{}\"}}",
+                    h.replace(['"', '\\'], "_")
+                )
+            }
+            _ => j,
+        }
     }
 
     /// Rewrites `GGML_COREML_STATS_FILE` (at most every 500 ms unless `force`), and the parity file.

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use ggml_coreml_bridge::WeightType;
 use ggml_coreml_executor::driver::{self, Activations, Scratch};
-use ggml_coreml_policy::{Decision, MatmulShape};
+use ggml_coreml_policy::{Decision, HostKind, MatmulShape};
 
 use crate::engine::{ParityEntry, engine};
 use crate::ffi::abi::*;
@@ -175,7 +175,10 @@ pub enum Route {
     Host(&'static str),
 }
 
-pub fn route(node: &TensorRef<'_>, face: Face) -> Route {
+/// `host` is the kind of device that runs what the ANE does not (the CPU for the ACCEL face, the inner
+/// device for the hybrid face): the policy never moves work to a GPU because the app went to the
+/// background (iOS aborts Metal work submitted from there).
+pub fn route(node: &TensorRef<'_>, face: Face, host: HostKind) -> Route {
     let e = match eligible(node) {
         Ok(e) => e,
         Err(why) => return Route::Host(why),
@@ -186,13 +189,14 @@ pub fn route(node: &TensorRef<'_>, face: Face) -> Route {
         return Route::Host("not a weight");
     }
     let eng = engine();
-    match eng.policy.decide_for(
+    match eng.policy.decide_on(
         &MatmulShape {
             m: e.m,
             k: e.k,
             n: e.n,
         },
         eng.variant_for(e.wtype),
+        host,
     ) {
         Decision::Ane => Route::Ane(e),
         Decision::Host(r) => Route::Host(r.as_str()),
@@ -202,6 +206,8 @@ pub fn route(node: &TensorRef<'_>, face: Face) -> Route {
 /// Per-backend state the router needs.
 pub struct RouterCtx {
     pub host: HostBackend,
+    /// What kind of device `host` is (for the policy's background rule).
+    pub host_kind: HostKind,
     pub scratch: Scratch,
     pub out: Vec<f32>,
     /// Hybrid face: graphs handed to the inner backend whole / split around offloaded MUL_MATs.
@@ -230,7 +236,13 @@ impl Drop for RouterCtx {
 
 impl RouterCtx {
     pub fn new(host: HostBackend) -> RouterCtx {
+        let host_kind = if host.name.eq_ignore_ascii_case("CPU") {
+            HostKind::Cpu
+        } else {
+            HostKind::Gpu
+        };
         RouterCtx {
+            host_kind,
             host,
             scratch: Scratch::default(),
             out: Vec::new(),
@@ -292,7 +304,10 @@ pub unsafe fn compute(
                 let len = unsafe { (api.nbytes)(n.ptr()) };
                 crate::faces::hybrid_buffer::invalidate(n.buffer(), n.data() as usize, len);
             }
-            if !any_ane && n.op() == GGML_OP_MUL_MAT && matches!(route(&n, face), Route::Ane(_)) {
+            if !any_ane
+                && n.op() == GGML_OP_MUL_MAT
+                && matches!(route(&n, face, ctx.host_kind), Route::Ane(_))
+            {
                 any_ane = true;
             }
         }
@@ -327,7 +342,7 @@ pub unsafe fn compute(
                 continue;
             }
         }
-        match route(&node, face) {
+        match route(&node, face, ctx.host_kind) {
             Route::Host(why) => {
                 pending.push(p);
                 pending_reason.push(why);
@@ -375,6 +390,11 @@ pub unsafe fn compute(
                         if eng.parity_path.is_some() && host_visible(&node, face) {
                             parity_check(ctx, &node, e);
                         }
+                    }
+                    // Still being compiled off this thread: the host runs it meanwhile; no fault.
+                    Err(err) if ggml_coreml_executor::is_not_ready_message(&err) => {
+                        pending.push(p);
+                        pending_reason.push("program not ready");
                     }
                     Err(err) => {
                         eng.stats
