@@ -360,8 +360,8 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
     };
     for v in &variants {
         ensure!(
-            matches!(v.as_str(), "i8i8" | "w8f16" | "f16" | "exact"),
-            "unknown variant `{v}` (i8i8, w8f16, f16, exact)"
+            matches!(v.as_str(), "i8i8" | "i8i8r" | "w8f16" | "f16" | "exact"),
+            "unknown variant `{v}` (i8i8, i8i8r, w8f16, f16, exact)"
         );
     }
     ensure!(

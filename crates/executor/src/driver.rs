@@ -18,12 +18,21 @@ pub enum Mode {
     Program(Variant),
     /// Exact f32 on the host from ggml's dequantisation — for comparisons, never the ANE.
     ExactF32,
+    /// `i8i8r`: the i8i8 program (int8 × int8) on rotated operands. Weights are rotated along K at
+    /// prepare time by a randomised block Hadamard transform ([`bridge::Rotation`]) and requantised per
+    /// row; activations are rotated on the host per call with the same transform, then quantised per
+    /// token. The rotation is orthogonal, so the product is unchanged; it spreads outlier channels
+    /// before the per-token scale is taken.
+    I8I8Rotated,
 }
 
 impl Mode {
     pub fn parse(s: &str) -> Option<Mode> {
         if s.eq_ignore_ascii_case("exact") || s.eq_ignore_ascii_case("f32") {
             return Some(Mode::ExactF32);
+        }
+        if s.eq_ignore_ascii_case("i8i8r") {
+            return Some(Mode::I8I8Rotated);
         }
         Variant::parse(s).map(Mode::Program)
     }
@@ -32,6 +41,34 @@ impl Mode {
         match self {
             Mode::Program(v) => v.name(),
             Mode::ExactF32 => "exact",
+            Mode::I8I8Rotated => "i8i8r",
+        }
+    }
+
+    /// Every name [`Mode::parse`] accepts (one per mode).
+    pub const NAMES: [&'static str; 5] = ["i8i8", "i8i8r", "w8f16", "f16", "exact"];
+
+    /// The program this mode runs (`None`: no program, exact f32 on the host).
+    pub fn program(self) -> Option<Variant> {
+        match self {
+            Mode::Program(v) => Some(v),
+            Mode::I8I8Rotated => Some(Variant::I8I8),
+            Mode::ExactF32 => None,
+        }
+    }
+
+    /// Whether the program's matmul is int8 × int8 (the ANE's int8 rate on chips that have it).
+    pub fn int8(self) -> bool {
+        self.program() == Some(Variant::I8I8)
+    }
+
+    /// [`Mode::for_type`] on a chip with or without the ANE's int8 × int8 path: on int8 chips the
+    /// default for quantised weights is `i8i8r` (rotated W8A8, within the parity bar where plain i8i8
+    /// is not; docs/parity.md), elsewhere `w8f16`. A requested mode always wins.
+    pub fn for_type_on(wtype: WeightType, requested: Option<Mode>, int8_chip: bool) -> Mode {
+        match (requested, wtype) {
+            (None, t) if int8_chip && t != WeightType::F16 => Mode::I8I8Rotated,
+            _ => Mode::for_type(wtype, requested),
         }
     }
 
@@ -69,6 +106,19 @@ pub enum WeightForm {
     Exact(Vec<f32>),
 }
 
+/// Largest rotation block of `i8i8r` (`GGML_COREML_ROTATE_BLOCK`, a power of two; default
+/// [`bridge::DEFAULT_MAX_BLOCK`]). Read once per process: weights and activations must agree.
+pub fn rotation_max_block() -> usize {
+    static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *B.get_or_init(|| {
+        std::env::var("GGML_COREML_ROTATE_BLOCK")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&b| b >= 1)
+            .unwrap_or(bridge::DEFAULT_MAX_BLOCK)
+    })
+}
+
 /// Weights of at least this many elements are repacked on several threads.
 const REPACK_PAR_ELEMENTS: usize = 1 << 22;
 
@@ -79,6 +129,8 @@ pub struct PreparedWeight {
     pub k: usize,
     pub mode: Mode,
     pub form: WeightForm,
+    /// i8i8r: the rotation the weight rows went through; activations take the same one per call.
+    pub rotation: Option<bridge::Rotation>,
     /// Identity of the weight data for executors that keep device copies (0 = none).
     pub key: u64,
 }
@@ -100,6 +152,7 @@ impl PreparedWeight {
         } else {
             1
         };
+        let mut rotation = None;
         let form = match mode {
             Mode::Program(Variant::I8I8) => {
                 WeightForm::Rowwise(bridge::rowwise_int8_par(wtype, bytes, n, k, threads)?)
@@ -120,6 +173,12 @@ impl PreparedWeight {
                 WeightForm::Half(bridge::to_f16_par(wtype, bytes, n, k, threads)?)
             }
             Mode::ExactF32 => WeightForm::Exact(bridge::dequantize(wtype, bytes, n, k)?),
+            Mode::I8I8Rotated => {
+                let rot = bridge::Rotation::new(k, rotation_max_block());
+                let r = bridge::rowwise_int8_rotated_par(wtype, bytes, n, k, &rot, threads)?;
+                rotation = Some(rot);
+                WeightForm::Rowwise(r)
+            }
         };
         Ok(PreparedWeight {
             wtype,
@@ -127,6 +186,7 @@ impl PreparedWeight {
             k,
             mode,
             form,
+            rotation,
             key,
         })
     }
@@ -147,6 +207,7 @@ impl PreparedWeight {
 /// Reusable buffers so steady-state calls do not allocate.
 #[derive(Default)]
 pub struct Scratch {
+    xr: Vec<f32>,
     xq: Vec<i8>,
     xs: Vec<f32>,
     sx: Vec<f32>,
@@ -188,12 +249,9 @@ pub fn matmul(
     if out_stride < n || out.len() < (m - 1) * out_stride + n {
         return Err(bad("output slice too short".into()));
     }
-    let variant = match w.mode {
-        Mode::ExactF32 => {
-            exact(w, act, out, out_stride);
-            return Ok(());
-        }
-        Mode::Program(v) => v,
+    let Some(variant) = w.mode.program() else {
+        exact(w, act, out, out_stride);
+        return Ok(());
     };
     let (group, offsets) = match &w.form {
         WeightForm::Block { group, offsets, .. } => (*group, offsets.is_some()),
@@ -206,7 +264,16 @@ pub fn matmul(
     if variant == Variant::I8I8 {
         scratch.xq.resize(m * k, 0);
         scratch.xs.resize(m, 0.0);
-        bridge::try_quantize_rows_i8(act.x, m, k, act.x_stride, &mut scratch.xq, &mut scratch.xs)
+        let (x, stride) = match &w.rotation {
+            // i8i8r: x ← R x per token (the weight rows hold R w), then per-token int8.
+            Some(rot) => {
+                rot.rotate_rows_into(act.x, m, act.x_stride, &mut scratch.xr)
+                    .map_err(|e| bad(e.to_string()))?;
+                (&scratch.xr[..], k)
+            }
+            None => (act.x, act.x_stride),
+        };
+        bridge::try_quantize_rows_i8(x, m, k, stride, &mut scratch.xq, &mut scratch.xs)
             .map_err(|e| bad(e.to_string()))?;
     }
 
@@ -592,9 +659,7 @@ mod tests {
         stride: usize,
     ) -> Vec<f32> {
         let (k, n) = (w.k, w.n);
-        let Mode::Program(variant) = w.mode else {
-            unreachable!()
-        };
+        let variant = w.mode.program().unwrap();
         let (group, offsets) = match &w.form {
             WeightForm::Block { group, offsets, .. } => (*group, offsets.is_some()),
             _ => (0, false),
@@ -602,7 +667,19 @@ mod tests {
         let align = w.wtype.block_len().max(group).max(1);
         let plan = SplitPlan::new(variant, m, k, n, group, offsets, align).unwrap();
         let (mut xq, mut xs) = (vec![0i8; m * k], vec![0f32; m]);
-        bridge::quantize_rows_i8(x, m, k, stride, &mut xq, &mut xs);
+        let mut xr = Vec::new();
+        let (xi, si) = match &w.rotation {
+            Some(rot) => {
+                for r in 0..m {
+                    let mut row = x[r * stride..r * stride + k].to_vec();
+                    rot.apply(&mut row);
+                    xr.extend(row);
+                }
+                (&xr[..], k)
+            }
+            None => (x, stride),
+        };
+        bridge::quantize_rows_i8(xi, m, k, si, &mut xq, &mut xs);
         let mut out = vec![0f32; m * n];
         for p in &plan.parts {
             let d = p.desc;
@@ -651,6 +728,39 @@ mod tests {
         out
     }
 
+    /// With outlier channels, the rotated int8 path is much closer to exact arithmetic than plain i8i8.
+    #[test]
+    fn rotation_tames_outlier_channels() {
+        let exec = ReferenceExecutor::new();
+        let mut rng = Lcg(11);
+        let (m, k, n) = (16, 640, 64);
+        let bytes = q8_0_bytes(n, k, &mut rng);
+        let mut x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+        for r in 0..m {
+            for c in [3, 100, 401, 577] {
+                x[r * k + c] *= 60.0;
+            }
+        }
+        let exact_w =
+            PreparedWeight::prepare(Mode::ExactF32, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
+        let act = Activations {
+            x: &x,
+            m,
+            x_stride: k,
+        };
+        let mut want = vec![0f32; m * n];
+        let mut s = Scratch::default();
+        matmul(&exec, &exact_w, &act, &mut want, n, &mut s).unwrap();
+        let err = |mode: Mode| {
+            let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
+            let mut out = vec![0f32; m * n];
+            matmul(&exec, &w, &act, &mut out, n, &mut s).unwrap();
+            bridge::nmse(&want, &out)
+        };
+        let (plain, rotated) = (err(Mode::Program(Variant::I8I8)), err(Mode::I8I8Rotated));
+        assert!(rotated * 4.0 < plain, "i8i8 {plain:e}, i8i8r {rotated:e}");
+    }
+
     #[test]
     fn int8_transpose_matches_the_generic_one() {
         let mut rng = Lcg(5);
@@ -686,7 +796,11 @@ mod tests {
             (3, 16640, 6),
             (4100, 32, 3),
         ] {
-            for mode in [Mode::Program(Variant::I8I8), Mode::Program(Variant::F16)] {
+            for mode in [
+                Mode::Program(Variant::I8I8),
+                Mode::I8I8Rotated,
+                Mode::Program(Variant::F16),
+            ] {
                 let bytes = q8_0_bytes(n, k, &mut rng);
                 let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
                 let stride = k + 3;

@@ -121,7 +121,8 @@ impl Engine {
                 Some(m) => Some(m),
                 None => {
                     log::warn(&format!(
-                        "GGML_COREML_VARIANT={v} is not i8i8|w8f16|f16|exact; using defaults"
+                        "GGML_COREML_VARIANT={v} is not {}; using defaults",
+                        Mode::NAMES.join("|")
                     ));
                     None
                 }
@@ -188,10 +189,7 @@ impl Engine {
 
     /// The program variant a weight type runs with (for the policy's cost model).
     pub fn variant_for(&self, wtype: WeightType) -> Variant {
-        match self.mode_for(wtype) {
-            Mode::Program(v) => v,
-            Mode::ExactF32 => Variant::I8I8,
-        }
+        self.mode_for(wtype).program().unwrap_or(Variant::I8I8)
     }
 
     /// Counts an executor call; true when fault injection says this one must fail.
@@ -342,7 +340,7 @@ impl Engine {
     }
 
     pub fn mode_for(&self, wtype: WeightType) -> Mode {
-        Mode::for_type(wtype, self.mode_override)
+        Mode::for_type_on(wtype, self.mode_override, self.policy.int8_chip())
     }
 
     /// The prepared form of the 2-D weight whose rows (`bytes`, gathered) start at `addr` with row stride

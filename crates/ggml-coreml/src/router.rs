@@ -75,11 +75,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     }
     let src1_prec = node.op_param(3);
     if src1_prec > 0 && src1_prec < PREC_Q8 {
-        let mode = engine().mode_for(wtype);
-        if matches!(
-            mode,
-            driver::Mode::Program(ggml_coreml_program::Variant::I8I8)
-        ) {
+        if engine().mode_for(wtype).int8() {
             return Err("graph forbids int8 activations");
         }
         if src1_prec < 20 {
@@ -323,6 +319,7 @@ pub unsafe fn compute(
                         let dt = t0.elapsed();
                         let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
                         eng.stats.ane(dt, flops);
+                        eng.stats.variant(eng.mode_for(e.wtype), flops);
                         eng.policy.record(
                             &shape,
                             variant,

@@ -5,6 +5,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use ggml_coreml_executor::driver::Mode;
+
 #[derive(Default)]
 pub struct Stats {
     pub ane_ops: AtomicU64,
@@ -18,6 +20,8 @@ pub struct Stats {
     pub prepare_ns: AtomicU64,
     /// Host ops by reason (small set of static strings).
     pub host_reasons: Mutex<Vec<(&'static str, u64)>>,
+    /// Offloaded ops per program variant (mode name): (mode, ops, flops).
+    pub variants: Mutex<Vec<(Mode, u64, u64)>>,
 }
 
 impl Stats {
@@ -26,6 +30,30 @@ impl Stats {
         self.ane_ns
             .fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
         self.ane_flops.fetch_add(flops, Ordering::Relaxed);
+    }
+
+    /// Counts one offloaded op of `flops` under the variant (mode) that ran it.
+    pub fn variant(&self, mode: Mode, flops: u64) {
+        let mut v = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+        match v.iter_mut().find(|(m, _, _)| *m == mode) {
+            Some((_, n, f)) => {
+                *n += 1;
+                *f += flops;
+            }
+            None => v.push((mode, 1, flops)),
+        }
+    }
+
+    /// Share of offloaded FLOPs that ran through int8 × int8 programs (0 when nothing ran).
+    pub fn int8_share(&self) -> f64 {
+        let v = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+        let all: u64 = v.iter().map(|x| x.2).sum();
+        let int8: u64 = v.iter().filter(|x| x.0.int8()).map(|x| x.2).sum();
+        if all == 0 {
+            0.0
+        } else {
+            int8 as f64 / all as f64
+        }
     }
 
     pub fn host(&self, reason: &'static str, t: Duration) {
@@ -54,6 +82,26 @@ impl Stats {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.variants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn variants_json(&self) -> String {
+        let v = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+        let items: Vec<String> = v
+            .iter()
+            .map(|(m, n, f)| {
+                format!(
+                    "\"{}\":{{\"ops\":{n},\"gflop\":{:.3},\"int8\":{}}}",
+                    m.name(),
+                    *f as f64 / 1e9,
+                    m.int8()
+                )
+            })
+            .collect();
+        items.join(",")
     }
 
     /// JSON snapshot (no serde in the cdylib: the format is small and fixed).
@@ -67,7 +115,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3}}}",
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"variants\":{{{}}},\"int8_flop_share\":{:.4}}}",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -78,6 +126,8 @@ impl Stats {
             g(&self.weights_prepared),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepare_ns) as f64 / 1e6,
+            self.variants_json(),
+            self.int8_share(),
         )
     }
 
@@ -88,7 +138,7 @@ impl Stats {
         let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
         format!(
             "MUL_MAT offloaded {} ({:.1} ms in executor, {:.2} GFLOP), on host {} ({}), executor faults {}, \
-             weights prepared {} ({:.1} MiB held, {:.1} ms)",
+             weights prepared {} ({:.1} MiB held, {:.1} ms), variants {} (int8 × int8 {:.1} % of offloaded FLOPs)",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -102,6 +152,25 @@ impl Stats {
             g(&self.weights_prepared),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepare_ns) as f64 / 1e6,
+            {
+                let v = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.iter()
+                        .map(|(m, n, f)| {
+                            format!(
+                                "{} {n} ops {:.2} GFLOP{}",
+                                m.name(),
+                                *f as f64 / 1e9,
+                                if m.int8() { " int8" } else { "" }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            },
+            100.0 * self.int8_share(),
         )
     }
 }

@@ -348,6 +348,14 @@ pub const HOST_M_HALF: f64 = 16.0;
 pub const HOST_KERNEL_MS: f64 = 0.01;
 /// Bytes per weight the host reads for quantised weights (Q8_0: 34 bytes per 32; ggml-backend-abi §11).
 pub const HOST_QUANT_BYTES_PER_WEIGHT: f64 = 34.0 / 32.0;
+/// Host rate of the `i8i8r` activation rotation (sign flip, in-cache fast Walsh–Hadamard butterflies,
+/// 1/√b), in f32 elements per ns per butterfly stage: one 128-bit add/sub pair handles 4 elements, so
+/// ≈ 2 elements per ns per stage on one core at 3–4 GHz after loads and stores [G: replace with
+/// `cargo bench`-style timing on the device].
+pub const ROTATION_ELEMS_PER_NS_STAGE: f64 = 2.0;
+/// Largest rotation block of `i8i8r` (the bridge's `DEFAULT_MAX_BLOCK`).
+pub const ROTATION_MAX_BLOCK: usize = 256;
+
 /// Draw Things uses the ANE only from M = 256 (ane §5); the default `GGML_COREML_MIN_M`.
 pub const DRAW_THINGS_MIN_M: usize = 256;
 /// Metal pp4096 ≈ 0.8 × pp512 for 7–8B models (attention grows; perf §3.2) [D]: per-token time × 1.25.
@@ -509,6 +517,29 @@ impl CostModel {
             + (kp - 1) as f64 * mf * nf * 8.0;
         c.host_side_ms = side / (self.host_side_gbps.max(1e-3) * 1e6);
         c.total_ms = calls_ms + c.copy_ms + c.host_side_ms;
+        c
+    }
+
+    /// Host time of rotating `m` tokens of `k` activations (`i8i8r`), ms: one pass over the f32
+    /// activations (read, write) at the host-side rate, plus log2(block) butterfly stages.
+    pub fn rotation_ms(&self, m: usize, k: usize) -> f64 {
+        if m == 0 || k == 0 {
+            return 0.0;
+        }
+        let block = (1usize << k.trailing_zeros()).min(ROTATION_MAX_BLOCK);
+        let stages = block.trailing_zeros() as f64;
+        let elems = m as f64 * k as f64;
+        let pass = elems * 8.0 / (self.host_side_gbps.max(1e-3) * 1e6);
+        pass + elems * stages / (ROTATION_ELEMS_PER_NS_STAGE * 1e6)
+    }
+
+    /// [`CostModel::ane`] of the `i8i8r` candidate: the i8i8 program (int8 rate where the chip has
+    /// it) plus the host's activation rotation.
+    pub fn ane_rotated(&self, m: usize, k: usize, n: usize) -> AneCost {
+        let mut c = self.ane(m, k, n, Variant::I8I8);
+        let r = self.rotation_ms(m, k);
+        c.host_side_ms += r;
+        c.total_ms += r;
         c
     }
 

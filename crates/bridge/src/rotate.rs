@@ -1,0 +1,229 @@
+//! Randomised Hadamard rotation along K, for W8A8 with outlier channels (the `i8i8r` variant).
+//!
+//! `R = blockdiag(H_b · D)`: per block of `b` consecutive K positions (b a power of two dividing K),
+//! the signs `D = diag(±1)` (a fixed pseudo-random sequence over K, seed [`SIGN_SEED`]) and then the
+//! normalised Walsh–Hadamard matrix `H_b / √b`. R is orthogonal, so `x · w = (R x) · (R w)` for every
+//! pair of K-vectors: rotating each weight row at prepare time and each token's activations per call
+//! leaves the product unchanged in exact arithmetic, while spreading a few large channels over their
+//! whole block before per-token int8 quantisation.
+//!
+//! The transform is the in-place fast Walsh–Hadamard butterfly (`b · log2 b` additions per block).
+
+use crate::BridgeError;
+
+/// Seed of the ±1 sign sequence. Fixed: weights rotated at prepare time and activations rotated at
+/// run time must use the same signs, also across processes (program caches, prepared-weight caches).
+pub const SIGN_SEED: u64 = 0x6767_6d6c_2d72_6f74; // "ggml-rot"
+
+/// Default cap on the block length: large enough to spread an outlier over 256 channels
+/// (its share of a token's max drops by up to √256 = 16), small enough to stay in L1 per block.
+pub const DEFAULT_MAX_BLOCK: usize = 256;
+
+/// The block length used for inner dimension `k`: the largest power of two dividing `k`, at most
+/// `max_block` (itself rounded down to a power of two, at least 1).
+pub fn rotation_block(k: usize, max_block: usize) -> usize {
+    if k == 0 {
+        return 1;
+    }
+    let pow2_div = 1usize << k.trailing_zeros();
+    let cap = if max_block == 0 {
+        1
+    } else {
+        1usize << (usize::BITS - 1 - max_block.leading_zeros())
+    };
+    pow2_div.min(cap)
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The sign of K position `i` (±1.0): bit 0 of splitmix64(seed + i).
+#[inline]
+pub fn sign_at(i: usize) -> f32 {
+    if splitmix64(SIGN_SEED.wrapping_add(i as u64)) & 1 == 0 {
+        1.0
+    } else {
+        -1.0
+    }
+}
+
+/// One rotation `R` for inner dimension `k`: the signs over K and the block length.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rotation {
+    pub k: usize,
+    pub block: usize,
+    signs: Vec<f32>,
+    /// 1/√block, applied once after the butterflies.
+    norm: f32,
+}
+
+impl Rotation {
+    /// The rotation for `k` with blocks of [`rotation_block`]`(k, max_block)`.
+    pub fn new(k: usize, max_block: usize) -> Rotation {
+        let block = rotation_block(k, max_block);
+        Rotation {
+            k,
+            block,
+            signs: (0..k).map(sign_at).collect(),
+            norm: 1.0 / (block as f32).sqrt(),
+        }
+    }
+
+    /// Rotates one K-vector in place: `x ← R x`.
+    ///
+    /// # Panics
+    /// If `x.len() != k`.
+    pub fn apply(&self, x: &mut [f32]) {
+        assert_eq!(x.len(), self.k, "rotation of a vector of the wrong length");
+        for (v, s) in x.iter_mut().zip(&self.signs) {
+            *v *= s;
+        }
+        let b = self.block;
+        if b > 1 {
+            for blk in x.chunks_exact_mut(b) {
+                fwht(blk);
+            }
+        }
+        if b > 1 {
+            let n = self.norm;
+            for v in x.iter_mut() {
+                *v *= n;
+            }
+        }
+    }
+
+    /// Copies `m` rows of `k` values (row stride `stride`) from `x` into `out` (`[m, k]`) rotated.
+    pub fn rotate_rows_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        stride: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), BridgeError> {
+        let k = self.k;
+        if m > 0 && (stride < k || x.len() < (m - 1) * stride + k) {
+            return Err(BridgeError::ElementLength {
+                what: "rotated activations",
+                got: x.len(),
+                want: (m.max(1) - 1) * stride + k,
+            });
+        }
+        out.resize(m * k, 0.0);
+        for r in 0..m {
+            let o = &mut out[r * k..(r + 1) * k];
+            o.copy_from_slice(&x[r * stride..r * stride + k]);
+            self.apply(o);
+        }
+        Ok(())
+    }
+
+    /// Rotates every row of a row-major `[n, k]` matrix in place.
+    pub fn rotate_matrix(&self, w: &mut [f32]) {
+        if self.k == 0 {
+            return;
+        }
+        for row in w.chunks_exact_mut(self.k) {
+            self.apply(row);
+        }
+    }
+}
+
+/// In-place unnormalised fast Walsh–Hadamard transform of a power-of-two-length slice (Sylvester order).
+fn fwht(x: &mut [f32]) {
+    let n = x.len();
+    let mut h = 1;
+    while h < n {
+        for base in (0..n).step_by(2 * h) {
+            let (lo, hi) = x[base..base + 2 * h].split_at_mut(h);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (u, v) = (*a, *b);
+                *a = u + v;
+                *b = u - v;
+            }
+        }
+        h *= 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks() {
+        assert_eq!(rotation_block(640, 256), 128);
+        assert_eq!(rotation_block(576, 256), 64);
+        assert_eq!(rotation_block(2048, 256), 256);
+        assert_eq!(rotation_block(2048, 4096), 2048);
+        assert_eq!(rotation_block(1536, 300), 256);
+        assert_eq!(rotation_block(7, 256), 1);
+        assert_eq!(rotation_block(0, 256), 1);
+        assert_eq!(rotation_block(64, 0), 1);
+    }
+
+    #[test]
+    fn orthogonal_and_preserves_dot_products() {
+        for &(k, cap) in &[
+            (640usize, 256usize),
+            (576, 256),
+            (2048, 256),
+            (96, 8),
+            (7, 256),
+        ] {
+            let r = Rotation::new(k, cap);
+            let x: Vec<f32> = (0..k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+                .collect();
+            let w: Vec<f32> = (0..k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 7.0)
+                .collect();
+            let dot = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum::<f64>()
+            };
+            let (mut xr, mut wr) = (x.clone(), w.clone());
+            r.apply(&mut xr);
+            r.apply(&mut wr);
+            let (d0, d1) = (dot(&x, &w), dot(&xr, &wr));
+            assert!(
+                (d0 - d1).abs() <= 1e-4 * d0.abs().max(1.0),
+                "k={k}: {d0} vs {d1}"
+            );
+            let (n0, n1) = (dot(&x, &x), dot(&xr, &xr));
+            assert!((n0 - n1).abs() <= 1e-4 * n0, "k={k}: norm {n0} vs {n1}");
+        }
+    }
+
+    #[test]
+    fn spreads_an_outlier() {
+        let k = 1024;
+        let r = Rotation::new(k, 256);
+        let mut x = vec![0.01f32; k];
+        x[17] = 100.0;
+        r.apply(&mut x);
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        // 100 spread over a block of 256: 100/16 = 6.25 (plus the small values).
+        assert!(amax < 6.5, "{amax}");
+    }
+
+    #[test]
+    fn rows_into_matches_apply() {
+        let (m, k, stride) = (3, 64, 70);
+        let r = Rotation::new(k, 256);
+        let x: Vec<f32> = (0..m * stride).map(|i| (i % 11) as f32 - 5.0).collect();
+        let mut out = Vec::new();
+        r.rotate_rows_into(&x, m, stride, &mut out).unwrap();
+        for i in 0..m {
+            let mut row = x[i * stride..i * stride + k].to_vec();
+            r.apply(&mut row);
+            assert_eq!(&out[i * k..(i + 1) * k], &row[..]);
+        }
+        assert!(r.rotate_rows_into(&x[..10], m, stride, &mut out).is_err());
+    }
+}
