@@ -751,7 +751,7 @@ mod tests {
         let mut want = vec![0f32; m * n];
         let mut s = Scratch::default();
         matmul(&exec, &exact_w, &act, &mut want, n, &mut s).unwrap();
-        let err = |mode: Mode| {
+        let mut err = |mode: Mode| {
             let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
             let mut out = vec![0f32; m * n];
             matmul(&exec, &w, &act, &mut out, n, &mut s).unwrap();
