@@ -51,7 +51,12 @@ pub fn sign_at(i: usize) -> f32 {
     }
 }
 
-/// One rotation `R` for inner dimension `k`: the signs over K and the block length.
+/// Most blocks a second stage mixes (`k / block`): beyond this the g × g product costs more than it
+/// is worth and K is large enough for the blocks alone.
+pub const MAX_MIX_GROUPS: usize = 16;
+
+/// One rotation `R` for inner dimension `k`: the signs over K and the block length, and optionally a
+/// second stage across the blocks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rotation {
     pub k: usize,
@@ -59,18 +64,65 @@ pub struct Rotation {
     signs: Vec<f32>,
     /// 1/√block, applied once after the butterflies.
     norm: f32,
+    /// Second stage: a fixed orthogonal `g × g` matrix (row-major, g = k / block) applied across the
+    /// blocks at each offset (elements `j, j + block, …`), so that every output mixes all of K even
+    /// when K is not a power of two (640 = 5 · 128). `None`: blocks only.
+    mix: Option<Vec<f32>>,
+}
+
+/// A fixed orthogonal `g × g` matrix: Gram–Schmidt (f64, twice for accuracy) on uniform entries drawn
+/// from splitmix64 with [`SIGN_SEED`]; deterministic on every platform (only +, ×, /, √).
+fn mixing_matrix(g: usize) -> Vec<f32> {
+    let mut a: Vec<Vec<f64>> = (0..g)
+        .map(|r| {
+            (0..g)
+                .map(|c| {
+                    let z = splitmix64(SIGN_SEED ^ 0x6d69_78u64.wrapping_add((r * g + c) as u64));
+                    (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+                })
+                .collect()
+        })
+        .collect();
+    for i in 0..g {
+        for _ in 0..2 {
+            for j in 0..i {
+                let d: f64 = (0..g).map(|c| a[i][c] * a[j][c]).sum();
+                for c in 0..g {
+                    a[i][c] -= d * a[j][c];
+                }
+            }
+        }
+        let n = (0..g).map(|c| a[i][c] * a[i][c]).sum::<f64>().sqrt();
+        for c in 0..g {
+            a[i][c] /= n;
+        }
+    }
+    a.into_iter().flatten().map(|v| v as f32).collect()
 }
 
 impl Rotation {
-    /// The rotation for `k` with blocks of [`rotation_block`]`(k, max_block)`.
+    /// The rotation for `k` with blocks of [`rotation_block`]`(k, max_block)`, blocks only.
     pub fn new(k: usize, max_block: usize) -> Rotation {
+        Rotation::with_mix(k, max_block, false)
+    }
+
+    /// As [`Rotation::new`]; with `mix`, a second stage mixes the `k / block` blocks when there are
+    /// 2 ..= [`MAX_MIX_GROUPS`] of them.
+    pub fn with_mix(k: usize, max_block: usize, mix: bool) -> Rotation {
         let block = rotation_block(k, max_block);
+        let g = if k == 0 { 0 } else { k / block };
         Rotation {
             k,
             block,
             signs: (0..k).map(sign_at).collect(),
             norm: 1.0 / (block as f32).sqrt(),
+            mix: (mix && (2..=MAX_MIX_GROUPS).contains(&g)).then(|| mixing_matrix(g)),
         }
+    }
+
+    /// Whether the second stage is on.
+    pub fn mixes(&self) -> bool {
+        self.mix.is_some()
     }
 
     /// Rotates one K-vector in place: `x ← R x`.
@@ -92,6 +144,23 @@ impl Rotation {
             let n = self.norm;
             for v in x.iter_mut() {
                 *v *= n;
+            }
+        }
+        if let Some(m) = &self.mix {
+            let g = self.k / b;
+            let mut v = [0f32; MAX_MIX_GROUPS];
+            let mut y = [0f32; MAX_MIX_GROUPS];
+            for j in 0..b {
+                for t in 0..g {
+                    v[t] = x[t * b + j];
+                }
+                for (r, yr) in y.iter_mut().enumerate().take(g) {
+                    let row = &m[r * g..(r + 1) * g];
+                    *yr = row.iter().zip(&v[..g]).map(|(a, b)| a * b).sum();
+                }
+                for t in 0..g {
+                    x[t * b + j] = y[t];
+                }
             }
         }
     }
@@ -198,6 +267,47 @@ mod tests {
             let (n0, n1) = (dot(&x, &x), dot(&xr, &xr));
             assert!((n0 - n1).abs() <= 1e-4 * n0, "k={k}: norm {n0} vs {n1}");
         }
+    }
+
+    #[test]
+    fn mixing_is_orthogonal_and_spreads_across_blocks() {
+        for g in 2..=MAX_MIX_GROUPS {
+            let m = mixing_matrix(g);
+            for i in 0..g {
+                for j in 0..g {
+                    let d: f32 = (0..g).map(|c| m[i * g + c] * m[j * g + c]).sum();
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    assert!((d - want).abs() < 1e-5, "g={g} {i},{j}: {d}");
+                }
+            }
+        }
+        let k = 640;
+        let r = Rotation::with_mix(k, 256, true);
+        assert!(r.mixes() && r.block == 128);
+        let x: Vec<f32> = (0..k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+            .collect();
+        let w: Vec<f32> = (0..k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 7.0)
+            .collect();
+        let dot = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum::<f64>()
+        };
+        let (mut xr, mut wr) = (x.clone(), w.clone());
+        r.apply(&mut xr);
+        r.apply(&mut wr);
+        assert!((dot(&x, &w) - dot(&xr, &wr)).abs() < 1e-3 * dot(&x, &w).abs().max(1.0));
+        let mut e = vec![0f32; k];
+        e[3] = 100.0;
+        r.apply(&mut e);
+        let amax = e.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let blocks_only = 100.0 / (128f32).sqrt();
+        assert!(amax < blocks_only, "{amax} vs {blocks_only}");
+        assert!(!Rotation::with_mix(4096 * 32, 256, true).mixes());
+        assert!(!Rotation::with_mix(256, 256, true).mixes());
     }
 
     #[test]

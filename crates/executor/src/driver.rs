@@ -119,6 +119,13 @@ pub fn rotation_max_block() -> usize {
     })
 }
 
+/// Whether `i8i8r` also mixes across its Hadamard blocks when K is not a power of two
+/// (`GGML_COREML_ROTATE_MIX=0` turns it off; on by default).
+pub fn rotation_mix() -> bool {
+    static B: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *B.get_or_init(|| std::env::var("GGML_COREML_ROTATE_MIX").map_or(true, |v| v != "0"))
+}
+
 /// Weights of at least this many elements are repacked on several threads.
 const REPACK_PAR_ELEMENTS: usize = 1 << 22;
 
@@ -174,7 +181,7 @@ impl PreparedWeight {
             }
             Mode::ExactF32 => WeightForm::Exact(bridge::dequantize(wtype, bytes, n, k)?),
             Mode::I8I8Rotated => {
-                let rot = bridge::Rotation::new(k, rotation_max_block());
+                let rot = bridge::Rotation::with_mix(k, rotation_max_block(), rotation_mix());
                 let r = bridge::rowwise_int8_rotated_par(wtype, bytes, n, k, &rot, threads)?;
                 rotation = Some(rot);
                 WeightForm::Rowwise(r)
