@@ -61,9 +61,8 @@ pub const MAX_MIX_GROUPS: usize = 16;
 pub struct Rotation {
     pub k: usize,
     pub block: usize,
+    /// ±1/√block per K position (the signs with the normalisation folded in).
     signs: Vec<f32>,
-    /// 1/√block, applied once after the butterflies.
-    norm: f32,
     /// Second stage: a fixed orthogonal `g × g` matrix (row-major, g = k / block) applied across the
     /// blocks at each offset (elements `j, j + block, …`), so that every output mixes all of K even
     /// when K is not a power of two (640 = 5 · 128). `None`: blocks only.
@@ -77,7 +76,8 @@ fn mixing_matrix(g: usize) -> Vec<f32> {
         .map(|r| {
             (0..g)
                 .map(|c| {
-                    let z = splitmix64(SIGN_SEED ^ 0x6d69_78u64.wrapping_add((r * g + c) as u64));
+                    let z =
+                        splitmix64(SIGN_SEED ^ 0x006d_6978_u64.wrapping_add((r * g + c) as u64));
                     (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
                 })
                 .collect()
@@ -86,15 +86,16 @@ fn mixing_matrix(g: usize) -> Vec<f32> {
     for i in 0..g {
         for _ in 0..2 {
             for j in 0..i {
-                let d: f64 = (0..g).map(|c| a[i][c] * a[j][c]).sum();
-                for c in 0..g {
-                    a[i][c] -= d * a[j][c];
+                let d: f64 = a[i].iter().zip(&a[j]).map(|(x, y)| x * y).sum();
+                let aj = a[j].clone();
+                for (x, y) in a[i].iter_mut().zip(&aj) {
+                    *x -= d * y;
                 }
             }
         }
-        let n = (0..g).map(|c| a[i][c] * a[i][c]).sum::<f64>().sqrt();
-        for c in 0..g {
-            a[i][c] /= n;
+        let n = a[i].iter().map(|x| x * x).sum::<f64>().sqrt();
+        for x in a[i].iter_mut() {
+            *x /= n;
         }
     }
     a.into_iter().flatten().map(|v| v as f32).collect()
@@ -114,8 +115,10 @@ impl Rotation {
         Rotation {
             k,
             block,
-            signs: (0..k).map(sign_at).collect(),
-            norm: 1.0 / (block as f32).sqrt(),
+            signs: {
+                let norm = 1.0 / (block as f32).sqrt();
+                (0..k).map(|i| sign_at(i) * norm).collect()
+            },
             mix: (mix && (2..=MAX_MIX_GROUPS).contains(&g)).then(|| mixing_matrix(g)),
         }
     }
@@ -131,6 +134,7 @@ impl Rotation {
     /// If `x.len() != k`.
     pub fn apply(&self, x: &mut [f32]) {
         assert_eq!(x.len(), self.k, "rotation of a vector of the wrong length");
+        // The 1/√b normalisation is linear: folded into the signs (one pass instead of two).
         for (v, s) in x.iter_mut().zip(&self.signs) {
             *v *= s;
         }
@@ -140,28 +144,28 @@ impl Rotation {
                 fwht(blk);
             }
         }
-        if b > 1 {
-            let n = self.norm;
-            for v in x.iter_mut() {
-                *v *= n;
-            }
-        }
         if let Some(m) = &self.mix {
+            // y[t] = Σ_u m[t][u] · x[u] over whole blocks (contiguous runs of b: vectorised axpys).
             let g = self.k / b;
-            let mut v = [0f32; MAX_MIX_GROUPS];
-            let mut y = [0f32; MAX_MIX_GROUPS];
-            for j in 0..b {
-                for t in 0..g {
-                    v[t] = x[t * b + j];
-                }
-                for (r, yr) in y.iter_mut().enumerate().take(g) {
-                    let row = &m[r * g..(r + 1) * g];
-                    *yr = row.iter().zip(&v[..g]).map(|(a, b)| a * b).sum();
-                }
-                for t in 0..g {
-                    x[t * b + j] = y[t];
+            let mut y = [0f32; 256 * MAX_MIX_GROUPS];
+            let mut tmp: Vec<f32>;
+            let y: &mut [f32] = if self.k <= y.len() {
+                &mut y[..self.k]
+            } else {
+                tmp = vec![0f32; self.k];
+                &mut tmp
+            };
+            y.fill(0.0);
+            for t in 0..g {
+                let yt = &mut y[t * b..(t + 1) * b];
+                for u in 0..g {
+                    let c = m[t * g + u];
+                    for (o, &v) in yt.iter_mut().zip(&x[u * b..(u + 1) * b]) {
+                        *o += c * v;
+                    }
                 }
             }
+            x.copy_from_slice(y);
         }
     }
 
@@ -205,6 +209,42 @@ impl Rotation {
 fn fwht(x: &mut [f32]) {
     let n = x.len();
     let mut h = 1;
+    if n >= 8 {
+        // The first three stages within each run of 8, unrolled (the strided loop below does not
+        // vectorise for h < 8).
+        for c in x.chunks_exact_mut(8) {
+            let a: [f32; 8] = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
+            let b = [
+                a[0] + a[1],
+                a[0] - a[1],
+                a[2] + a[3],
+                a[2] - a[3],
+                a[4] + a[5],
+                a[4] - a[5],
+                a[6] + a[7],
+                a[6] - a[7],
+            ];
+            let d = [
+                b[0] + b[2],
+                b[1] + b[3],
+                b[0] - b[2],
+                b[1] - b[3],
+                b[4] + b[6],
+                b[5] + b[7],
+                b[4] - b[6],
+                b[5] - b[7],
+            ];
+            c[0] = d[0] + d[4];
+            c[1] = d[1] + d[5];
+            c[2] = d[2] + d[6];
+            c[3] = d[3] + d[7];
+            c[4] = d[0] - d[4];
+            c[5] = d[1] - d[5];
+            c[6] = d[2] - d[6];
+            c[7] = d[3] - d[7];
+        }
+        h = 8;
+    }
     while h < n {
         for base in (0..n).step_by(2 * h) {
             let (lo, hi) = x[base..base + 2 * h].split_at_mut(h);
@@ -221,6 +261,27 @@ fn fwht(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fwht_matches_the_definition() {
+        for n in [1usize, 2, 4, 8, 16, 64, 256] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
+            let mut y = x.clone();
+            fwht(&mut y);
+            for (r, &yr) in y.iter().enumerate() {
+                let want: f32 = (0..n)
+                    .map(|c| {
+                        if (r & c).count_ones() % 2 == 0 {
+                            x[c]
+                        } else {
+                            -x[c]
+                        }
+                    })
+                    .sum();
+                assert_eq!(yr, want, "n={n} r={r}");
+            }
+        }
+    }
 
     #[test]
     fn blocks() {
@@ -335,5 +396,38 @@ mod tests {
             assert_eq!(&out[i * k..(i + 1) * k], &row[..]);
         }
         assert!(r.rotate_rows_into(&x[..10], m, stride, &mut out).is_err());
+    }
+
+    /// Host speed of the activation rotation: `cargo test --release -p ggml-coreml-bridge --lib
+    /// rotate_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn rotate_speed() {
+        for &(m, k, mix) in &[
+            (512, 640, false),
+            (512, 640, true),
+            (512, 2048, false),
+            (512, 4096, false),
+        ] {
+            let r = Rotation::with_mix(k, DEFAULT_MAX_BLOCK, mix);
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 6.0).collect();
+            let mut out = Vec::new();
+            r.rotate_rows_into(&x, m, k, &mut out).unwrap();
+            let reps = 20;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                r.rotate_rows_into(&x, m, k, &mut out).unwrap();
+            }
+            let ns = t.elapsed().as_nanos() as f64 / reps as f64;
+            let stages = r.block.trailing_zeros() as f64;
+            eprintln!(
+                "m={m} k={k} block={} mix={}: {:.3} ms, {:.2} elements/ns, {:.2} element-stages/ns",
+                r.block,
+                r.mixes(),
+                ns / 1e6,
+                (m * k) as f64 / ns,
+                (m * k) as f64 * stages / ns
+            );
+        }
     }
 }

@@ -62,12 +62,18 @@ impl Mode {
         self.program() == Some(Variant::I8I8)
     }
 
-    /// [`Mode::for_type`] on a chip with or without the ANE's int8 × int8 path: on int8 chips the
-    /// default for quantised weights is `i8i8r` (rotated W8A8, within the parity bar where plain i8i8
-    /// is not; docs/parity.md), elsewhere `w8f16`. A requested mode always wins.
-    pub fn for_type_on(wtype: WeightType, requested: Option<Mode>, int8_chip: bool) -> Mode {
+    /// [`Mode::for_type`] for one weight on a chip with or without the ANE's int8 × int8 path. On int8
+    /// chips the default for quantised weights is `i8i8r` (rotated W8A8), except the tensor kinds of
+    /// [`W8F16_KINDS_ON_INT8_CHIPS`] (`fp16_kind`), which keep `w8f16`; elsewhere `w8f16`. A requested
+    /// mode always wins.
+    pub fn for_weight(
+        wtype: WeightType,
+        fp16_kind: bool,
+        requested: Option<Mode>,
+        int8_chip: bool,
+    ) -> Mode {
         match (requested, wtype) {
-            (None, t) if int8_chip && t != WeightType::F16 => Mode::I8I8Rotated,
+            (None, t) if int8_chip && t != WeightType::F16 && !fp16_kind => Mode::I8I8Rotated,
             _ => Mode::for_type(wtype, requested),
         }
     }
@@ -87,6 +93,41 @@ impl Mode {
             (None, _) => Mode::Program(Variant::W8F16),
         }
     }
+}
+
+/// Tensor kinds that keep `w8f16` on int8 chips, where every other quantised weight defaults to
+/// `i8i8r`. The one routing table: chosen from the per-kind NMSE and end-to-end KLD of docs/parity.md
+/// (the attention input projections carry the largest i8i8r errors, 2–5e-4 mean and up to 1e-3 per
+/// layer on Gemma-3-270M, for 7 % of its MUL_MAT FLOPs).
+pub const W8F16_KINDS_ON_INT8_CHIPS: &[&str] = &["attn_q", "attn_k", "attn_v"];
+
+/// The kind of a weight from its ggml name: `blk.3.ffn_down.weight` → `ffn_down`,
+/// `output.weight` → `output`.
+pub fn tensor_kind(name: &str) -> &str {
+    let s = name.strip_suffix(".weight").unwrap_or(name);
+    match s.strip_prefix("blk.") {
+        Some(rest) => rest.split_once('.').map_or(rest, |(_, k)| k),
+        None => s,
+    }
+}
+
+/// Whether the weight named `name` keeps `w8f16` on int8 chips ([`W8F16_KINDS_ON_INT8_CHIPS`], or
+/// the comma-separated kinds of `GGML_COREML_W8F16_KINDS` when set, for experiments).
+pub fn keeps_w8f16(name: &str) -> bool {
+    static KINDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let kinds = KINDS.get_or_init(|| match std::env::var("GGML_COREML_W8F16_KINDS") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        Err(_) => W8F16_KINDS_ON_INT8_CHIPS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    });
+    let kind = tensor_kind(name);
+    kinds.iter().any(|k| k == kind)
 }
 
 /// A weight in the form its program takes.
@@ -766,6 +807,29 @@ mod tests {
         };
         let (plain, rotated) = (err(Mode::Program(Variant::I8I8)), err(Mode::I8I8Rotated));
         assert!(rotated * 4.0 < plain, "i8i8 {plain:e}, i8i8r {rotated:e}");
+    }
+
+    #[test]
+    fn kinds_and_routing() {
+        assert_eq!(tensor_kind("blk.3.ffn_down.weight"), "ffn_down");
+        assert_eq!(tensor_kind("output.weight"), "output");
+        assert_eq!(tensor_kind("blk.12.attn_v"), "attn_v");
+        let r = |t, f, req, c| Mode::for_weight(t, f, req, c);
+        assert_eq!(r(WeightType::Q8_0, false, None, true), Mode::I8I8Rotated);
+        assert_eq!(
+            r(WeightType::Q8_0, true, None, true),
+            Mode::Program(Variant::W8F16)
+        );
+        assert_eq!(
+            r(WeightType::Q4_K, false, None, false),
+            Mode::Program(Variant::W8F16)
+        );
+        assert_eq!(
+            r(WeightType::F16, false, None, true),
+            Mode::Program(Variant::F16)
+        );
+        let i8 = Mode::Program(Variant::I8I8);
+        assert_eq!(r(WeightType::Q8_0, true, Some(i8), true), i8);
     }
 
     #[test]

@@ -188,8 +188,10 @@ impl Engine {
     }
 
     /// The program variant a weight type runs with (for the policy's cost model).
-    pub fn variant_for(&self, wtype: WeightType) -> Variant {
-        self.mode_for(wtype).program().unwrap_or(Variant::I8I8)
+    pub fn variant_for(&self, wtype: WeightType, fp16_kind: bool) -> Variant {
+        self.mode_for(wtype, fp16_kind)
+            .program()
+            .unwrap_or(Variant::I8I8)
     }
 
     /// Counts an executor call; true when fault injection says this one must fail.
@@ -339,8 +341,15 @@ impl Engine {
         }
     }
 
-    pub fn mode_for(&self, wtype: WeightType) -> Mode {
-        Mode::for_type_on(wtype, self.mode_override, self.policy.int8_chip())
+    /// The mode a weight runs with; `fp16_kind`: its kind keeps w8f16 on int8 chips
+    /// (`driver::keeps_w8f16`).
+    pub fn mode_for(&self, wtype: WeightType, fp16_kind: bool) -> Mode {
+        Mode::for_weight(
+            wtype,
+            fp16_kind,
+            self.mode_override,
+            self.policy.int8_chip(),
+        )
     }
 
     /// The prepared form of the 2-D weight whose rows (`bytes`, gathered) start at `addr` with row stride
@@ -355,8 +364,9 @@ impl Engine {
         bytes: &[u8],
         n: usize,
         k: usize,
+        fp16_kind: bool,
     ) -> Result<Arc<PreparedWeight>, String> {
-        let mode = self.mode_for(wtype);
+        let mode = self.mode_for(wtype, fp16_kind);
         if let Some(w) = registry.get(addr, mode, stride) {
             return Ok(w);
         }

@@ -29,6 +29,8 @@ const PREC_Q8: i32 = 30;
 #[derive(Clone, Copy, Debug)]
 pub struct Eligible {
     pub wtype: WeightType,
+    /// The weight's kind keeps w8f16 on int8 chips (`driver::keeps_w8f16`).
+    pub fp16_kind: bool,
     pub k: usize,
     pub n: usize,
     pub m: usize,
@@ -46,6 +48,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     if x.type_id() != GGML_TYPE_F32 || node.type_id() != GGML_TYPE_F32 {
         return Err("activations or output not F32");
     }
+    let fp16_kind = driver::keeps_w8f16(&w.name());
     let (wne, wnb, xne) = (w.ne(), w.nb(), x.ne());
     if wne.iter().chain(xne.iter()).any(|&d| d < 0) || wne[0] <= 0 || wne[1] <= 0 {
         return Err("empty or negative shape");
@@ -75,7 +78,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     }
     let src1_prec = node.op_param(3);
     if src1_prec > 0 && src1_prec < PREC_Q8 {
-        if engine().mode_for(wtype).int8() {
+        if engine().mode_for(wtype, fp16_kind).int8() {
             return Err("graph forbids int8 activations");
         }
         if src1_prec < 20 {
@@ -84,6 +87,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     }
     Ok(Eligible {
         wtype,
+        fp16_kind,
         k,
         n,
         m: xne[1] as usize,
@@ -128,7 +132,7 @@ pub fn claim(
             Ok(e) => {
                 let eng = engine();
                 eng.policy
-                    .would_offload_weight_for(e.k, e.n, eng.variant_for(e.wtype))
+                    .would_offload_weight_for(e.k, e.n, eng.variant_for(e.wtype, e.fp16_kind))
             }
             Err(why) => {
                 log::debug(&format!("declining {} at placement: {why}", node.name()));
@@ -190,7 +194,7 @@ pub fn route(node: &TensorRef<'_>, face: Face) -> Route {
             k: e.k,
             n: e.n,
         },
-        eng.variant_for(e.wtype),
+        eng.variant_for(e.wtype, e.fp16_kind),
     ) {
         Decision::Ane => Route::Ane(e),
         Decision::Host(r) => Route::Host(r.as_str()),
@@ -313,13 +317,13 @@ pub unsafe fn compute(
                     k: e.k,
                     n: e.n,
                 };
-                let variant = eng.variant_for(e.wtype);
+                let variant = eng.variant_for(e.wtype, e.fp16_kind);
                 match run_ane(ctx, &node, e, face, registry_of) {
                     Ok(batches) => {
                         let dt = t0.elapsed();
                         let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
                         eng.stats.ane(dt, flops);
-                        eng.stats.variant(eng.mode_for(e.wtype), flops);
+                        eng.stats.variant(eng.mode_for(e.wtype, e.fp16_kind), flops);
                         eng.policy.record(
                             &shape,
                             variant,
@@ -406,7 +410,7 @@ fn parity_check(ctx: &mut RouterCtx, node: &TensorRef<'_>, e: Eligible) {
         k: e.k,
         n: e.n,
         wtype: e.wtype.name(),
-        variant: eng.mode_for(e.wtype).name(),
+        variant: eng.mode_for(e.wtype, e.fp16_kind).name(),
         ..Default::default()
     };
     eng.record_parity(&name, entry, nmse);
@@ -477,16 +481,16 @@ fn run_ane(
             // SAFETY: eligible() checked rows of whole blocks; indices are within ne[2], ne[3].
             let (addr, stride) = unsafe { w.slice2d_addr(i02, i03) };
             let reg = registry.unwrap_or(&ctx.foreign);
-            let pw = match reg.get(addr, eng.mode_for(e.wtype), stride) {
+            let pw = match reg.get(addr, eng.mode_for(e.wtype, e.fp16_kind), stride) {
                 Some(pw) => pw,
                 None if w_host => {
                     // SAFETY: as above.
                     let bytes = unsafe { w.slice2d_rows(i02, i03, row) };
-                    eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?
+                    eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k, e.fp16_kind)?
                 }
                 None => {
                     let bytes = copy_rows(api, &w, i02, i03, row);
-                    eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?
+                    eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k, e.fp16_kind)?
                 }
             };
             let rows = match &x_copy {

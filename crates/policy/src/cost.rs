@@ -348,11 +348,12 @@ pub const HOST_M_HALF: f64 = 16.0;
 pub const HOST_KERNEL_MS: f64 = 0.01;
 /// Bytes per weight the host reads for quantised weights (Q8_0: 34 bytes per 32; ggml-backend-abi §11).
 pub const HOST_QUANT_BYTES_PER_WEIGHT: f64 = 34.0 / 32.0;
-/// Host rate of the `i8i8r` activation rotation (sign flip, in-cache fast Walsh–Hadamard butterflies,
-/// 1/√b), in f32 elements per ns per butterfly stage: one 128-bit add/sub pair handles 4 elements, so
-/// ≈ 2 elements per ns per stage on one core at 3–4 GHz after loads and stores [G: replace with
-/// `cargo bench`-style timing on the device].
-pub const ROTATION_ELEMS_PER_NS_STAGE: f64 = 2.0;
+/// Host rate of the `i8i8r` activation rotation (signs with the 1/√b folded in, in-cache fast
+/// Walsh–Hadamard butterflies), in f32 elements per ns per butterfly stage, one core. Measured on the
+/// 2-vCPU Xeon of docs/parity.md at ≈ 0.7–0.9 while its cores were shared about four ways
+/// (`cargo test --release -p ggml-coreml-bridge --lib rotate_speed -- --ignored --nocapture`);
+/// an idle Apple P-core with four 128-bit pipes is put at 4 [G: replace with that test on the device].
+pub const ROTATION_ELEMS_PER_NS_STAGE: f64 = 4.0;
 /// Largest rotation block of `i8i8r` (the bridge's `DEFAULT_MAX_BLOCK`).
 pub const ROTATION_MAX_BLOCK: usize = 256;
 
