@@ -352,8 +352,9 @@ pub const HOST_QUANT_BYTES_PER_WEIGHT: f64 = 34.0 / 32.0;
 /// Walsh–Hadamard butterflies), in f32 elements per ns per butterfly stage, one core. Measured on the
 /// 2-vCPU Xeon of docs/parity.md at ≈ 0.7–0.9 while its cores were shared about four ways
 /// (`cargo test --release -p ggml-coreml-bridge --lib rotate_speed -- --ignored --nocapture`);
-/// an idle Apple P-core with four 128-bit pipes is put at 4 [G: replace with that test on the device].
-pub const ROTATION_ELEMS_PER_NS_STAGE: f64 = 4.0;
+/// an Apple P-core is put at 2 [G: replace with that test on the device]. One core, and each MUL_MAT
+/// rotates its own input (q/k/v and gate/up could share one rotation: not done yet).
+pub const ROTATION_ELEMS_PER_NS_STAGE: f64 = 2.0;
 /// Largest rotation block of `i8i8r` (the bridge's `DEFAULT_MAX_BLOCK`).
 pub const ROTATION_MAX_BLOCK: usize = 256;
 
