@@ -267,7 +267,11 @@ fn store_key(face: Face, parts: &[&str]) -> String {
 }
 
 fn store_path() -> PathBuf {
-    paths::dev_cache_root().join("parity").join("store.json")
+    // `GGML_COREML_PARITY_STORE`: another store file (e.g. one per worktree on a shared cache).
+    std::env::var_os("GGML_COREML_PARITY_STORE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| paths::dev_cache_root().join("parity").join("store.json"))
 }
 
 /// The stored cells; a store that exists but does not parse is an error (never silently replaced).
@@ -360,8 +364,8 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
     };
     for v in &variants {
         ensure!(
-            matches!(v.as_str(), "i8i8" | "w8f16" | "f16" | "exact"),
-            "unknown variant `{v}` (i8i8, w8f16, f16, exact)"
+            matches!(v.as_str(), "i8i8" | "i8i8r" | "w8f16" | "f16" | "exact"),
+            "unknown variant `{v}` (i8i8, i8i8r, w8f16, f16, exact)"
         );
     }
     ensure!(
@@ -1056,7 +1060,7 @@ fn render(s: &Store) -> String {
             .iter()
             .position(|q| *q == c.quant)
             .unwrap_or(99);
-        let vi = ["i8i8", "w8f16", "f16", "exact"]
+        let vi = ["i8i8", "i8i8r", "w8f16", "f16", "exact"]
             .iter()
             .position(|v| *v == c.variant)
             .unwrap_or(99);
@@ -1100,10 +1104,11 @@ fn render(s: &Store) -> String {
     );
     let _ = writeln!(o, "|---|---|---|---|");
     for f in [Face::Accel, Face::Hybrid] {
-        for v in ["i8i8", "w8f16", "f16", "exact"] {
+        for v in ["i8i8", "i8i8r", "w8f16", "f16", "exact"] {
             if let Some((p, n, d)) = per_variant.get(&(f, v)) {
                 let def = match (v, *d > 0) {
-                    ("w8f16", true) => "quantised weights (today's default)",
+                    ("i8i8r", _) => "quantised weights on int8 chips (A17 Pro, M4 and later)",
+                    ("w8f16", true) => "quantised weights on other chips",
                     ("f16", true) => "F16 weights (today's default)",
                     _ => "—",
                 };

@@ -6,6 +6,7 @@
 //! - [`rowwise_int8`]: one scale per output row ("8-bit S") for the `i8i8` variant.
 //! - [`to_f16`]: fp16 copy of the exact values for the `f16` variant.
 //! - [`quantize_rows_i8`]: per-token symmetric int8 activations for the `i8i8` variant.
+//! - [`Rotation`]: the randomised block Hadamard rotation along K of the `i8i8r` variant.
 //!
 //! Every conversion has a `*_par(…, threads)` form; the caller decides the threads. See
 //! `docs/quantization.md` for the formats, formulas and measured error and speed.
@@ -16,6 +17,7 @@ mod error;
 mod form;
 mod metrics;
 mod par;
+mod rotate;
 mod rowwise;
 mod weight_type;
 
@@ -25,8 +27,10 @@ pub use activation::{
 pub use error::BridgeError;
 pub use form::{BlockForm, block_form, block_form_par, dequantize, dequantize_row};
 pub use metrics::{nmse, scale_spread};
+pub use rotate::{DEFAULT_MAX_BLOCK, Rotation, SIGN_SEED, rotation_block, sign_at};
 pub use rowwise::{
-    RowwiseInt8, rowwise_from_block_form, rowwise_int8, rowwise_int8_par, to_f16, to_f16_par,
+    RowwiseInt8, rowwise_from_block_form, rowwise_int8, rowwise_int8_par, rowwise_int8_rotated_par,
+    to_f16, to_f16_par,
 };
 pub use weight_type::WeightType;
 

@@ -6,7 +6,7 @@ use half::slice::HalfFloatSliceExt;
 use crate::activation::quantize_row_i8;
 use crate::form::{check_tensor, dequantize_unchecked};
 use crate::par::{for_row_ranges, row_ranges};
-use crate::{BlockForm, BridgeError, WeightType};
+use crate::{BlockForm, BridgeError, Rotation, WeightType};
 
 /// Row-wise symmetric int8 weight: `w[n][k] ≈ scales[n] * q[n][k]`, `scales[n] = max|w_row| / 127`,
 /// `q = round_half_even(w / s)` from the exact (dequantised) values. `q` is `[n, k]` row-major.
@@ -91,6 +91,44 @@ pub fn rowwise_int8_par(
             let mut w = vec![0f32; k];
             for (i, r) in rows.enumerate() {
                 dequantize_unchecked(t, &bytes[r * row..(r + 1) * row], &mut w);
+                s[i] = quantize_row_i8(&w, &mut q[i * k..(i + 1) * k]);
+            }
+        },
+    );
+    Ok(RowwiseInt8 { n, k, q, scales })
+}
+
+/// Row-wise int8 of the rotated weight `W·Rᵀ` (each row `w` becomes `R w`, [`Rotation`]) for the
+/// `i8i8r` variant: exact values, rotated in f32, then one symmetric int8 scale per row. `rot.k` must be `k`.
+pub fn rowwise_int8_rotated_par(
+    t: WeightType,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    rot: &Rotation,
+    threads: usize,
+) -> Result<RowwiseInt8, BridgeError> {
+    let row = check_tensor(t, bytes, n, k)?;
+    if rot.k != k {
+        return Err(BridgeError::ElementLength {
+            what: "rotation length (k)",
+            got: rot.k,
+            want: k,
+        });
+    }
+    let mut q = vec![0i8; n * k];
+    let mut scales = zeroed_scales(n, k)?;
+    let mut none: [u8; 0] = [];
+    for_row_ranges(
+        &row_ranges(n, threads),
+        (&mut q, k),
+        (&mut scales, 1),
+        (&mut none, 0),
+        |rows, q, s, _| {
+            let mut w = vec![0f32; k];
+            for (i, r) in rows.enumerate() {
+                dequantize_unchecked(t, &bytes[r * row..(r + 1) * row], &mut w);
+                rot.apply(&mut w);
                 s[i] = quantize_row_i8(&w, &mut q[i * k..(i + 1) * k]);
             }
         },

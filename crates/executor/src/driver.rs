@@ -20,12 +20,21 @@ pub enum Mode {
     Program(Variant),
     /// Exact f32 on the host from ggml's dequantisation — for comparisons, never the ANE.
     ExactF32,
+    /// `i8i8r`: the i8i8 program (int8 × int8) on rotated operands. Weights are rotated along K at
+    /// prepare time by a randomised block Hadamard transform ([`bridge::Rotation`]) and requantised per
+    /// row; activations are rotated on the host per call with the same transform, then quantised per
+    /// token. The rotation is orthogonal, so the product is unchanged; it spreads outlier channels
+    /// before the per-token scale is taken.
+    I8I8Rotated,
 }
 
 impl Mode {
     pub fn parse(s: &str) -> Option<Mode> {
         if s.eq_ignore_ascii_case("exact") || s.eq_ignore_ascii_case("f32") {
             return Some(Mode::ExactF32);
+        }
+        if s.eq_ignore_ascii_case("i8i8r") {
+            return Some(Mode::I8I8Rotated);
         }
         Variant::parse(s).map(Mode::Program)
     }
@@ -34,6 +43,40 @@ impl Mode {
         match self {
             Mode::Program(v) => v.name(),
             Mode::ExactF32 => "exact",
+            Mode::I8I8Rotated => "i8i8r",
+        }
+    }
+
+    /// Every name [`Mode::parse`] accepts (one per mode).
+    pub const NAMES: [&'static str; 5] = ["i8i8", "i8i8r", "w8f16", "f16", "exact"];
+
+    /// The program this mode runs (`None`: no program, exact f32 on the host).
+    pub fn program(self) -> Option<Variant> {
+        match self {
+            Mode::Program(v) => Some(v),
+            Mode::I8I8Rotated => Some(Variant::I8I8),
+            Mode::ExactF32 => None,
+        }
+    }
+
+    /// Whether the program's matmul is int8 × int8 (the ANE's int8 rate on chips that have it).
+    pub fn int8(self) -> bool {
+        self.program() == Some(Variant::I8I8)
+    }
+
+    /// [`Mode::for_type`] for one weight on a chip with or without the ANE's int8 × int8 path. On int8
+    /// chips the default for quantised weights is `i8i8r` (rotated W8A8), except the tensor kinds of
+    /// [`W8F16_KINDS_ON_INT8_CHIPS`] (`fp16_kind`), which keep `w8f16`; elsewhere `w8f16`. A requested
+    /// mode always wins.
+    pub fn for_weight(
+        wtype: WeightType,
+        fp16_kind: bool,
+        requested: Option<Mode>,
+        int8_chip: bool,
+    ) -> Mode {
+        match (requested, wtype) {
+            (None, t) if int8_chip && t != WeightType::F16 && !fp16_kind => Mode::I8I8Rotated,
+            _ => Mode::for_type(wtype, requested),
         }
     }
 
@@ -54,6 +97,42 @@ impl Mode {
     }
 }
 
+/// Tensor kinds that keep `w8f16` on int8 chips, where every other quantised weight defaults to
+/// `i8i8r`. The one routing table, chosen from the per-kind NMSE and end-to-end KLD of docs/parity.md:
+/// the kinds with the largest i8i8r errors on Gemma-3-270M (attn_v 4.6e-4, ffn_up 2.8e-4, attn_k
+/// 2.4e-4 mean NMSE). With them in w8f16 its Q8_0 KLD is 0.026 against a bar of 0.031 with 84 % of
+/// the offloaded MUL_MAT FLOPs still int8 × int8 (attn_q/k/v instead: 0.0311 at 90 %).
+pub const W8F16_KINDS_ON_INT8_CHIPS: &[&str] = &["attn_k", "attn_v", "ffn_up"];
+
+/// The kind of a weight from its ggml name: `blk.3.ffn_down.weight` → `ffn_down`,
+/// `output.weight` → `output`.
+pub fn tensor_kind(name: &str) -> &str {
+    let s = name.strip_suffix(".weight").unwrap_or(name);
+    match s.strip_prefix("blk.") {
+        Some(rest) => rest.split_once('.').map_or(rest, |(_, k)| k),
+        None => s,
+    }
+}
+
+/// Whether the weight named `name` keeps `w8f16` on int8 chips ([`W8F16_KINDS_ON_INT8_CHIPS`], or
+/// the comma-separated kinds of `GGML_COREML_W8F16_KINDS` when set, for experiments).
+pub fn keeps_w8f16(name: &str) -> bool {
+    static KINDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let kinds = KINDS.get_or_init(|| match std::env::var("GGML_COREML_W8F16_KINDS") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        Err(_) => W8F16_KINDS_ON_INT8_CHIPS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    });
+    let kind = tensor_kind(name);
+    kinds.iter().any(|k| k == kind)
+}
+
 /// A weight in the form its program takes.
 pub enum WeightForm {
     /// i8i8: row-wise int8 with one scale per output row.
@@ -71,6 +150,26 @@ pub enum WeightForm {
     Exact(Vec<f32>),
 }
 
+/// Largest rotation block of `i8i8r` (`GGML_COREML_ROTATE_BLOCK`, a power of two; default
+/// [`bridge::DEFAULT_MAX_BLOCK`]). Read once per process: weights and activations must agree.
+pub fn rotation_max_block() -> usize {
+    static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *B.get_or_init(|| {
+        std::env::var("GGML_COREML_ROTATE_BLOCK")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&b| b >= 1)
+            .unwrap_or(bridge::DEFAULT_MAX_BLOCK)
+    })
+}
+
+/// Whether `i8i8r` also mixes across its Hadamard blocks when K is not a power of two
+/// (`GGML_COREML_ROTATE_MIX=0` turns it off; on by default).
+pub fn rotation_mix() -> bool {
+    static B: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *B.get_or_init(|| std::env::var("GGML_COREML_ROTATE_MIX").map_or(true, |v| v != "0"))
+}
+
 /// Weights of at least this many elements are repacked on several threads.
 const REPACK_PAR_ELEMENTS: usize = 1 << 22;
 
@@ -81,6 +180,8 @@ pub struct PreparedWeight {
     pub k: usize,
     pub mode: Mode,
     pub form: WeightForm,
+    /// i8i8r: the rotation the weight rows went through; activations take the same one per call.
+    pub rotation: Option<bridge::Rotation>,
     /// Identity of the weight data for executors that keep device copies (0 = none).
     pub key: u64,
     /// The f16 form, made from `form` the first time the executor refuses this weight's int8-input
@@ -106,6 +207,7 @@ impl PreparedWeight {
         } else {
             1
         };
+        let mut rotation = None;
         let form = match mode {
             Mode::Program(Variant::I8I8) => {
                 WeightForm::Rowwise(bridge::rowwise_int8_par(wtype, bytes, n, k, threads)?)
@@ -126,6 +228,12 @@ impl PreparedWeight {
                 WeightForm::Half(bridge::to_f16_par(wtype, bytes, n, k, threads)?)
             }
             Mode::ExactF32 => WeightForm::Exact(bridge::dequantize(wtype, bytes, n, k)?),
+            Mode::I8I8Rotated => {
+                let rot = bridge::Rotation::with_mix(k, rotation_max_block(), rotation_mix());
+                let r = bridge::rowwise_int8_rotated_par(wtype, bytes, n, k, &rot, threads)?;
+                rotation = Some(rot);
+                WeightForm::Rowwise(r)
+            }
         };
         Ok(PreparedWeight {
             wtype,
@@ -133,6 +241,7 @@ impl PreparedWeight {
             k,
             mode,
             form,
+            rotation,
             key,
             fallback: OnceLock::new(),
         })
@@ -208,6 +317,7 @@ impl PreparedWeight {
 /// Reusable buffers so steady-state calls do not allocate.
 #[derive(Default)]
 pub struct Scratch {
+    xr: Vec<f32>,
     xq: Vec<i8>,
     xs: Vec<f32>,
     sx: Vec<f32>,
@@ -249,12 +359,9 @@ pub fn matmul(
     if out_stride < n || out.len() < (m - 1) * out_stride + n {
         return Err(bad("output slice too short".into()));
     }
-    let variant = match w.mode {
-        Mode::ExactF32 => {
-            exact(w, act, out, out_stride);
-            return Ok(());
-        }
-        Mode::Program(v) => v,
+    let Some(variant) = w.mode.program() else {
+        exact(w, act, out, out_stride);
+        return Ok(());
     };
     if let Some(h) = w.fallback.get() {
         return matmul_form(exec, w, h, Variant::F16, act, out, out_stride, scratch);
@@ -295,7 +402,16 @@ fn matmul_form(
     if variant == Variant::I8I8 {
         scratch.xq.resize(m * k, 0);
         scratch.xs.resize(m, 0.0);
-        bridge::try_quantize_rows_i8(act.x, m, k, act.x_stride, &mut scratch.xq, &mut scratch.xs)
+        let (x, stride) = match &w.rotation {
+            // i8i8r: x ← R x per token (the weight rows hold R w), then per-token int8.
+            Some(rot) => {
+                rot.rotate_rows_into(act.x, m, act.x_stride, &mut scratch.xr)
+                    .map_err(|e| bad(e.to_string()))?;
+                (&scratch.xr[..], k)
+            }
+            None => (act.x, act.x_stride),
+        };
+        bridge::try_quantize_rows_i8(x, m, k, stride, &mut scratch.xq, &mut scratch.xs)
             .map_err(|e| bad(e.to_string()))?;
     }
 
@@ -682,9 +798,7 @@ mod tests {
         stride: usize,
     ) -> Vec<f32> {
         let (k, n) = (w.k, w.n);
-        let Mode::Program(variant) = w.mode else {
-            unreachable!()
-        };
+        let variant = w.mode.program().unwrap();
         let (group, offsets) = match &w.form {
             WeightForm::Block { group, offsets, .. } => (*group, offsets.is_some()),
             _ => (0, false),
@@ -692,7 +806,19 @@ mod tests {
         let align = w.wtype.block_len().max(group).max(1);
         let plan = SplitPlan::new(variant, m, k, n, group, offsets, align).unwrap();
         let (mut xq, mut xs) = (vec![0i8; m * k], vec![0f32; m]);
-        bridge::quantize_rows_i8(x, m, k, stride, &mut xq, &mut xs);
+        let mut xr = Vec::new();
+        let (xi, si) = match &w.rotation {
+            Some(rot) => {
+                for r in 0..m {
+                    let mut row = x[r * stride..r * stride + k].to_vec();
+                    rot.apply(&mut row);
+                    xr.extend(row);
+                }
+                (&xr[..], k)
+            }
+            None => (x, stride),
+        };
+        bridge::quantize_rows_i8(xi, m, k, si, &mut xq, &mut xs);
         let mut out = vec![0f32; m * n];
         for p in &plan.parts {
             let d = p.desc;
@@ -741,6 +867,62 @@ mod tests {
         out
     }
 
+    /// With outlier channels, the rotated int8 path is much closer to exact arithmetic than plain i8i8.
+    #[test]
+    fn rotation_tames_outlier_channels() {
+        let exec = ReferenceExecutor::new();
+        let mut rng = Lcg(11);
+        let (m, k, n) = (16, 640, 64);
+        let bytes = q8_0_bytes(n, k, &mut rng);
+        let mut x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+        for r in 0..m {
+            for c in [3, 100, 401, 577] {
+                x[r * k + c] *= 60.0;
+            }
+        }
+        let exact_w =
+            PreparedWeight::prepare(Mode::ExactF32, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
+        let act = Activations {
+            x: &x,
+            m,
+            x_stride: k,
+        };
+        let mut want = vec![0f32; m * n];
+        let mut s = Scratch::default();
+        matmul(&exec, &exact_w, &act, &mut want, n, &mut s).unwrap();
+        let mut err = |mode: Mode| {
+            let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
+            let mut out = vec![0f32; m * n];
+            matmul(&exec, &w, &act, &mut out, n, &mut s).unwrap();
+            bridge::nmse(&want, &out)
+        };
+        let (plain, rotated) = (err(Mode::Program(Variant::I8I8)), err(Mode::I8I8Rotated));
+        assert!(rotated * 4.0 < plain, "i8i8 {plain:e}, i8i8r {rotated:e}");
+    }
+
+    #[test]
+    fn kinds_and_routing() {
+        assert_eq!(tensor_kind("blk.3.ffn_down.weight"), "ffn_down");
+        assert_eq!(tensor_kind("output.weight"), "output");
+        assert_eq!(tensor_kind("blk.12.attn_v"), "attn_v");
+        let r = |t, f, req, c| Mode::for_weight(t, f, req, c);
+        assert_eq!(r(WeightType::Q8_0, false, None, true), Mode::I8I8Rotated);
+        assert_eq!(
+            r(WeightType::Q8_0, true, None, true),
+            Mode::Program(Variant::W8F16)
+        );
+        assert_eq!(
+            r(WeightType::Q4_K, false, None, false),
+            Mode::Program(Variant::W8F16)
+        );
+        assert_eq!(
+            r(WeightType::F16, false, None, true),
+            Mode::Program(Variant::F16)
+        );
+        let i8 = Mode::Program(Variant::I8I8);
+        assert_eq!(r(WeightType::Q8_0, true, Some(i8), true), i8);
+    }
+
     #[test]
     fn int8_transpose_matches_the_generic_one() {
         let mut rng = Lcg(5);
@@ -776,7 +958,11 @@ mod tests {
             (3, 16640, 6),
             (4100, 32, 3),
         ] {
-            for mode in [Mode::Program(Variant::I8I8), Mode::Program(Variant::F16)] {
+            for mode in [
+                Mode::Program(Variant::I8I8),
+                Mode::I8I8Rotated,
+                Mode::Program(Variant::F16),
+            ] {
                 let bytes = q8_0_bytes(n, k, &mut rng);
                 let w = PreparedWeight::prepare(mode, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
                 let stride = k + 3;

@@ -128,7 +128,8 @@ impl Engine {
                 Some(m) => Some(m),
                 None => {
                     log::warn(&format!(
-                        "GGML_COREML_VARIANT={v} is not i8i8|w8f16|f16|exact; using defaults"
+                        "GGML_COREML_VARIANT={v} is not {}; using defaults",
+                        Mode::NAMES.join("|")
                     ));
                     None
                 }
@@ -201,11 +202,10 @@ impl Engine {
     }
 
     /// The program variant a weight type runs with (for the policy's cost model).
-    pub fn variant_for(&self, wtype: WeightType) -> Variant {
-        match self.mode_for(wtype) {
-            Mode::Program(v) => v,
-            Mode::ExactF32 => Variant::I8I8,
-        }
+    pub fn variant_for(&self, wtype: WeightType, fp16_kind: bool) -> Variant {
+        self.mode_for(wtype, fp16_kind)
+            .program()
+            .unwrap_or(Variant::I8I8)
     }
 
     /// Counts an executor call; true when fault injection says this one must fail. In panic mode the
@@ -375,8 +375,15 @@ impl Engine {
         }
     }
 
-    pub fn mode_for(&self, wtype: WeightType) -> Mode {
-        Mode::for_type(wtype, self.mode_override)
+    /// The mode a weight runs with; `fp16_kind`: its kind keeps w8f16 on int8 chips
+    /// (`driver::keeps_w8f16`).
+    pub fn mode_for(&self, wtype: WeightType, fp16_kind: bool) -> Mode {
+        Mode::for_weight(
+            wtype,
+            fp16_kind,
+            self.mode_override,
+            self.policy.int8_chip() && int8_route(),
+        )
     }
 
     /// Would keeping an `n`×`k` weight prepared in `mode` exceed the resident budget?
@@ -399,8 +406,9 @@ impl Engine {
         bytes: &[u8],
         n: usize,
         k: usize,
+        fp16_kind: bool,
     ) -> Result<Arc<PreparedWeight>, String> {
-        let mode = self.mode_for(wtype);
+        let mode = self.mode_for(wtype, fp16_kind);
         let t0 = Instant::now();
         let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, 0)
             .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
@@ -422,15 +430,16 @@ impl Engine {
         bytes: &[u8],
         n: usize,
         k: usize,
+        fp16_kind: bool,
     ) -> Result<Arc<PreparedWeight>, String> {
-        let mode = self.mode_for(wtype);
+        let mode = self.mode_for(wtype, fp16_kind);
         if let Some(w) = registry.get(addr, mode, stride, n) {
             return Ok(w);
         }
         // Over the budget: made for this call only (the next call prepares it again).
         if self.over_budget(mode, n, k) {
             self.stats.prepared_per_call.fetch_add(1, Ordering::Relaxed);
-            return self.prepared_uncached(wtype, bytes, n, k);
+            return self.prepared_uncached(wtype, bytes, n, k, fp16_kind);
         }
         let t0 = Instant::now();
         let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, addr as u64)
@@ -453,12 +462,22 @@ impl Engine {
     }
 }
 
+/// `GGML_COREML_INT8_ROUTE=1`: on int8 chips (A17 Pro, M4 and later, or `GGML_COREML_CHIP`), quantised
+/// weights take the rotated int8 × int8 route (`i8i8r`, with the kinds in
+/// `driver::W8F16_KINDS_ON_INT8_CHIPS` in w8f16). Opt-in until the numbers settle it: parity passes on the
+/// two Gemma-3-270M cells measured, but the cost model prices the host-side rotation above what the int8
+/// rate saves (docs/parity.md, docs/benchmarks.md).
+fn int8_route() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("GGML_COREML_INT8_ROUTE").is_ok_and(|v| v == "1"))
+}
+
 /// About the bytes [`PreparedWeight::bytes_held`] will report for an `n`×`k` weight in `mode`.
 fn estimate_prepared_bytes(mode: Mode, n: usize, k: usize) -> u64 {
     let nk = (n * k) as u64;
     match mode {
         Mode::Program(Variant::F16) => 2 * nk,
-        Mode::Program(Variant::I8I8) => nk + 4 * n as u64,
+        Mode::Program(Variant::I8I8) | Mode::I8I8Rotated => nk + 4 * n as u64,
         // int8 values plus an fp16 scale (and offset) per block of 32.
         Mode::Program(_) => nk + nk / 8,
         Mode::ExactF32 => 4 * nk,

@@ -29,6 +29,8 @@ const PREC_Q8: i32 = 30;
 #[derive(Clone, Copy, Debug)]
 pub struct Eligible {
     pub wtype: WeightType,
+    /// The weight's kind keeps w8f16 on int8 chips (`driver::keeps_w8f16`).
+    pub fp16_kind: bool,
     pub k: usize,
     pub n: usize,
     pub m: usize,
@@ -46,6 +48,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     if x.type_id() != GGML_TYPE_F32 || node.type_id() != GGML_TYPE_F32 {
         return Err("activations or output not F32");
     }
+    let fp16_kind = driver::keeps_w8f16(&w.name());
     let (wne, wnb, xne) = (w.ne(), w.nb(), x.ne());
     if wne.iter().chain(xne.iter()).any(|&d| d < 0) || wne[0] <= 0 || wne[1] <= 0 {
         return Err("empty or negative shape");
@@ -75,11 +78,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     }
     let src1_prec = node.op_param(3);
     if src1_prec > 0 && src1_prec < PREC_Q8 {
-        let mode = engine().mode_for(wtype);
-        if matches!(
-            mode,
-            driver::Mode::Program(ggml_coreml_program::Variant::I8I8)
-        ) {
+        if engine().mode_for(wtype, fp16_kind).int8() {
             return Err("graph forbids int8 activations");
         }
         if src1_prec < 20 {
@@ -88,6 +87,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     }
     Ok(Eligible {
         wtype,
+        fp16_kind,
         k,
         n,
         m: xne[1] as usize,
@@ -132,7 +132,7 @@ pub fn claim(
             Ok(e) => {
                 let eng = engine();
                 eng.policy
-                    .would_offload_weight_for(e.k, e.n, eng.variant_for(e.wtype))
+                    .would_offload_weight_for(e.k, e.n, eng.variant_for(e.wtype, e.fp16_kind))
             }
             Err(why) => {
                 log::debug(&format!("declining {} at placement: {why}", node.name()));
@@ -195,7 +195,7 @@ pub fn route(node: &TensorRef<'_>, face: Face, host: HostKind) -> Route {
             k: e.k,
             n: e.n,
         },
-        eng.variant_for(e.wtype),
+        eng.variant_for(e.wtype, e.fp16_kind),
         host,
     ) {
         Decision::Ane => Route::Ane(e),
@@ -360,7 +360,7 @@ pub unsafe fn compute(
                     k: e.k,
                     n: e.n,
                 };
-                let variant = eng.variant_for(e.wtype);
+                let variant = eng.variant_for(e.wtype, e.fp16_kind);
                 // The ANE node reads what the inner device computed: wait for it (a no-op on the CPU).
                 ctx.host.synchronize();
                 // A panic inside one node (executor, driver, bridge) sends that node to the host; it
@@ -381,6 +381,7 @@ pub unsafe fn compute(
                         let dt = t0.elapsed();
                         let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
                         eng.stats.ane(dt, flops);
+                        eng.stats.variant(eng.mode_for(e.wtype, e.fp16_kind), flops);
                         eng.policy.record(
                             &shape,
                             variant,
@@ -481,7 +482,7 @@ fn parity_check(ctx: &mut RouterCtx, node: &TensorRef<'_>, e: Eligible) {
         k: e.k,
         n: e.n,
         wtype: e.wtype.name(),
-        variant: eng.mode_for(e.wtype).name(),
+        variant: eng.mode_for(e.wtype, e.fp16_kind).name(),
         ..Default::default()
     };
     eng.record_parity(&name, entry, nmse);
@@ -573,7 +574,7 @@ fn run_ane(
             let (addr, stride) = unsafe { w.slice2d_addr(i02, i03) };
             let cached = registry
                 .as_ref()
-                .and_then(|reg| reg.get(addr, eng.mode_for(e.wtype), stride, e.n));
+                .and_then(|reg| reg.get(addr, eng.mode_for(e.wtype, e.fp16_kind), stride, e.n));
             let pw = match cached {
                 Some(pw) => pw,
                 None => {
@@ -594,8 +595,10 @@ fn run_ane(
                         std::borrow::Cow::Owned(slice_rows(whole, w.ne(), w.nb(), i02, i03, row))
                     };
                     match &registry {
-                        Some(reg) => eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k)?,
-                        None => eng.prepared_uncached(e.wtype, &bytes, e.n, e.k)?,
+                        Some(reg) => {
+                            eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k, e.fp16_kind)?
+                        }
+                        None => eng.prepared_uncached(e.wtype, &bytes, e.n, e.k, e.fp16_kind)?,
                     }
                 }
             };
@@ -775,7 +778,7 @@ fn run_split(
         // SAFETY: eligible() checked rows of whole blocks; one 2-D slice.
         unsafe { w.slice2d_addr(0, 0) }
     };
-    let mode = eng.mode_for(e.wtype);
+    let mode = eng.mode_for(e.wtype, e.fp16_kind);
     let registry = registry_of(&w);
     let mut xfer = Transfers::default();
     let pw = match registry
@@ -797,8 +800,10 @@ fn run_split(
                 slice_rows(&raw, [e.k as i64, n_ane as i64, 1, 1], wnb, 0, 0, row)
             };
             match &registry {
-                Some(reg) => eng.prepared(reg, addr, stride, e.wtype, &bytes, n_ane, e.k)?,
-                None => eng.prepared_uncached(e.wtype, &bytes, n_ane, e.k)?,
+                Some(reg) => {
+                    eng.prepared(reg, addr, stride, e.wtype, &bytes, n_ane, e.k, e.fp16_kind)?
+                }
+                None => eng.prepared_uncached(e.wtype, &bytes, n_ane, e.k, e.fp16_kind)?,
             }
         }
     };

@@ -5,6 +5,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use ggml_coreml_executor::driver::Mode;
+
 #[derive(Default)]
 pub struct Stats {
     pub ane_ops: AtomicU64,
@@ -32,6 +34,8 @@ pub struct Stats {
     pub xfer_bytes: AtomicU64,
     /// Host ops by reason (small set of static strings).
     pub host_reasons: Mutex<Vec<(&'static str, u64)>>,
+    /// Offloaded ops per program variant (mode name): (mode, ops, flops).
+    pub variants: Mutex<Vec<(Mode, u64, u64)>>,
 }
 
 impl Stats {
@@ -51,6 +55,30 @@ impl Stats {
         self.xfer_calls.fetch_add(calls, Ordering::Relaxed);
         self.xfer_max_per_node.fetch_max(calls, Ordering::Relaxed);
         self.xfer_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts one offloaded op of `flops` under the variant (mode) that ran it.
+    pub fn variant(&self, mode: Mode, flops: u64) {
+        let mut v = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+        match v.iter_mut().find(|(m, _, _)| *m == mode) {
+            Some((_, n, f)) => {
+                *n += 1;
+                *f += flops;
+            }
+            None => v.push((mode, 1, flops)),
+        }
+    }
+
+    /// Share of offloaded FLOPs that ran through int8 × int8 programs (0 when nothing ran).
+    pub fn int8_share(&self) -> f64 {
+        let v = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+        let all: u64 = v.iter().map(|x| x.2).sum();
+        let int8: u64 = v.iter().filter(|x| x.0.int8()).map(|x| x.2).sum();
+        if all == 0 {
+            0.0
+        } else {
+            int8 as f64 / all as f64
+        }
     }
 
     pub fn host(&self, reason: &'static str, t: Duration) {
@@ -83,6 +111,26 @@ impl Stats {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.variants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn variants_json(&self) -> String {
+        let v = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+        let items: Vec<String> = v
+            .iter()
+            .map(|(m, n, f)| {
+                format!(
+                    "\"{}\":{{\"ops\":{n},\"gflop\":{:.3},\"int8\":{}}}",
+                    m.name(),
+                    *f as f64 / 1e9,
+                    m.int8()
+                )
+            })
+            .collect();
+        items.join(",")
     }
 
     /// JSON snapshot (no serde in the cdylib: the format is small and fixed).
@@ -96,7 +144,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"split_nodes\":{},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}}}}",
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}}}}",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -112,6 +160,8 @@ impl Stats {
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepared_per_call),
             g(&self.split_nodes),
+            self.variants_json(),
+            self.int8_share(),
             g(&self.xfer_nodes),
             g(&self.xfer_calls),
             g(&self.xfer_max_per_node),
@@ -126,9 +176,9 @@ impl Stats {
         let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
         format!(
             "MUL_MAT offloaded {} ({:.1} ms in executor, {:.2} GFLOP), on host {} ({}), executor faults {}, \
-             weights prepared {} ({:.1} MiB held, {:.1} ms), copies to/from the inner device {} in {} nodes \
-             (at most {} per node); memory: {:.1} MiB of weights copied into our buffers, {:.1} MiB borrowed \
-             from the model mapping",
+             weights prepared {} ({:.1} MiB held, {:.1} ms), variants {} (int8 × int8 {:.1} % of offloaded FLOPs), \
+             copies to/from the inner device {} in {} nodes (at most {} per node); memory: {:.1} MiB of weights \
+             copied into our buffers, {:.1} MiB borrowed from the model mapping",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -142,6 +192,25 @@ impl Stats {
             g(&self.weights_prepared),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepare_ns) as f64 / 1e6,
+            {
+                let v = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.iter()
+                        .map(|(m, n, f)| {
+                            format!(
+                                "{} {n} ops {:.2} GFLOP{}",
+                                m.name(),
+                                *f as f64 / 1e9,
+                                if m.int8() { " int8" } else { "" }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            },
+            100.0 * self.int8_share(),
             g(&self.xfer_calls),
             g(&self.xfer_nodes),
             g(&self.xfer_max_per_node),

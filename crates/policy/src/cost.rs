@@ -348,6 +348,16 @@ pub const HOST_M_HALF: f64 = 16.0;
 pub const HOST_KERNEL_MS: f64 = 0.01;
 /// Bytes per weight the host reads for quantised weights (Q8_0: 34 bytes per 32; ggml-backend-abi §11).
 pub const HOST_QUANT_BYTES_PER_WEIGHT: f64 = 34.0 / 32.0;
+/// Host rate of the `i8i8r` activation rotation (signs with the 1/√b folded in, in-cache fast
+/// Walsh–Hadamard butterflies), in f32 elements per ns per butterfly stage, one core. Measured on the
+/// 2-vCPU Xeon of docs/parity.md at ≈ 0.7–0.9 while its cores were shared about four ways
+/// (`cargo test --release -p ggml-coreml-bridge --lib rotate_speed -- --ignored --nocapture`);
+/// an Apple P-core is put at 2 [G: replace with that test on the device]. One core, and each MUL_MAT
+/// rotates its own input (q/k/v and gate/up could share one rotation: not done yet).
+pub const ROTATION_ELEMS_PER_NS_STAGE: f64 = 2.0;
+/// Largest rotation block of `i8i8r` (the bridge's `DEFAULT_MAX_BLOCK`).
+pub const ROTATION_MAX_BLOCK: usize = 256;
+
 /// Draw Things uses the ANE only from M = 256 (ane §5); the default `GGML_COREML_MIN_M`.
 pub const DRAW_THINGS_MIN_M: usize = 256;
 /// Metal pp4096 ≈ 0.8 × pp512 for 7–8B models (attention grows; perf §3.2) [D]: per-token time × 1.25.
@@ -512,6 +522,29 @@ impl CostModel {
         c
     }
 
+    /// Host time of rotating `m` tokens of `k` activations (`i8i8r`), ms: one pass over the f32
+    /// activations (read, write) at the host-side rate, plus log2(block) butterfly stages.
+    pub fn rotation_ms(&self, m: usize, k: usize) -> f64 {
+        if m == 0 || k == 0 {
+            return 0.0;
+        }
+        let block = (1usize << k.trailing_zeros()).min(ROTATION_MAX_BLOCK);
+        let stages = block.trailing_zeros() as f64;
+        let elems = m as f64 * k as f64;
+        let pass = elems * 8.0 / (self.host_side_gbps.max(1e-3) * 1e6);
+        pass + elems * stages / (ROTATION_ELEMS_PER_NS_STAGE * 1e6)
+    }
+
+    /// [`CostModel::ane`] of the `i8i8r` candidate: the i8i8 program (int8 rate where the chip has
+    /// it) plus the host's activation rotation.
+    pub fn ane_rotated(&self, m: usize, k: usize, n: usize) -> AneCost {
+        let mut c = self.ane(m, k, n, Variant::I8I8);
+        let r = self.rotation_ms(m, k);
+        c.host_side_ms += r;
+        c.total_ms += r;
+        c
+    }
+
     /// Metal matmul rate at `m` tokens, TFLOPS.
     pub fn host_tflops(&self, m: usize) -> f64 {
         let sat = |m: f64| m / (m + HOST_M_HALF);
@@ -598,6 +631,22 @@ impl ModelDims {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rotation_is_cheap_next_to_the_int8_gain() {
+        let m4 = CostModel::for_chip(ChipGen::M4);
+        let (m, k, n) = (512, 4096, 14336);
+        let r = m4.rotation_ms(m, k);
+        assert!(r > 0.0);
+        let plain = m4.ane(m, k, n, Variant::I8I8).total_ms;
+        let rot = m4.ane_rotated(m, k, n).total_ms;
+        assert!((rot - plain - r).abs() < 1e-9);
+        // Still faster than the fp16-rate w8f16 on an int8 chip; slower on a chip without the path.
+        assert!(rot < m4.ane(m, k, n, Variant::W8F16).total_ms);
+        let m3 = CostModel::for_chip(ChipGen::M3);
+        assert!(m3.ane_rotated(m, k, n).total_ms > m3.ane(m, k, n, Variant::I8I8).total_ms);
+        assert_eq!(m4.rotation_ms(0, k), 0.0);
+    }
+
     use super::*;
 
     #[test]

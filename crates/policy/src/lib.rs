@@ -323,6 +323,19 @@ impl Policy {
         *write(&self.device) = Device::new(facts);
     }
 
+    /// The chip whose numbers apply: the device's, or `GGML_COREML_CHIP` (also on the reference
+    /// executor, where it names the chip a run stands in for).
+    pub fn chip(&self) -> Option<ChipGen> {
+        read(&self.device).facts.class.chip().or(self.chip_override)
+    }
+
+    /// Whether that chip has the ANE's int8 × int8 path (A17 Pro, M4 and later): where W8A8 programs
+    /// earn more than the fp16 rate. Decides the default variant per weight (`driver::Mode`).
+    pub fn int8_chip(&self) -> bool {
+        self.chip()
+            .is_some_and(|c| cost::ChipSpec::of(c).int8_speedup > 1.0)
+    }
+
     pub fn device_facts(&self) -> DeviceFacts {
         read(&self.device).facts.clone()
     }

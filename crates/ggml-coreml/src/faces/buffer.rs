@@ -7,6 +7,7 @@ use std::ptr;
 use std::sync::atomic::Ordering;
 
 use ggml_coreml_bridge::WeightType;
+use ggml_coreml_executor::driver;
 
 use crate::engine::{Repack, engine};
 use crate::ffi::abi::*;
@@ -329,8 +330,11 @@ fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
         return;
     }
     let eng = engine();
+    let fp16_kind = driver::keeps_w8f16(&t.name());
     // Past the resident budget, weights are prepared per call: nothing to keep from load.
-    if !eng.policy.would_offload_weight(k, n) || eng.over_budget(eng.mode_for(wtype), n, k) {
+    if !eng.policy.would_offload_weight(k, n)
+        || eng.over_budget(eng.mode_for(wtype, fp16_kind), n, k)
+    {
         return;
     }
     for i3 in 0..ne[3] as usize {
@@ -339,7 +343,7 @@ fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
             let (addr, stride) = unsafe { t.slice2d_addr(i2, i3) };
             // SAFETY: as above.
             let bytes = unsafe { t.slice2d_rows(i2, i3, row) };
-            if let Err(e) = eng.prepared(&c.weights, addr, stride, wtype, &bytes, n, k) {
+            if let Err(e) = eng.prepared(&c.weights, addr, stride, wtype, &bytes, n, k, fp16_kind) {
                 log::warn(&format!("{}: {e}; it will run on the host", t.name()));
                 return;
             }
