@@ -632,7 +632,7 @@ impl ModelDims {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn rotation_is_cheap_next_to_the_int8_gain() {
+    fn rotation_adds_its_host_cost_to_the_int8_path() {
         let m4 = CostModel::for_chip(ChipGen::M4);
         let (m, k, n) = (512, 4096, 14336);
         let r = m4.rotation_ms(m, k);
@@ -640,8 +640,10 @@ mod tests {
         let plain = m4.ane(m, k, n, Variant::I8I8).total_ms;
         let rot = m4.ane_rotated(m, k, n).total_ms;
         assert!((rot - plain - r).abs() < 1e-9);
-        // Still faster than the fp16-rate w8f16 on an int8 chip; slower on a chip without the path.
-        assert!(rot < m4.ane(m, k, n, Variant::W8F16).total_ms);
+        // Whether the rotated route beats w8f16 on an int8 chip rests on the host rotation rate, a
+        // guess until a device measures it (docs/benchmarks.md); today's constants say it does not,
+        // which is why the int8-chip route is opt-in. On a chip without the int8 path it never wins.
+        assert!(rot > plain);
         let m3 = CostModel::for_chip(ChipGen::M3);
         assert!(m3.ane_rotated(m, k, n).total_ms > m3.ane(m, k, n, Variant::I8I8).total_ms);
         assert_eq!(m4.rotation_ms(0, k), 0.0);
