@@ -1,7 +1,7 @@
 //! The `CoreML` buffer type: plain host memory that ggml must treat as non-host (so llama.cpp loads
 //! weights through `set_tensor`, where we repack them), plus the prepared forms of the weights in it.
 
-use std::alloc::{Layout as AllocLayout, alloc_zeroed, dealloc};
+use std::alloc::{Layout as AllocLayout, alloc, dealloc};
 use std::ffi::{c_char, c_int, c_void};
 use std::ptr;
 use std::sync::atomic::Ordering;
@@ -140,8 +140,11 @@ unsafe extern "C" fn buft_alloc_buffer(buft: BuftPtr, size: usize) -> *mut GgmlB
             log::error(&format!("cannot allocate a buffer of {size} bytes"));
             return ptr::null_mut();
         };
+        // Not zeroed, as ggml's own CPU buffers: zeroing would make every page of a buffer resident at
+        // once (llama.cpp reserves compute buffers for its worst-case graph, 513 MiB for Gemma-3-270M's
+        // output head at 512 tokens, and touches a fraction of it).
         // SAFETY: non-zero size, valid alignment.
-        let mem = unsafe { alloc_zeroed(layout) };
+        let mem = unsafe { alloc(layout) };
         if mem.is_null() {
             log::error(&format!("out of memory allocating {size} bytes"));
             return ptr::null_mut();
