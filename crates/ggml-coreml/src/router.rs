@@ -369,12 +369,10 @@ pub unsafe fn compute(
                     run_ane(ctx, &node, e, face, registry_of)
                 }))
                 .unwrap_or_else(|payload| {
-                    let msg = payload
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| payload.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    Err(format!("panic: {msg}"))
+                    Err(format!(
+                        "panic: {}",
+                        crate::ffi::guard::panic_message(payload.as_ref())
+                    ))
                 });
                 match ran {
                     Ok(batches) => {
@@ -542,17 +540,7 @@ fn run_ane(
     let registry = registry_of(&w);
     let mut xfer = Transfers::default();
     // Non-host activations: one copy of the whole tensor.
-    let x_copy: Option<Vec<u8>> = if x_host {
-        None
-    } else {
-        // SAFETY: live allocated tensor; ggml_nbytes bytes are readable through the backend API.
-        let nbytes = unsafe { (api.nbytes)(x.ptr()) };
-        let mut v = vec![0u8; nbytes];
-        // SAFETY: `v` has nbytes bytes; the backend copies the tensor into it.
-        unsafe { (api.tensor_get)(x.ptr(), v.as_mut_ptr().cast(), 0, nbytes) };
-        xfer.add(nbytes);
-        Some(v)
-    };
+    let x_copy = (!x_host).then(|| read_whole(api, &x, &mut xfer));
     let pool = ctx.host.pool();
     let mut batches = 0;
     let mut w_copy: Option<Vec<u8>> = None;
@@ -583,15 +571,7 @@ fn run_ane(
                         unsafe { w.slice2d_rows(i02, i03, row) }
                     } else {
                         // Non-host weights: the whole tensor in one read, at the first miss.
-                        let whole = w_copy.get_or_insert_with(|| {
-                            // SAFETY: a live allocated tensor; ggml_nbytes bytes are readable.
-                            let nbytes = unsafe { (api.nbytes)(w.ptr()) };
-                            let mut v = vec![0u8; nbytes];
-                            // SAFETY: `v` has nbytes bytes; the backend copies the tensor into it.
-                            unsafe { (api.tensor_get)(w.ptr(), v.as_mut_ptr().cast(), 0, nbytes) };
-                            xfer.add(nbytes);
-                            v
-                        });
+                        let whole = w_copy.get_or_insert_with(|| read_whole(api, &w, &mut xfer));
                         std::borrow::Cow::Owned(slice_rows(whole, w.ne(), w.nb(), i02, i03, row))
                     };
                     match &registry {
@@ -808,15 +788,7 @@ fn run_split(
         }
     };
     let x_host = host_visible(&x, Face::Hybrid);
-    let x_copy = (!x_host).then(|| {
-        // SAFETY: a live allocated tensor; ggml_nbytes bytes are readable.
-        let nbytes = unsafe { (api.nbytes)(xp) };
-        let mut v = vec![0u8; nbytes];
-        // SAFETY: `v` has nbytes bytes.
-        unsafe { (api.tensor_get)(xp, v.as_mut_ptr().cast(), 0, nbytes) };
-        xfer.add(nbytes);
-        v
-    });
+    let x_copy = (!x_host).then(|| read_whole(api, &x, &mut xfer));
     let rows = match &x_copy {
         // SAFETY: src1 is F32 and allocated.
         None => unsafe { x.f32_rows(0, 0) },
@@ -872,6 +844,17 @@ fn run_split(
 fn overlaps(a: &[f32], b: &[f32]) -> bool {
     let (a0, b0) = (a.as_ptr() as usize, b.as_ptr() as usize);
     a0 < b0 + std::mem::size_of_val(b) && b0 < a0 + std::mem::size_of_val(a)
+}
+
+/// A whole tensor of a non-host buffer, in one bulk read.
+fn read_whole(api: &GgmlApi, t: &TensorRef<'_>, xfer: &mut Transfers) -> Vec<u8> {
+    // SAFETY: a live allocated tensor; ggml_nbytes bytes are readable through the backend API.
+    let nbytes = unsafe { (api.nbytes)(t.ptr()) };
+    let mut v = vec![0u8; nbytes];
+    // SAFETY: `v` has nbytes bytes; the backend copies the tensor into it.
+    unsafe { (api.tensor_get)(t.ptr(), v.as_mut_ptr().cast(), 0, nbytes) };
+    xfer.add(nbytes);
+    v
 }
 
 /// Rows of the 2-D slice `(i2, i3)` of a host copy of a whole weight tensor, compacted to `row` bytes.
