@@ -728,7 +728,12 @@ fn run_split(
         if wv.is_null() || t.is_null() || dv.is_null() || c.is_null() || g.is_null() {
             return Err("cannot build the inner device's part".into());
         }
-        (api.build_forward_expand)(g, c);
+        // The two nodes only: expanding from `c` would walk x's producers, the whole model graph. Nodes
+        // added by hand carry no compute flag, and backends skip nodes without it.
+        (*t).flags |= GGML_TENSOR_FLAG_COMPUTE;
+        (*c).flags |= GGML_TENSOR_FLAG_COMPUTE;
+        (api.graph_add_node)(g, t);
+        (api.graph_add_node)(g, c);
         (api.view_init)(wv);
         (api.view_init)(dv);
         // The intermediate lives in a scratch buffer of dst's buffer type, grown when too small.

@@ -100,7 +100,6 @@ pub struct GgmlApi {
         unsafe extern "C" fn(*mut GgmlContext, *mut GgmlTensor, *mut GgmlTensor) -> *mut GgmlTensor,
     pub cpy:
         unsafe extern "C" fn(*mut GgmlContext, *mut GgmlTensor, *mut GgmlTensor) -> *mut GgmlTensor,
-    pub build_forward_expand: unsafe extern "C" fn(*mut GgmlCgraph, *mut GgmlTensor),
     pub view_init: unsafe extern "C" fn(*mut GgmlTensor) -> c_int,
     pub tensor_alloc:
         unsafe extern "C" fn(*mut GgmlBackendBuffer, *mut GgmlTensor, *mut c_void) -> c_int,
@@ -398,7 +397,6 @@ fn resolve_uncached() -> Result<GgmlApi, String> {
         view_2d: get!("ggml_view_2d"),
         mul_mat: get!("ggml_mul_mat"),
         cpy: get!("ggml_cpy"),
-        build_forward_expand: get!("ggml_build_forward_expand"),
         view_init: get!("ggml_backend_view_init"),
         tensor_alloc: get!("ggml_backend_tensor_alloc"),
         buffer_get_base: get!("ggml_backend_buffer_get_base"),
