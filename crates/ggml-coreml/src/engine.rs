@@ -53,6 +53,8 @@ struct FileState {
     control_checked: Option<Instant>,
     control_mtime: Option<std::time::SystemTime>,
     stats_written: Option<Instant>,
+    /// Writes made within 500 ms of the last timed one.
+    burst: u32,
 }
 
 pub struct Engine {
@@ -280,16 +282,23 @@ impl Engine {
         }
     }
 
-    /// Rewrites `GGML_COREML_STATS_FILE` (at most every 500 ms unless `force`), and the parity file.
+    /// Rewrites `GGML_COREML_STATS_FILE` (every 500 ms plus at most 4 writes in between, unless `force`),
+    /// and the parity file.
     pub fn write_files(&self, force: bool) {
         if let Some(path) = &self.files.stats {
             let mut st = self.files.state.lock().unwrap_or_else(|e| e.into_inner());
-            if force
-                || st
-                    .stats_written
-                    .is_none_or(|t| t.elapsed().as_millis() >= 500)
-            {
-                st.stats_written = Some(Instant::now());
+            // At most every 500 ms, except for the first few graphs after a quiet spell: a short run
+            // (a warm-up and one embedding) would otherwise end before the next timed write.
+            let quiet = st
+                .stats_written
+                .is_none_or(|t| t.elapsed().as_millis() >= 500);
+            if force || quiet || st.burst < 4 {
+                if quiet {
+                    st.burst = 0;
+                    st.stats_written = Some(Instant::now());
+                } else {
+                    st.burst += 1;
+                }
                 drop(st);
                 write_atomic(path, self.stats_json().as_bytes());
             }
