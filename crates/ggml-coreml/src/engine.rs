@@ -476,7 +476,7 @@ impl Engine {
 /// `driver::W8F16_KINDS_ON_INT8_CHIPS` in w8f16). Opt-in until the numbers settle it: parity passes on the
 /// two Gemma-3-270M cells measured, but the cost model prices the host-side rotation above what the int8
 /// rate saves (docs/parity.md, docs/benchmarks.md).
-fn int8_route() -> bool {
+pub(crate) fn int8_route() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
     *V.get_or_init(|| std::env::var("GGML_COREML_INT8_ROUTE").is_ok_and(|v| v == "1"))
 }

@@ -48,7 +48,9 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     if x.type_id() != GGML_TYPE_F32 || node.type_id() != GGML_TYPE_F32 {
         return Err("activations or output not F32");
     }
-    let fp16_kind = driver::keeps_w8f16(&w.name());
+    // The weight's kind matters only on the opt-in int8 route; reading its name costs an allocation
+    // per MUL_MAT per graph, which the default policy must not pay.
+    let fp16_kind = crate::engine::int8_route() && driver::keeps_w8f16(&w.name());
     let (wne, wnb, xne) = (w.ne(), w.nb(), x.ne());
     if wne.iter().chain(xne.iter()).any(|&d| d < 0) || wne[0] <= 0 || wne[1] <= 0 {
         return Err("empty or negative shape");
