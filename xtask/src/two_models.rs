@@ -102,8 +102,7 @@ fn run(exe: &Path, env: &Env, face: Option<&str>, models: &[&Path], tag: &str) -
     let stats = dir.join(format!("{tag}.stats.json"));
     let mut c = Command::new(exe);
     match face {
-        None => c.args(["-", "0"]),
-        Some("accel") => c.args(["-", "0"]),
+        None | Some("accel") => c.args(["-", "0"]),
         Some(_) => c
             .args(["CoreML-CPU", "99"])
             .env("GGML_COREML_HYBRID", "CPU"),

@@ -451,8 +451,11 @@ unsafe extern "C" fn backend_set_tensor_2d_async(
                     stride_data,
                 );
             }
-            let span = stride_tensor.saturating_mul(n_copies.saturating_sub(1)) + size;
-            written(t, offset, span);
+            written(
+                t,
+                offset,
+                hybrid_buffer::span_2d(size, n_copies, stride_tensor),
+            );
         }
     })
 }

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use crate::engine::engine;
@@ -34,13 +34,11 @@ struct WrapCtx {
 
 /// A buffer made through a wrapper: its original interface and its prepared weights.
 struct Tracked {
-    generation: u64,
     orig: GgmlBackendBufferI,
     weights: Arc<WeightRegistry>,
 }
 
 static TRACKED: Mutex<Option<HashMap<usize, Tracked>>> = Mutex::new(None);
-static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 fn with_tracked<R>(f: impl FnOnce(&mut HashMap<usize, Tracked>) -> R) -> R {
     let mut g = TRACKED.lock().unwrap_or_else(|e| e.into_inner());
@@ -69,11 +67,6 @@ pub fn registry(buf: *mut GgmlBackendBuffer) -> Option<Arc<WeightRegistry>> {
     with_tracked(|m| m.get(&(buf as usize)).map(|t| t.weights.clone()))
 }
 
-/// Generation of a tracked buffer (changes whenever a buffer is made, even at a reused address).
-pub fn generation(buf: *mut GgmlBackendBuffer) -> Option<u64> {
-    with_tracked(|m| m.get(&(buf as usize)).map(|t| t.generation))
-}
-
 /// Drops the prepared weights overlapping `[addr, addr + len)` of a tracked buffer.
 pub fn invalidate(buf: *mut GgmlBackendBuffer, addr: usize, len: usize) {
     if let Some(w) = registry(buf) {
@@ -81,9 +74,9 @@ pub fn invalidate(buf: *mut GgmlBackendBuffer, addr: usize, len: usize) {
     }
 }
 
-/// Bytes of prepared weights held for live tracked buffers (for the memory summary).
-pub fn bytes_held() -> usize {
-    with_tracked(|m| m.values().map(|t| t.weights.bytes_held()).sum())
+/// Bytes a 2-D write (`n_copies` runs of `size` bytes, `stride` apart) spans in the tensor.
+pub fn span_2d(size: usize, n_copies: usize, stride: usize) -> usize {
+    stride.saturating_mul(n_copies.saturating_sub(1)) + size
 }
 
 /// Makes the wrapper of `inner` for the host's layout; leaked (it lives as long as the process).
@@ -254,12 +247,10 @@ unsafe fn track(buf: *mut GgmlBackendBuffer) {
     if mark_weights() {
         b.usage = BUFFER_USAGE_WEIGHTS;
     }
-    let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     let stale = with_tracked(|m| {
         m.insert(
             buf as usize,
             Tracked {
-                generation,
                 orig,
                 weights: Arc::new(WeightRegistry::default()),
             },
@@ -335,7 +326,7 @@ unsafe extern "C" fn t_set_tensor_2d(
                 )
             };
         }
-        let span = stride_tensor.saturating_mul(n_copies.saturating_sub(1)) + size;
+        let span = span_2d(size, n_copies, stride_tensor);
         // SAFETY: `t` is a live tensor of this buffer.
         invalidate(buf, unsafe { (*t).data } as usize + offset, span);
     })
