@@ -66,6 +66,7 @@ pub fn main(args: &[String]) -> Result<()> {
     let src = paths::host_src_dir();
     let stage = std::env::temp_dir().join(format!("ggml-coreml-cuda-{}", std::process::id()));
     let _ = fs::remove_dir_all(&stage);
+    fs::create_dir_all(&stage)?;
     let tree = stage.join("llama.cpp");
     util::run(Command::new("cp").arg("-a").arg(&src).arg(&tree))?;
     for p in PRUNE {

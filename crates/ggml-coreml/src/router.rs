@@ -276,20 +276,25 @@ pub unsafe fn compute(
     let Some(api) = api() else {
         return GGML_STATUS_FAILED;
     };
-    // SAFETY: ggml's graph accessors on the graph it passed us.
-    let nodes: Vec<*mut GgmlTensor> = unsafe {
-        let n = (api.graph_n_nodes)(graph);
-        (0..n).map(|i| (api.graph_node)(graph, i)).collect()
-    };
-    let nodes = &nodes[..];
     let eng = engine();
+    if face == Face::Hybrid && hybrid_passthrough() {
+        // SAFETY: the graph ggml gave the hybrid face, allocated in the inner device's buffers.
+        return unsafe { ctx.host.compute_graph_async(graph) };
+    }
     eng.poll_control();
     eng.refresh_device_state();
+    // SAFETY: ggml's graph accessor on the graph it passed us.
+    let n_nodes = unsafe { (api.graph_n_nodes)(graph) }.max(0);
+    // SAFETY: index within the graph's node count.
+    let node_at = |i: i32| unsafe { (api.graph_node)(graph, i) };
     if face == Face::Hybrid {
+        // Decode runs this walk once per token over the whole graph: it reads each node's header only
+        // and asks the lock-free `surely_host` before the full decision (the `router` stats time it).
+        let t0 = Instant::now();
         let mut any_ane = false;
-        for &p in nodes {
+        for i in 0..n_nodes {
             // SAFETY: live graph nodes.
-            let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else {
+            let Some(n) = (unsafe { TensorRef::from_ptr(node_at(i)) }) else {
                 continue;
             };
             if n.flags() & GGML_TENSOR_FLAG_COMPUTE == 0 {
@@ -308,11 +313,13 @@ pub unsafe fn compute(
             }
             if !any_ane
                 && n.op() == GGML_OP_MUL_MAT
+                && !eng.policy.surely_host(n.ne()[1].max(0) as usize)
                 && matches!(route(&n, face, ctx.host_kind), Route::Ane(_))
             {
                 any_ane = true;
             }
         }
+        eng.stats.hybrid_walk(t0.elapsed(), !any_ane);
         if !any_ane {
             ctx.unsplit_graphs += 1;
             // SAFETY: the graph ggml gave the hybrid face, allocated in the inner device's buffers.
@@ -321,6 +328,8 @@ pub unsafe fn compute(
         }
         ctx.split_graphs += 1;
     }
+    let nodes: Vec<*mut GgmlTensor> = (0..n_nodes).map(node_at).collect();
+    let nodes = &nodes[..];
     ctx.last_host_calls = 0;
     let mut ane_nodes = 0usize;
     let mut pending: Vec<*mut GgmlTensor> = Vec::new();
@@ -442,6 +451,20 @@ fn host_visible(t: &TensorRef<'_>, face: Face) -> bool {
                 // SAFETY: an allocated tensor's live buffer.
                 !t.buffer().is_null() && unsafe { (api.buffer_is_host)(t.buffer()) }
             })
+}
+
+/// `GGML_COREML_SPLIT_PROFILE=1` (diagnosis): each split node runs its two parts once more, one
+/// after the other, and the stats compare the overlapped wall time with the longer part alone.
+fn split_profile() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("GGML_COREML_SPLIT_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+/// `GGML_COREML_HYBRID_PASSTHROUGH=1` (diagnosis): the hybrid face hands every graph to the inner
+/// device unexamined, so nothing is offloaded; measures what the wrapper alone costs against the walk.
+fn hybrid_passthrough() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("GGML_COREML_HYBRID_PASSTHROUGH").is_ok_and(|v| v == "1"))
 }
 
 /// `GGML_COREML_HYBRID_FORCE_COPY=1` (tests): the hybrid face treats its inner buffers as non-host
@@ -693,6 +716,7 @@ fn run_split(
         return Ok(None);
     }
     let n_gpu = e.n - n_ane;
+    let t0 = Instant::now();
     let row = e.wtype.row_bytes(e.k).map_err(|err| err.to_string())?;
     let (wnb, dnb) = (w.nb(), node.nb());
     // The inner device's part, queued first so that it runs while the executor computes.
@@ -721,7 +745,7 @@ fn run_split(
     let xp = x.ptr().cast_mut();
     let dp = node.ptr().cast_mut();
     // SAFETY: views within the tensors' extents (rows n_ane..N of the weight, columns n_ane..N of dst).
-    let status = unsafe {
+    let (status, g) = unsafe {
         let wv = (api.view_2d)(gctx, wp, e.k as i64, n_gpu as i64, wnb[1], n_ane * wnb[1]);
         let t = (api.mul_mat)(gctx, wv, xp);
         let dv = (api.view_2d)(gctx, dp, n_gpu as i64, e.m as i64, dnb[1], n_ane * 4);
@@ -755,7 +779,7 @@ fn run_split(
         let align = (api.buft_get_alignment)(buft).max(1);
         let at = base.div_ceil(align) * align;
         (api.tensor_alloc)(ctx.split_buf, t, at as *mut std::ffi::c_void);
-        (api.graph_compute_async)(ctx.host.raw(), g)
+        ((api.graph_compute_async)(ctx.host.raw(), g), g)
     };
     if status != GGML_STATUS_SUCCESS {
         return Err(format!("inner device part failed with status {status}"));
@@ -768,12 +792,14 @@ fn run_split(
     let mode = eng.mode_for(e.wtype, e.fp16_kind);
     let registry = registry_of(&w);
     let mut xfer = Transfers::default();
+    let mut prepared_now = false;
     let pw = match registry
         .as_ref()
         .and_then(|r| r.get(addr, mode, stride, n_ane))
     {
         Some(pw) => pw,
         None => {
+            prepared_now = true;
             let bytes: Vec<u8> = if host_visible(&w, Face::Hybrid) {
                 // SAFETY: as above.
                 let all = unsafe { w.slice2d_rows(0, 0, row) };
@@ -810,7 +836,7 @@ fn run_split(
     ctx.out.resize(e.m * n_ane, 0.0);
     let pool = ctx.host.pool();
     let (exec, scratch) = (eng.executor.as_ref(), &mut ctx.scratch);
-    let ran = ggml_coreml_program::pool::with_pool(pool, || {
+    let ran = ggml_coreml_program::pool::with_pool(pool.clone(), || {
         driver::matmul(exec, &pw, &act, &mut ctx.out[..], n_ane, scratch)
     })
     .map_err(|err| err.to_string());
@@ -841,6 +867,25 @@ fn run_split(
         xfer.add(e.m * n_ane * 4);
     }
     eng.stats.transfers(xfer.calls, xfer.bytes);
+    // Profiling (not on by default): each part again alone, to compare with the overlapped wall time.
+    // Nodes that prepared their weight this call are left out (the parts alone would not include it).
+    if split_profile() && !prepared_now {
+        let wall = t0.elapsed();
+        let t = Instant::now();
+        // SAFETY: the same two-node graph, its context and scratch still alive; it rewrites the same
+        // values into the same rows of dst.
+        let st = unsafe { (api.graph_compute_async)(ctx.host.raw(), g) };
+        ctx.host.synchronize();
+        let inner = t.elapsed();
+        let t = Instant::now();
+        let again = ggml_coreml_program::pool::with_pool(pool, || {
+            driver::matmul(exec, &pw, &act, &mut ctx.out[..], n_ane, &mut ctx.scratch)
+        });
+        let alone = t.elapsed();
+        if st == GGML_STATUS_SUCCESS && again.is_ok() {
+            eng.stats.split_profile(wall, inner, alone);
+        }
+    }
     eng.stats
         .split_nodes
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -32,6 +32,18 @@ pub struct Stats {
     pub xfer_calls: AtomicU64,
     pub xfer_max_per_node: AtomicU64,
     pub xfer_bytes: AtomicU64,
+    /// Hybrid face: graphs walked, those handed on whole (nothing offloaded), time in that walk.
+    pub hybrid_graphs: AtomicU64,
+    pub hybrid_unsplit: AtomicU64,
+    pub hybrid_walk_ns: AtomicU64,
+    /// `GGML_COREML_SPLIT_PROFILE=1`: split nodes timed overlapped (wall) and each part alone, the
+    /// sum over nodes of the longer part, and the worst node's wall / longer part (× 1e6).
+    pub split_prof_nodes: AtomicU64,
+    pub split_wall_ns: AtomicU64,
+    pub split_inner_ns: AtomicU64,
+    pub split_exec_ns: AtomicU64,
+    pub split_longer_ns: AtomicU64,
+    pub split_worst_ppm: AtomicU64,
     /// Host ops by reason (small set of static strings).
     pub host_reasons: Mutex<Vec<(&'static str, u64)>>,
     /// Offloaded ops per program variant (mode name): (mode, ops, flops).
@@ -92,6 +104,32 @@ impl Stats {
         }
     }
 
+    /// One hybrid graph walk; `unsplit`: handed to the inner device whole.
+    pub fn hybrid_walk(&self, t: Duration, unsplit: bool) {
+        self.hybrid_graphs.fetch_add(1, Ordering::Relaxed);
+        self.hybrid_unsplit
+            .fetch_add(unsplit as u64, Ordering::Relaxed);
+        self.hybrid_walk_ns
+            .fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// One profiled split node: its overlapped wall time and each part's time alone.
+    pub fn split_profile(&self, wall: Duration, inner: Duration, exec: Duration) {
+        let longer = inner.max(exec).as_nanos().max(1) as u64;
+        let wall_ns = wall.as_nanos() as u64;
+        self.split_prof_nodes.fetch_add(1, Ordering::Relaxed);
+        self.split_wall_ns.fetch_add(wall_ns, Ordering::Relaxed);
+        self.split_inner_ns
+            .fetch_add(inner.as_nanos() as u64, Ordering::Relaxed);
+        self.split_exec_ns
+            .fetch_add(exec.as_nanos() as u64, Ordering::Relaxed);
+        self.split_longer_ns.fetch_add(longer, Ordering::Relaxed);
+        self.split_worst_ppm.fetch_max(
+            wall_ns.saturating_mul(1_000_000) / longer,
+            Ordering::Relaxed,
+        );
+    }
+
     pub fn reset(&self) {
         for a in [
             &self.ane_ops,
@@ -104,6 +142,15 @@ impl Stats {
             &self.xfer_calls,
             &self.xfer_max_per_node,
             &self.xfer_bytes,
+            &self.hybrid_graphs,
+            &self.hybrid_unsplit,
+            &self.hybrid_walk_ns,
+            &self.split_prof_nodes,
+            &self.split_wall_ns,
+            &self.split_inner_ns,
+            &self.split_exec_ns,
+            &self.split_longer_ns,
+            &self.split_worst_ppm,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -144,7 +191,10 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}}}}",
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
+             \"router\":{{\"hybrid_graphs\":{},\"hybrid_unsplit\":{},\"walk_us_per_graph\":{:.3}}},\
+             \"split_profile\":{{\"nodes\":{},\"wall_ms\":{:.3},\"inner_alone_ms\":{:.3},\"executor_alone_ms\":{:.3},\
+             \"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}}}}",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -166,6 +216,16 @@ impl Stats {
             g(&self.xfer_calls),
             g(&self.xfer_max_per_node),
             g(&self.xfer_bytes) as f64 / (1024.0 * 1024.0),
+            g(&self.hybrid_graphs),
+            g(&self.hybrid_unsplit),
+            g(&self.hybrid_walk_ns) as f64 / 1e3 / g(&self.hybrid_graphs).max(1) as f64,
+            g(&self.split_prof_nodes),
+            g(&self.split_wall_ns) as f64 / 1e6,
+            g(&self.split_inner_ns) as f64 / 1e6,
+            g(&self.split_exec_ns) as f64 / 1e6,
+            g(&self.split_longer_ns) as f64 / 1e6,
+            g(&self.split_wall_ns) as f64 / g(&self.split_longer_ns).max(1) as f64,
+            g(&self.split_worst_ppm) as f64 / 1e6,
         )
     }
 

@@ -309,6 +309,17 @@ impl Policy {
         self.mode.store(m.to_u8(), Ordering::Relaxed);
     }
 
+    /// Lock-free: true when no MUL_MAT with `m` rows can go to the ANE now (mode off, or M below the
+    /// mode's minimum), so [`Policy::decide_on`] would say host whatever the shape. For per-graph walks
+    /// that only ask whether anything could offload (decode: every M is 1).
+    pub fn surely_host(&self, m: usize) -> bool {
+        match self.mode() {
+            Mode::Off => true,
+            Mode::Always => m < self.always_min_m.load(Ordering::Relaxed),
+            _ => m < self.min_m(),
+        }
+    }
+
     /// Static facts from the platform layer (chip text, OS version, ANE presence): see
     /// [`DeviceFacts::apple`]. A `GGML_COREML_CHIP` override replaces the chip. Measurements are kept
     /// (they are only loaded for the matching device).
