@@ -13,6 +13,8 @@ OUT=${OUT:-$B/out}
 W=${WORK:-/tmp/ggml-coreml-cuda}
 DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT" "$W/rep"
+# REDO="21-small-always 80-conformance": run those steps again (a new library on a warm machine).
+for s in ${REDO:-}; do rm -f "$W/rep/$s.done"; done
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T0=$(date +%s)
@@ -105,8 +107,12 @@ for M in small wide; do
   if begin "$((i + 1))-$M-always" 150; then
     timeout "$(cap 200)" "$BIN/llama-perplexity" -m "$MODEL" -f "$B/text.txt" -c 128 --chunks 8 -ngl 99 -fa off \
       --kl-divergence-base "$W/$M.kld" >/dev/null 2>&1
-    for mode in always split; do
-      extra=(); [ "$mode" = split ] && extra=(GGML_COREML_SPLIT=0.5 GGML_COREML_SPLIT_PROFILE=1)
+    for mode in always split split-auto; do
+      case $mode in
+        always) extra=() ;;
+        split) extra=(GGML_COREML_SPLIT=0.5 GGML_COREML_SPLIT_PROFILE=1) ;;
+        split-auto) extra=(GGML_COREML_SPLIT=auto GGML_COREML_SPLIT_PROFILE=1) ;;
+      esac
       timeout "$(cap 300)" env GGML_COREML_POLICY=always "${extra[@]}" GGML_COREML_STATS_FILE="$W/$M.$mode.stats.json" \
         GGML_BACKEND_PATH=$LIB GGML_COREML_HYBRID=CUDA0 "$BIN/llama-perplexity" -m "$MODEL" -c 128 --chunks 8 -ngl 99 \
         -fa off --device CoreML-CUDA0 --kl-divergence-base "$W/$M.kld" --kl-divergence > "$W/$M.$mode.txt" 2>&1
@@ -116,7 +122,7 @@ for M in small wide; do
 import json, sys
 try:
     s = json.load(open(sys.argv[1]))
-    print(json.dumps({k: s[k] for k in ("ane_ops", "ane_ms", "host_ops", "faults", "split_nodes", "transfers", "split_profile") if k in s})[:700])
+    print(json.dumps({k: s[k] for k in ("ane_ops", "ane_ms", "host_ops", "faults", "split_nodes", "transfers", "split_profile", "split_share") if k in s})[:700])
 except Exception as e:
     print("n/a", e)' "$W/$M.$mode.stats.json")"
       kv "${M}_${mode}_kld" "\"${KLD:-n/a}\""

@@ -220,6 +220,8 @@ pub struct RouterCtx {
     /// Split graphs in which the inner backend was called more often than once per offloaded
     /// MUL_MAT plus one — i.e. split somewhere else than around an offloaded MUL_MAT. Should stay 0.
     pub oversplit_graphs: u64,
+    /// `GGML_COREML_SPLIT=auto`: the executor's current share per weight shape (K, N).
+    split_shares: std::collections::HashMap<(usize, usize), f64>,
     /// Split mode: the inner device's scratch buffer for its share of a split MUL_MAT.
     split_buf: *mut GgmlBackendBuffer,
     split_cap: usize,
@@ -252,6 +254,7 @@ impl RouterCtx {
             split_graphs: 0,
             last_host_calls: 0,
             oversplit_graphs: 0,
+            split_shares: std::collections::HashMap::new(),
             split_buf: std::ptr::null_mut(),
             split_cap: 0,
         }
@@ -552,10 +555,24 @@ fn run_ane(
         return Err("unallocated tensor".into());
     }
     if face == Face::Hybrid
-        && let Some(share) = split_share()
-        && let Some(done) = run_split(ctx, node, e, share, registry_of)?
+        && let Some(mode) = split_mode()
     {
-        return Ok(done);
+        let key = (e.k, e.n);
+        let share = match mode {
+            SplitMode::Fixed(s) => s,
+            SplitMode::Auto => *ctx
+                .split_shares
+                .entry(key)
+                .or_insert_with(|| initial_share(&e)),
+        };
+        if let Some(t) = run_split(ctx, node, e, share, registry_of)? {
+            if mode == SplitMode::Auto
+                && let Some(next) = t.next_share(share)
+            {
+                ctx.split_shares.insert(key, next);
+            }
+            return Ok(1);
+        }
     }
     let visible = |t: &TensorRef<'_>| host_visible(t, face);
     let (w_host, x_host, d_host) = (visible(&w), visible(&x), visible(node));
@@ -680,29 +697,110 @@ impl Transfers {
     }
 }
 
-/// `GGML_COREML_SPLIT=<share>` (hybrid face, opt-in): the executor takes this share of an offloaded
-/// MUL_MAT's output rows (N), the inner device the rest, at the same time.
-fn split_share() -> Option<f64> {
-    static V: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("GGML_COREML_SPLIT")
-            .ok()
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| *s > 0.0 && *s < 1.0)
-    })
+/// `GGML_COREML_SPLIT` (hybrid face, opt-in): the executor takes a share of an offloaded MUL_MAT's
+/// output rows (N), the inner device the rest, at the same time. A number in (0, 1) fixes the share;
+/// `auto` starts each weight shape from the cost model and then balances the two parts' measured times.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum SplitMode {
+    Fixed(f64),
+    Auto,
+}
+
+fn split_mode() -> Option<SplitMode> {
+    static V: std::sync::OnceLock<Option<SplitMode>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| parse_split(&std::env::var("GGML_COREML_SPLIT").ok()?))
+}
+
+fn parse_split(v: &str) -> Option<SplitMode> {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("auto") {
+        return Some(SplitMode::Auto);
+    }
+    let s = v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s < 1.0);
+    if s.is_none() {
+        log::warn(&format!(
+            "GGML_COREML_SPLIT={v} is neither a share in (0, 1) nor `auto`; not splitting"
+        ));
+    }
+    s.map(SplitMode::Fixed)
+}
+
+/// Bounds of an automatic share: each side keeps some rows, so both times stay measured.
+const SHARE_MIN: f64 = 0.05;
+const SHARE_MAX: f64 = 0.95;
+
+/// The executor's share from predicted times of the whole MUL_MAT on each side: each part's time is
+/// proportional to its rows over its rate, so they are equal at `host / (ane + host)`. 0.5 where either
+/// side has no prediction (the reference executor has none).
+fn initial_share(e: &Eligible) -> f64 {
+    let eng = engine();
+    let shape = MatmulShape {
+        m: e.m,
+        k: e.k,
+        n: e.n,
+    };
+    let p = eng
+        .policy
+        .predict(&shape, eng.variant_for(e.wtype, e.fp16_kind));
+    match (p.ane_ms, p.host_ms) {
+        (Some(a), Some(h)) if a > 0.0 && h > 0.0 => (h / (a + h)).clamp(SHARE_MIN, SHARE_MAX),
+        _ => 0.5,
+    }
+}
+
+/// What one split node measured: rows on each side, the time to queue the inner device's part (its
+/// whole time when the inner device computes synchronously, as the CPU does), the executor's part,
+/// and the wait for the inner device at the join.
+#[derive(Clone, Copy, Debug)]
+struct SplitTimes {
+    n_ane: usize,
+    n_inner: usize,
+    launch_s: f64,
+    exec_s: f64,
+    wait_s: f64,
+    /// The executor's part included preparing its weight (not its steady-state time).
+    prepared: bool,
+}
+
+impl SplitTimes {
+    /// The share that balances both parts, half-way from `share` (smoothing); None when this node
+    /// says nothing (weight prepared in it). An inner part that finished before the executor's, on an
+    /// asynchronous device, has no measured time: the share then moves 10 % towards the inner device,
+    /// until the join waits again.
+    fn next_share(&self, share: f64) -> Option<f64> {
+        if self.prepared || self.exec_s <= 0.0 || self.n_ane == 0 || self.n_inner == 0 {
+            return None;
+        }
+        let inner_s = if self.wait_s > 0.02 * self.exec_s {
+            Some(self.launch_s + self.exec_s + self.wait_s)
+        } else if self.launch_s > 0.5 * self.exec_s {
+            Some(self.launch_s)
+        } else {
+            None
+        };
+        let next = match inner_s {
+            Some(t) => {
+                let r_ane = self.n_ane as f64 / self.exec_s;
+                let r_inner = self.n_inner as f64 / t.max(1e-9);
+                0.5 * share + 0.5 * r_ane / (r_ane + r_inner)
+            }
+            None => share * 0.9,
+        };
+        Some(next.clamp(SHARE_MIN, SHARE_MAX))
+    }
 }
 
 /// One MUL_MAT split along N between the inner device and the executor: the inner device computes
 /// rows `[n_ane, N)` of the output asynchronously (a small graph: a view of the weight rows, MUL_MAT,
 /// copy into a view of dst), while the executor computes rows `[0, n_ane)`; then both join. `None`
-/// when the node does not split (batched, or too few rows for two parts).
+/// when the node does not split (batched, or too few rows for two parts); else what it measured.
 fn run_split(
     ctx: &mut RouterCtx,
     node: &TensorRef<'_>,
     e: Eligible,
     share: f64,
     registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
-) -> Result<Option<usize>, String> {
+) -> Result<Option<SplitTimes>, String> {
     const ALIGN: usize = 32;
     let eng = engine();
     let api = api().ok_or("ggml not bound")?;
@@ -781,6 +879,7 @@ fn run_split(
         (api.tensor_alloc)(ctx.split_buf, t, at as *mut std::ffi::c_void);
         ((api.graph_compute_async)(ctx.host.raw(), g), g)
     };
+    let launch = t0.elapsed();
     if status != GGML_STATUS_SUCCESS {
         return Err(format!("inner device part failed with status {status}"));
     }
@@ -840,8 +939,10 @@ fn run_split(
         driver::matmul(exec, &pw, &act, &mut ctx.out[..], n_ane, scratch)
     })
     .map_err(|err| err.to_string());
+    let exec_done = t0.elapsed();
     // Join: the inner device's part is done before dst is touched or the graph freed.
     ctx.host.synchronize();
+    let waited = t0.elapsed() - exec_done;
     ran?;
     if host_visible(node, Face::Hybrid) {
         for m in 0..e.m {
@@ -889,7 +990,15 @@ fn run_split(
     eng.stats
         .split_nodes
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(Some(1))
+    eng.stats.split_share(n_ane as f64 / e.n as f64);
+    Ok(Some(SplitTimes {
+        n_ane,
+        n_inner: n_gpu,
+        launch_s: launch.as_secs_f64(),
+        exec_s: (exec_done - launch).as_secs_f64(),
+        wait_s: waited.as_secs_f64(),
+        prepared: prepared_now,
+    }))
 }
 
 /// Do two f32 slices share memory?
@@ -984,5 +1093,61 @@ fn write_rows_via_api(
             )
         };
         xfer.add(n * 4);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(launch: f64, exec: f64, wait: f64) -> SplitTimes {
+        SplitTimes {
+            n_ane: 512,
+            n_inner: 512,
+            launch_s: launch,
+            exec_s: exec,
+            wait_s: wait,
+            prepared: false,
+        }
+    }
+
+    #[test]
+    fn split_knob_parses_shares_and_auto() {
+        assert_eq!(parse_split("auto"), Some(SplitMode::Auto));
+        assert_eq!(parse_split(" AUTO "), Some(SplitMode::Auto));
+        assert_eq!(parse_split("0.25"), Some(SplitMode::Fixed(0.25)));
+        for bad in ["0", "1", "1.5", "-0.1", "half", ""] {
+            assert_eq!(parse_split(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn auto_share_balances_the_measured_parts() {
+        // Synchronous inner device (the CPU) twice as fast per row as the executor: the balance is 1/3.
+        let mut share = 0.5;
+        for _ in 0..20 {
+            let n_ane = (1024.0 * share) as usize;
+            let t = SplitTimes {
+                n_ane,
+                n_inner: 1024 - n_ane,
+                launch_s: (1024 - n_ane) as f64 * 1e-6,
+                exec_s: n_ane as f64 * 2e-6,
+                wait_s: 0.0,
+                prepared: false,
+            };
+            share = t.next_share(share).unwrap();
+        }
+        assert!((share - 1.0 / 3.0).abs() < 0.01, "{share}");
+        // Asynchronous inner device that the executor waited for: its time is launch + exec + wait, here
+        // twice the executor's for as many rows, so the executor should take 2/3.
+        let s = times(0.0, 1.0, 1.0).next_share(0.5).unwrap();
+        assert!((s - (0.5 * 0.5 + 0.5 * (2.0 / 3.0))).abs() < 1e-9, "{s}");
+        // Asynchronous inner part done before the executor's: no time known, move towards it.
+        assert!((times(0.0, 1.0, 0.0).next_share(0.5).unwrap() - 0.45).abs() < 1e-9);
+        // Bounds, and nothing learned from a node that prepared its weight.
+        assert_eq!(times(0.0, 1.0, 0.0).next_share(0.05), Some(SHARE_MIN));
+        let mut prepared = times(0.0, 1.0, 1.0);
+        prepared.prepared = true;
+        assert_eq!(prepared.next_share(0.5), None);
     }
 }

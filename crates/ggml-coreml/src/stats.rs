@@ -44,6 +44,9 @@ pub struct Stats {
     pub split_exec_ns: AtomicU64,
     pub split_longer_ns: AtomicU64,
     pub split_worst_ppm: AtomicU64,
+    /// Executor's share of split nodes' rows: sum (× 1e6) over split nodes, and the last one (× 1e6).
+    pub split_share_ppm_sum: AtomicU64,
+    pub split_share_ppm_last: AtomicU64,
     /// Host ops by reason (small set of static strings).
     pub host_reasons: Mutex<Vec<(&'static str, u64)>>,
     /// Offloaded ops per program variant (mode name): (mode, ops, flops).
@@ -113,6 +116,13 @@ impl Stats {
             .fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
     }
 
+    /// The executor's share of one split node's rows.
+    pub fn split_share(&self, share: f64) {
+        let ppm = (share * 1e6) as u64;
+        self.split_share_ppm_sum.fetch_add(ppm, Ordering::Relaxed);
+        self.split_share_ppm_last.store(ppm, Ordering::Relaxed);
+    }
+
     /// One profiled split node: its overlapped wall time and each part's time alone.
     pub fn split_profile(&self, wall: Duration, inner: Duration, exec: Duration) {
         let longer = inner.max(exec).as_nanos().max(1) as u64;
@@ -151,6 +161,8 @@ impl Stats {
             &self.split_exec_ns,
             &self.split_longer_ns,
             &self.split_worst_ppm,
+            &self.split_share_ppm_sum,
+            &self.split_share_ppm_last,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -194,7 +206,8 @@ impl Stats {
              \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
              \"router\":{{\"hybrid_graphs\":{},\"hybrid_unsplit\":{},\"walk_us_per_graph\":{:.3}}},\
              \"split_profile\":{{\"nodes\":{},\"wall_ms\":{:.3},\"inner_alone_ms\":{:.3},\"executor_alone_ms\":{:.3},\
-             \"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}}}}",
+             \"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}},\
+             \"split_share\":{{\"mean\":{:.4},\"last\":{:.4}}}}}",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -226,6 +239,8 @@ impl Stats {
             g(&self.split_longer_ns) as f64 / 1e6,
             g(&self.split_wall_ns) as f64 / g(&self.split_longer_ns).max(1) as f64,
             g(&self.split_worst_ppm) as f64 / 1e6,
+            g(&self.split_share_ppm_sum) as f64 / 1e6 / g(&self.split_nodes).max(1) as f64,
+            g(&self.split_share_ppm_last) as f64 / 1e6,
         )
     }
 
