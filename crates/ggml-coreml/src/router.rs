@@ -220,8 +220,8 @@ pub struct RouterCtx {
     /// Split graphs in which the inner backend was called more often than once per offloaded
     /// MUL_MAT plus one — i.e. split somewhere else than around an offloaded MUL_MAT. Should stay 0.
     pub oversplit_graphs: u64,
-    /// `GGML_COREML_SPLIT=auto`: the executor's current share per weight shape (K, N).
-    split_shares: std::collections::HashMap<(usize, usize), f64>,
+    /// `GGML_COREML_SPLIT=auto`: the executor's share per weight shape (K, N).
+    split_shares: std::collections::HashMap<(usize, usize), AutoShare>,
     /// Split mode: the inner device's scratch buffer for its share of a split MUL_MAT.
     split_buf: *mut GgmlBackendBuffer,
     split_cap: usize,
@@ -558,18 +558,24 @@ fn run_ane(
         && let Some(mode) = split_mode()
     {
         let key = (e.k, e.n);
-        let share = match mode {
-            SplitMode::Fixed(s) => s,
-            SplitMode::Auto => *ctx
-                .split_shares
-                .entry(key)
-                .or_insert_with(|| initial_share(&e)),
+        let auto = match mode {
+            SplitMode::Fixed(_) => None,
+            SplitMode::Auto => Some(
+                *ctx.split_shares
+                    .entry(key)
+                    .or_insert_with(|| AutoShare::new(initial_share(&e))),
+            ),
+        };
+        let share = match (mode, auto) {
+            (SplitMode::Fixed(s), _) => s,
+            (_, Some(a)) => a.used(),
+            _ => 0.5,
         };
         if let Some(t) = run_split(ctx, node, e, share, registry_of)? {
-            if mode == SplitMode::Auto
-                && let Some(next) = t.next_share(share)
+            if let Some(a) = auto
+                && let Some(next) = t.next_share(a.share)
             {
-                ctx.split_shares.insert(key, next);
+                ctx.split_shares.insert(key, a.learn(next));
             }
             return Ok(1);
         }
@@ -745,6 +751,42 @@ fn initial_share(e: &Eligible) -> f64 {
     match (p.ane_ms, p.host_ms) {
         (Some(a), Some(h)) if a > 0.0 && h > 0.0 => (h / (a + h)).clamp(SHARE_MIN, SHARE_MAX),
         _ => 0.5,
+    }
+}
+
+/// `GGML_COREML_SPLIT=auto` state of one weight shape. The share used is the learned one rounded to
+/// 1/16: each distinct row count is a program (compiled on a Mac) and a prepared form, so the share
+/// moves in steps, and stops moving after [`AutoShare::MAX_STEPS`] steps.
+#[derive(Clone, Copy, Debug)]
+struct AutoShare {
+    share: f64,
+    steps: u8,
+}
+
+impl AutoShare {
+    const MAX_STEPS: u8 = 8;
+
+    fn new(share: f64) -> AutoShare {
+        AutoShare { share, steps: 0 }
+    }
+
+    fn quantized(s: f64) -> f64 {
+        ((s * 16.0).round() / 16.0).clamp(1.0 / 16.0, 15.0 / 16.0)
+    }
+
+    fn used(&self) -> f64 {
+        AutoShare::quantized(self.share)
+    }
+
+    fn learn(self, next: f64) -> AutoShare {
+        if self.steps >= AutoShare::MAX_STEPS {
+            return self;
+        }
+        let step = AutoShare::quantized(next) != self.used();
+        AutoShare {
+            share: next,
+            steps: self.steps + step as u8,
+        }
     }
 }
 
@@ -1149,5 +1191,23 @@ mod tests {
         let mut prepared = times(0.0, 1.0, 1.0);
         prepared.prepared = true;
         assert_eq!(prepared.next_share(0.5), None);
+    }
+
+    #[test]
+    fn auto_share_moves_in_sixteenths_and_settles() {
+        let mut a = AutoShare::new(0.5);
+        assert_eq!(a.used(), 0.5);
+        // A move inside one step changes the learned share, not the rows used, and is not a step.
+        a = a.learn(0.52);
+        assert_eq!((a.used(), a.steps), (0.5, 0));
+        // Alternating far moves: each is a step, and after MAX_STEPS the share stays put.
+        for i in 0..20 {
+            a = a.learn(if i % 2 == 0 { 0.2 } else { 0.8 });
+        }
+        assert_eq!(a.steps, AutoShare::MAX_STEPS);
+        let frozen = a.used();
+        assert_eq!(a.learn(0.5).used(), frozen);
+        assert_eq!(AutoShare::quantized(0.0), 1.0 / 16.0);
+        assert_eq!(AutoShare::quantized(1.0), 15.0 / 16.0);
     }
 }
