@@ -30,6 +30,10 @@ use crate::weights::WeightRegistry;
 /// Context of a wrapper buffer type: the inner buffer type it forwards to.
 struct WrapCtx {
     inner: BuftPtr,
+    /// `CoreML-<inner buffer type>`. Never the inner type's own name: llama.cpp's model loader keys its
+    /// contexts by buffer type *name*, so a wrapper named like its inner type (`CPU`) would share the
+    /// inner type's context, and the weights would land in buffers the inner type makes, untracked.
+    name: std::ffi::CString,
 }
 
 /// A buffer made through a wrapper: its original interface and its prepared weights.
@@ -81,7 +85,12 @@ pub fn span_2d(size: usize, n_copies: usize, stride: usize) -> usize {
 
 /// Makes the wrapper of `inner` for the host's layout; leaked (it lives as long as the process).
 pub fn new_buft(layout: Layout, device: *mut Dev, inner: BuftPtr) -> BuftPtr {
-    let ctx = Box::into_raw(Box::new(WrapCtx { inner })).cast::<c_void>();
+    let inner_name = api()
+        // SAFETY: a live buffer type's static name.
+        .map(|a| unsafe { crate::ffi::ggml::cstr_or((a.buft_name)(inner), "inner") })
+        .unwrap_or_default();
+    let name = std::ffi::CString::new(format!("CoreML-{inner_name}")).unwrap_or_default();
+    let ctx = Box::into_raw(Box::new(WrapCtx { inner, name })).cast::<c_void>();
     let p: *mut c_void = match layout {
         Layout::V2 => Box::into_raw(Box::new(Buft {
             iface: BuftIfaceV2 {
@@ -137,14 +146,21 @@ pub fn new_buft(layout: Layout, device: *mut Dev, inner: BuftPtr) -> BuftPtr {
 /// `buft` was made by [`new_buft`] (every layout puts `context` right after the interface, and the
 /// `Buft<I>` prefix up to the interface differs only in the interface's size).
 unsafe fn inner_of(buft: BuftPtr, layout: Layout) -> BuftPtr {
-    // SAFETY: per the contract, the struct is a Buft<I> for the host's layout.
+    // SAFETY: per the contract.
+    unsafe { wrap_ctx(buft, layout) }.inner
+}
+
+/// # Safety
+/// `buft` is a wrapper made by [`new_buft`] for `layout` (they live as long as the process).
+unsafe fn wrap_ctx(buft: BuftPtr, layout: Layout) -> &'static WrapCtx {
+    // SAFETY: per the contract, the struct is a Buft<I> for the host's layout, its context a WrapCtx.
     unsafe {
         let ctx = match layout {
             Layout::V2 => (*buft.cast::<Buft<BuftIfaceV2>>()).context,
             Layout::V3 => (*buft.cast::<Buft<BuftIfaceV3>>()).context,
             Layout::V6 => (*buft.cast::<Buft<BuftIfaceV6>>()).context,
         };
-        (*ctx.cast::<WrapCtx>()).inner
+        &*ctx.cast::<WrapCtx>()
     }
 }
 
@@ -156,9 +172,9 @@ fn inner(buft: BuftPtr) -> Option<(&'static crate::ffi::ggml::GgmlApi, BuftPtr)>
 
 unsafe extern "C" fn w_get_name(buft: BuftPtr) -> *const c_char {
     guard("hybrid buft get_name", c"CoreML-hybrid".as_ptr(), || {
-        // SAFETY: forwards to the inner buffer type (a static name).
-        inner(buft).map_or(c"CoreML-hybrid".as_ptr(), |(a, i)| unsafe {
-            (a.buft_name)(i)
+        // SAFETY: ggml calls the wrapper's interface with the wrapper itself; the name lives as long.
+        api().map_or(c"CoreML-hybrid".as_ptr(), |a| unsafe {
+            wrap_ctx(buft, a.layout).name.as_ptr()
         })
     })
 }
