@@ -92,6 +92,8 @@ struct Run {
     tokens: Vec<String>,
     logits: Vec<Vec<f32>>,
     offloaded: u64,
+    /// Weights prepared into a buffer's registry (kept while the buffer lives).
+    prepared: u64,
 }
 
 /// Runs the helper over `models`; `face`: None = stock (no backend), Some("accel"|"hybrid").
@@ -146,15 +148,15 @@ fn run(exe: &Path, env: &Env, face: Option<&str>, models: &[&Path], tag: &str) -
                 .collect(),
         );
     }
-    let offloaded = std::fs::read_to_string(&stats)
+    let stats = std::fs::read_to_string(&stats)
         .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| v["ane_ops"].as_u64())
-        .unwrap_or(0);
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let count = |key: &str| stats.as_ref().and_then(|v| v[key].as_u64()).unwrap_or(0);
     Ok(Run {
         tokens,
         logits,
-        offloaded,
+        offloaded: count("ane_ops"),
+        prepared: count("weights_prepared"),
     })
 }
 
@@ -185,6 +187,16 @@ pub fn stage(env: &Env) -> Result<String> {
             seq.offloaded > 0,
             "{face}: nothing went through the executor"
         );
+        // Weights prepared once into their buffer's registry, not per call: otherwise nothing
+        // prepared could go stale and the test would prove nothing (the hybrid face once named its
+        // buffer type like the CPU's, and llama.cpp put every weight into untracked CPU buffers).
+        ensure!(
+            seq.prepared > 0 && seq.prepared < seq.offloaded,
+            "{face}: {} weights prepared for {} offloaded MUL_MATs: the prepared-weight registry \
+             was not used",
+            seq.prepared,
+            seq.offloaded
+        );
         for (i, alone, name) in [
             (0, &alone_a, "A"),
             (1, &alone_b, "B"),
@@ -210,8 +222,9 @@ pub fn stage(env: &Env) -> Result<String> {
         );
         notes.push(format!(
             "{face}: A,B,A in one process bit-identical to each alone, {} MUL_MATs offloaded, \
-             logits NMSE vs stock A {na:.1e} B {nb:.1e}",
-            seq.offloaded
+             {} weights prepared, logits NMSE vs stock A {na:.1e} B {nb:.1e}",
+            seq.offloaded,
+            seq.prepared
         ));
     }
     Ok(notes.join("; "))
