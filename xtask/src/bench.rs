@@ -502,12 +502,16 @@ fn write_outputs(results: &Results, out: &Path) -> Result<()> {
         let new = match matrix.face {
             // The ACCEL default run rewrites the file and keeps the hybrid face's section.
             // The serving section (`cargo xtask serve-bench`) is kept too.
-            Face::Accel => crate::serve::splice_serve(
-                &splice_hybrid(
-                    &render_doc(results, out),
-                    hybrid_section(&old).unwrap_or(""),
+            // So is the hybrid face over CUDA (from the GPU machine's report, docs/architecture.md).
+            Face::Accel => keep_cuda(
+                &crate::serve::splice_serve(
+                    &splice_hybrid(
+                        &render_doc(results, out),
+                        hybrid_section(&old).unwrap_or(""),
+                    ),
+                    crate::serve::serve_section(&old).unwrap_or(""),
                 ),
-                crate::serve::serve_section(&old).unwrap_or(""),
+                &old,
             ),
             Face::Hybrid => splice_hybrid(&old, &render_hybrid_section(results, out)),
         };
@@ -1517,6 +1521,30 @@ const HYBRID_END: &str = "<!-- end of the hybrid face section -->";
 /// The heading the hybrid face's section is placed before (after the ACCEL run's method).
 const SECTION_AFTER_HYBRID: &str = "## Projection (not a measurement)";
 
+/// Bounds of the section with the hybrid face over CUDA (the GPU machine's `run.sh` report, made by
+/// `cargo xtask cuda-bundle`; written by hand from that report, kept by every generated rewrite).
+const CUDA_BEGIN: &str = "<!-- hybrid face over CUDA: from the GPU machine's report (cargo xtask cuda-bundle) -->";
+const CUDA_END: &str = "<!-- end of the CUDA section -->";
+
+/// `new` with `old`'s CUDA section placed after the hybrid face's section (or before the projection).
+fn keep_cuda(new: &str, old: &str) -> String {
+    let Some(a) = old.find(CUDA_BEGIN) else {
+        return new.to_string();
+    };
+    let Some(b) = old[a..].find(CUDA_END).map(|b| a + b + CUDA_END.len()) else {
+        return new.to_string();
+    };
+    let section = &old[a..b];
+    let at = new
+        .find(HYBRID_END)
+        .map(|i| i + HYBRID_END.len() + 1)
+        .or_else(|| new.find(SECTION_AFTER_HYBRID))
+        .unwrap_or(new.len());
+    let mut out = new.to_string();
+    out.insert_str(at.min(new.len()), &format!("\n{section}\n"));
+    out
+}
+
 /// The hybrid face's section of a docs/benchmarks.md, markers included.
 fn hybrid_section(doc: &str) -> Option<&str> {
     let a = doc.find(HYBRID_BEGIN)?;
@@ -1707,6 +1735,14 @@ mod tests {
         assert_eq!(splice_hybrid(&two, ""), accel);
         // No anchor: appended.
         assert!(splice_hybrid("# B\n", &sec("x")).ends_with(&format!("{HYBRID_END}\n")));
+        // The CUDA section survives a rewrite, right after the hybrid face's section.
+        let cuda = format!("{CUDA_BEGIN}\n## Over CUDA\n\nnumbers\n{CUDA_END}");
+        let with_cuda = two.replacen(HYBRID_END, &format!("{HYBRID_END}\n\n{cuda}"), 1);
+        let rewritten = keep_cuda(&two, &with_cuda);
+        assert_eq!(rewritten.matches(CUDA_BEGIN).count(), 1);
+        assert!(rewritten.find(HYBRID_END).unwrap() < rewritten.find(CUDA_BEGIN).unwrap());
+        assert!(rewritten.find(CUDA_END).unwrap() < rewritten.find("## Projection").unwrap());
+        assert_eq!(keep_cuda(&two, &two), two);
     }
 
     fn run(policy: &str, rep: usize, pp_ms: f64, tg_ts: f64) -> RunRecord {
