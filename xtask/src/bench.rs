@@ -1523,7 +1523,8 @@ const SECTION_AFTER_HYBRID: &str = "## Projection (not a measurement)";
 
 /// Bounds of the section with the hybrid face over CUDA (the GPU machine's `run.sh` report, made by
 /// `cargo xtask cuda-bundle`; written by hand from that report, kept by every generated rewrite).
-const CUDA_BEGIN: &str = "<!-- hybrid face over CUDA: from the GPU machine's report (cargo xtask cuda-bundle) -->";
+const CUDA_BEGIN: &str =
+    "<!-- hybrid face over CUDA: from the GPU machine's report (cargo xtask cuda-bundle) -->";
 const CUDA_END: &str = "<!-- end of the CUDA section -->";
 
 /// `new` with `old`'s CUDA section placed after the hybrid face's section (or before the projection).

@@ -223,8 +223,7 @@ pub fn stage(env: &Env) -> Result<String> {
         notes.push(format!(
             "{face}: A,B,A in one process bit-identical to each alone, {} MUL_MATs offloaded, \
              {} weights prepared, logits NMSE vs stock A {na:.1e} B {nb:.1e}",
-            seq.offloaded,
-            seq.prepared
+            seq.offloaded, seq.prepared
         ));
     }
     Ok(notes.join("; "))

@@ -300,13 +300,14 @@ pub unsafe fn compute(
             let Some(n) = (unsafe { TensorRef::from_ptr(node_at(i)) }) else {
                 continue;
             };
-            if n.flags() & GGML_TENSOR_FLAG_COMPUTE == 0 {
-                continue;
-            }
+            // The op first: it shares a cache line with the shape, the flags sit on the next one.
             match n.op() {
                 GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE
                 | GGML_OP_TRANSPOSE => continue,
                 _ => {}
+            }
+            if n.flags() & GGML_TENSOR_FLAG_COMPUTE == 0 {
+                continue;
             }
             // A graph that writes into a weight buffer: what we prepared from those bytes is stale.
             if n.buffer_usage() == Some(BUFFER_USAGE_WEIGHTS) {
