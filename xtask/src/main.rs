@@ -8,6 +8,7 @@ mod backend;
 mod bench;
 mod cuda;
 mod device_report;
+mod equivalence;
 mod face;
 mod gguf;
 mod host;

@@ -84,6 +84,10 @@ const STAGES: &[Stage] = &[
         run: cargo_test,
     },
     Stage {
+        name: "coreml-equivalence",
+        run: crate::equivalence::stage,
+    },
+    Stage {
         name: "conformance",
         run: conformance,
     },
@@ -167,7 +171,8 @@ pub fn main(args: &[String]) -> Result<()> {
                 println!(
                     "cargo xtask test [--only a,b] [--skip a,b] [--list]\n\
                      Runs every stage (fmt, clippy on Linux and both Apple targets, the iOS staticlib build,\n\
-                     cargo test with the host/venv/models, test-backend-ops conformance, llama-bench smoke, llama-server\n\
+                     cargo test with the host/venv/models, coremltools equivalence of the emitted programs,\n\
+                     test-backend-ops conformance, llama-bench smoke, llama-server\n\
                      under concurrent load (serve), llama.cpp RPC across two servers (rpc),\n\
                      API-version mismatch). Ends with `N passed, M failed`."
                 );

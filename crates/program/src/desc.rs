@@ -6,7 +6,8 @@
 use std::fmt;
 
 /// Bumped whenever emitted program bytes or their meaning change; part of every cache key.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: w8f16 with N = 1 and K = G has no shape-preserving reshapes (what coremltools emits).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Largest extent the ANE takes on an H/W axis (E5RT limit text `D[1-16384] H[1-16384] W[1-16384]`).
 pub const ANE_MAX_DIM: usize = 16384;

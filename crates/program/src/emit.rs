@@ -63,23 +63,37 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
                 DType::Float16,
                 &[1, 1, n, k],
             )?;
-            // Blocks on their own axis so each block scale broadcasts over its G values.
-            let wg_shape = b.ints("wg_shape", &[1, n as i32, blocks as i32, g as i32])?;
-            let wg = b.op(
-                "reshape",
-                "wg",
-                &[("x", &wq), ("shape", &wg_shape)],
-                DType::Float16,
-                &[1, n, blocks, g],
-            )?;
-            let sg_shape = b.ints("sg_shape", &[1, n as i32, blocks as i32, 1])?;
-            let sg = b.op(
-                "reshape",
-                "sg",
-                &[("x", &var("scales")), ("shape", &sg_shape)],
-                DType::Float16,
-                &[1, n, blocks, 1],
-            )?;
+            // Blocks on their own axis so each block scale broadcasts over its G values. With N = 1
+            // and K = G every reshape below keeps its input's shape; coremltools' `noop_elimination`
+            // drops such reshapes, and so do we (the coreml-equivalence stage compares the two).
+            let reshape = !(n == 1 && blocks == 1);
+            let wg = if reshape {
+                let wg_shape = b.ints("wg_shape", &[1, n as i32, blocks as i32, g as i32])?;
+                b.op(
+                    "reshape",
+                    "wg",
+                    &[("x", &wq), ("shape", &wg_shape)],
+                    DType::Float16,
+                    &[1, n, blocks, g],
+                )?
+            } else {
+                wq
+            };
+            let sg_shape = if reshape {
+                Some(b.ints("sg_shape", &[1, n as i32, blocks as i32, 1])?)
+            } else {
+                None
+            };
+            let sg = match &sg_shape {
+                Some(shape) => b.op(
+                    "reshape",
+                    "sg",
+                    &[("x", &var("scales")), ("shape", shape)],
+                    DType::Float16,
+                    &[1, n, blocks, 1],
+                )?,
+                None => var("scales"),
+            };
             let mut ws = b.op(
                 "mul",
                 "ws",
@@ -88,13 +102,16 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
                 &[1, n, blocks, g],
             )?;
             if desc.offsets {
-                let og = b.op(
-                    "reshape",
-                    "og",
-                    &[("x", &var("offsets")), ("shape", &sg_shape)],
-                    DType::Float16,
-                    &[1, n, blocks, 1],
-                )?;
+                let og = match &sg_shape {
+                    Some(shape) => b.op(
+                        "reshape",
+                        "og",
+                        &[("x", &var("offsets")), ("shape", shape)],
+                        DType::Float16,
+                        &[1, n, blocks, 1],
+                    )?,
+                    None => var("offsets"),
+                };
                 ws = b.op(
                     "add",
                     "wo",
@@ -103,14 +120,18 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
                     &[1, n, blocks, g],
                 )?;
             }
-            let w_shape = b.ints("w_shape", &[1, 1, n as i32, k as i32])?;
-            b.op(
-                "reshape",
-                "wh",
-                &[("x", &ws), ("shape", &w_shape)],
-                DType::Float16,
-                &[1, 1, n, k],
-            )?
+            if reshape {
+                let w_shape = b.ints("w_shape", &[1, 1, n as i32, k as i32])?;
+                b.op(
+                    "reshape",
+                    "wh",
+                    &[("x", &ws), ("shape", &w_shape)],
+                    DType::Float16,
+                    &[1, 1, n, k],
+                )?
+            } else {
+                ws
+            }
         }
         Variant::F16 => var("w"),
     };

@@ -48,6 +48,8 @@ fn descs() -> Vec<ProgramDesc> {
         d(I8I8, 4096, max, max, 0, false),
         d(I8I8, 64, 32, 1, 0, false),
         d(W8F16, 64, 256, 96, 32, false),
+        // N = 1, K = G: the form without reshapes.
+        d(W8F16, 64, 32, 1, 32, true),
         d(W8F16, 512, 4096, 4096, 32, true),
         d(W8F16, 1536, 2048, 640, 16, false),
         d(W8F16, 128, max, max, 16, true),

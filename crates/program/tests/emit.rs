@@ -38,6 +38,9 @@ fn all_small() -> Vec<ProgramDesc> {
         desc(Variant::W8F16, 64, 128, 24, 32, false),
         desc(Variant::W8F16, 64, 128, 24, 32, true),
         desc(Variant::W8F16, 128, 64, 8, 16, false),
+        // N = 1 and K = G: no reshape (every one would keep its input's shape).
+        desc(Variant::W8F16, 64, 32, 1, 32, true),
+        desc(Variant::W8F16, 64, 16, 1, 16, false),
         desc(Variant::F16, 64, 80, 33, 0, false),
     ]
 }
@@ -669,6 +672,37 @@ fn built_program_exposes_blobs_only_when_needed() {
     for d in all_small() {
         let b = build_program(&d).unwrap();
         assert!(b.weights.is_none() && b.blobs.is_empty());
+    }
+}
+
+#[test]
+fn w8f16_leaves_out_reshapes_that_keep_the_shape() {
+    let ops = |d: &ProgramDesc| -> Vec<String> {
+        ggml_coreml_program::emit::mil_text(&build_program(d).unwrap())
+            .lines()
+            .filter_map(|l| l.split(" = ").nth(1))
+            .map(|r| r.split('(').next().unwrap_or("").to_string())
+            .collect()
+    };
+    // N = 1, K = G: [1,1,N,K] is already [1,N,K/G,G], the scales already [1,N,K/G,1].
+    assert_eq!(
+        ops(&desc(Variant::W8F16, 64, 32, 1, 32, true)),
+        [
+            "const",
+            "dequantize",
+            "mul",
+            "add",
+            "const",
+            "const",
+            "matmul"
+        ]
+    );
+    // Either one more row or one more block needs the reshapes.
+    for d in [
+        desc(Variant::W8F16, 64, 32, 2, 32, true),
+        desc(Variant::W8F16, 64, 64, 1, 32, true),
+    ] {
+        assert_eq!(ops(&d).iter().filter(|o| *o == "reshape").count(), 4, "{d}");
     }
 }
 
