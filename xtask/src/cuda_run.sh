@@ -13,7 +13,8 @@ OUT=${OUT:-$B/out}
 W=${WORK:-/tmp/ggml-coreml-cuda}
 DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT" "$W/rep"
-# REDO="21-small-always 80-conformance": run those steps again (a new library on a warm machine).
+# REDO="21-small-always 80-conformance": run those steps again (a new library on a warm machine);
+# ONLY="...": run just those steps (see begin).
 for s in ${REDO:-}; do rm -f "$W/rep/$s.done"; done
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -28,6 +29,8 @@ kv() { echo "  \"$1\": $2," >> "$W/rep/$STEP.json"; }
 begin() {
   STEP=$1
   [ -f "$W/rep/$1.done" ] && return 1
+  # ONLY="21-small-always 31-wide-always": just those steps (and the build and models they need).
+  if [ -n "${ONLY:-}" ] && [[ " 00-build 10-models $ONLY " != *" $1 "* ]]; then return 1; fi
   if (( DEADLINE - $(elapsed) < $2 )); then
     echo "step $1 needs ~$2 s; stopping here: call run.sh again on the same machine to go on"
     finish; exit 3

@@ -1027,7 +1027,11 @@ fn run_split(
         });
         let alone = t.elapsed();
         if st == GGML_STATUS_SUCCESS && again.is_ok() {
-            eng.stats.split_profile(wall, inner, alone);
+            // The executor's part as it ran: everything but queueing the inner part and waiting for it
+            // (reading x, the matmul, writing dst), with the caches as they were, unlike the re-run.
+            let exec_inline = wall.saturating_sub(launch + waited);
+            eng.stats
+                .split_profile(wall, inner, alone, exec_inline, launch, waited);
         }
     }
     eng.stats

@@ -44,6 +44,9 @@ pub struct Stats {
     pub split_exec_ns: AtomicU64,
     pub split_longer_ns: AtomicU64,
     pub split_worst_ppm: AtomicU64,
+    pub split_exec_inline_ns: AtomicU64,
+    pub split_launch_ns: AtomicU64,
+    pub split_wait_ns: AtomicU64,
     /// Executor's share of split nodes' rows: sum (× 1e6) over split nodes, and the last one (× 1e6).
     pub split_share_ppm_sum: AtomicU64,
     pub split_share_ppm_last: AtomicU64,
@@ -123,9 +126,25 @@ impl Stats {
         self.split_share_ppm_last.store(ppm, Ordering::Relaxed);
     }
 
-    /// One profiled split node: its overlapped wall time and each part's time alone.
-    pub fn split_profile(&self, wall: Duration, inner: Duration, exec: Duration) {
-        let longer = inner.max(exec).as_nanos().max(1) as u64;
+    /// One profiled split node: its overlapped wall time, each part's time alone (re-run), and how the
+    /// wall time divided as it ran: queueing the inner part, the executor's part, waiting at the join.
+    /// "Longer part" is the longer of the inner part alone and the executor's part as it ran.
+    pub fn split_profile(
+        &self,
+        wall: Duration,
+        inner: Duration,
+        exec: Duration,
+        exec_inline: Duration,
+        launch: Duration,
+        wait: Duration,
+    ) {
+        let longer = inner.max(exec_inline).as_nanos().max(1) as u64;
+        self.split_exec_inline_ns
+            .fetch_add(exec_inline.as_nanos() as u64, Ordering::Relaxed);
+        self.split_launch_ns
+            .fetch_add(launch.as_nanos() as u64, Ordering::Relaxed);
+        self.split_wait_ns
+            .fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
         let wall_ns = wall.as_nanos() as u64;
         self.split_prof_nodes.fetch_add(1, Ordering::Relaxed);
         self.split_wall_ns.fetch_add(wall_ns, Ordering::Relaxed);
@@ -161,6 +180,9 @@ impl Stats {
             &self.split_exec_ns,
             &self.split_longer_ns,
             &self.split_worst_ppm,
+            &self.split_exec_inline_ns,
+            &self.split_launch_ns,
+            &self.split_wait_ns,
             &self.split_share_ppm_sum,
             &self.split_share_ppm_last,
         ] {
@@ -206,7 +228,7 @@ impl Stats {
              \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
              \"router\":{{\"hybrid_graphs\":{},\"hybrid_unsplit\":{},\"walk_us_per_graph\":{:.3}}},\
              \"split_profile\":{{\"nodes\":{},\"wall_ms\":{:.3},\"inner_alone_ms\":{:.3},\"executor_alone_ms\":{:.3},\
-             \"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}},\
+             \"executor_inline_ms\":{:.3},\"launch_ms\":{:.3},\"wait_ms\":{:.3},\"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}},\
              \"split_share\":{{\"mean\":{:.4},\"last\":{:.4}}}}}",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
@@ -236,6 +258,9 @@ impl Stats {
             g(&self.split_wall_ns) as f64 / 1e6,
             g(&self.split_inner_ns) as f64 / 1e6,
             g(&self.split_exec_ns) as f64 / 1e6,
+            g(&self.split_exec_inline_ns) as f64 / 1e6,
+            g(&self.split_launch_ns) as f64 / 1e6,
+            g(&self.split_wait_ns) as f64 / 1e6,
             g(&self.split_longer_ns) as f64 / 1e6,
             g(&self.split_wall_ns) as f64 / g(&self.split_longer_ns).max(1) as f64,
             g(&self.split_worst_ppm) as f64 / 1e6,
