@@ -102,7 +102,8 @@ pub fn create(inner_name: &str, reg: *mut Reg) -> Result<*mut Dev, String> {
         reg,
         context: ctx.cast(),
     }));
-    // SAFETY: `ctx` was just made and is not shared yet; the wrapper names our device as its own.
+    // SAFETY: `ctx` was just made and is not shared yet; the wrapper names our device as its own;
+    // `inner_buft` is the inner device's live default buffer type.
     unsafe { (*ctx).buft = hybrid_buffer::new_buft(api.layout, dev, inner_buft) };
     list.0.push(dev);
     log::info(&format!("hybrid device CoreML-{inner_name} wraps {iname}"));

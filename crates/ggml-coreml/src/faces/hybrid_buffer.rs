@@ -84,9 +84,12 @@ pub fn span_2d(size: usize, n_copies: usize, stride: usize) -> usize {
 }
 
 /// Makes the wrapper of `inner` for the host's layout; leaked (it lives as long as the process).
-pub fn new_buft(layout: Layout, device: *mut Dev, inner: BuftPtr) -> BuftPtr {
+///
+/// # Safety
+/// `inner` is a live buffer type (ggml's buffer types live as long as their backend).
+pub unsafe fn new_buft(layout: Layout, device: *mut Dev, inner: BuftPtr) -> BuftPtr {
     let inner_name = api()
-        // SAFETY: a live buffer type's static name.
+        // SAFETY: per the contract; its name is a static string.
         .map(|a| unsafe { crate::ffi::ggml::cstr_or((a.buft_name)(inner), "inner") })
         .unwrap_or_default();
     let name = std::ffi::CString::new(format!("CoreML-{inner_name}")).unwrap_or_default();
