@@ -1066,8 +1066,9 @@ fn render(
     let _ = writeln!(
         o,
         "\nOn Linux the executor is the portable reference executor (a CPU GEMM on the same 2 cores), so these \
-         numbers measure what the integration costs under a real server's batching, not the Neural Engine. The \
-         correctness side of the same setup (every request HTTP 200, greedy output identical to the request \
+         numbers measure what the integration costs under a real server's batching, not the Neural Engine. On \
+         shared cores the absolute rates follow the machine's load (the load average above): compare the rows of \
+         one run; docs/serving.md keeps earlier runs. The correctness side of the same setup (every request HTTP 200, greedy output identical to the request \
          served alone, faults) is the `serve` test stage (docs/testing.md, docs/serving.md)."
     );
     let _ = writeln!(o, "{SERVE_END}");
