@@ -9,11 +9,68 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::log;
+
+/// The running stage's deadline and name (`serve`, `rpc`): every wait of those stages (server start-up,
+/// each HTTP read, each client run) ends by it, so a hung process fails the stage, whose guards then kill
+/// every process, instead of hanging it.
+static DEADLINE: Mutex<Option<(Instant, &'static str, Duration)>> = Mutex::new(None);
+
+/// `d`, cut to what is left before the stage's deadline (if one is set); an error once it has passed.
+pub fn bounded(d: Duration) -> Result<Duration> {
+    let Some((t, what, limit)) = *DEADLINE.lock().unwrap_or_else(|p| p.into_inner()) else {
+        return Ok(d);
+    };
+    let left = t.saturating_duration_since(Instant::now());
+    if left < Duration::from_millis(10) {
+        bail!(
+            "the {what} stage ran past its limit of {} s",
+            limit.as_secs()
+        );
+    }
+    Ok(d.min(left))
+}
+
+/// `e`, said to come from the stage's limit when the deadline has passed (a read that timed out then
+/// reports only "Resource temporarily unavailable").
+pub fn note_deadline(e: anyhow::Error) -> anyhow::Error {
+    match *DEADLINE.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some((t, what, limit)) if Instant::now() + Duration::from_secs(1) >= t => {
+            e.context(format!(
+                "the {what} stage ran past its limit of {} s",
+                limit.as_secs()
+            ))
+        }
+        _ => e,
+    }
+}
+
+/// Sets the stage's deadline while alive.
+pub struct DeadlineGuard;
+
+impl DeadlineGuard {
+    /// `XTASK_STAGE_LIMIT_S` replaces `limit` (to see a stage fail at its limit).
+    pub fn set(what: &'static str, limit: Duration) -> DeadlineGuard {
+        let limit = std::env::var("XTASK_STAGE_LIMIT_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(limit, Duration::from_secs);
+        *DEADLINE.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now() + limit, what, limit));
+        DeadlineGuard
+    }
+}
+
+impl Drop for DeadlineGuard {
+    fn drop(&mut self) {
+        *DEADLINE.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
 
 /// A child process (and its process group) that is killed when dropped.
 pub struct Spawned {
@@ -141,6 +198,84 @@ impl Drop for Spawned {
         }
         self.kill();
     }
+}
+
+/// Runs `base` to completion like `Command::output`, but in its own process group (and, where `setpriv`
+/// exists, dying with xtask), killed with its whole group if it runs past `timeout`.
+pub fn output_bounded(base: &Command, timeout: Duration) -> Result<std::process::Output> {
+    let timeout = bounded(timeout)?;
+    let mut c = if crate::util::which("setpriv").is_some() {
+        let mut c = Command::new("setpriv");
+        c.args(["--pdeathsig", "KILL", "--"])
+            .arg(base.get_program())
+            .args(base.get_args());
+        c
+    } else {
+        let mut c = Command::new(base.get_program());
+        c.args(base.get_args());
+        c
+    };
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(dir) = base.get_current_dir() {
+        c.current_dir(dir);
+    }
+    let line = crate::util::display_cmd(base);
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {line}"))?;
+    let pid = child.id();
+    // Both pipes drained on their own threads (a full pipe would stall the child).
+    let drain = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if t.elapsed() >= timeout {
+            signal("KILL", &format!("-{pid}"));
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "`{line}` did not finish within {:.0} s: killed with its process group",
+                timeout.as_secs_f64()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
 
 fn signal(sig: &str, target: &str) {

@@ -17,7 +17,7 @@ use crate::log;
 use crate::models::{Model, model_path};
 use crate::parity::{KldStats, parse_kld};
 use crate::paths;
-use crate::proc::{Spawned, free_port, wait_port};
+use crate::proc::{DeadlineGuard, Spawned, bounded, free_port, output_bounded, wait_port};
 use crate::test::Env;
 
 /// The RPC server binary of the pinned tree (upstream's `rpc-server`).
@@ -25,6 +25,11 @@ pub const RPC_SERVER: &str = "ggml-rpc-server";
 /// docs/parity.md's KLD bar for gemma-3-270m Q8_0 (Q8_0 vs F16 plus the exact floor; w8f16 row, and the
 /// hybrid face section).
 pub const GEMMA_Q8_KLD_BAR: f64 = 0.0310;
+/// Longest a client run may take (each takes seconds to a minute on 2 shared cores); past it, it is
+/// killed with its process group and the stage fails.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(240);
+/// Hard limit of the whole stage (it takes about a minute on 2 shared cores).
+pub const STAGE_LIMIT: Duration = Duration::from_secs(300);
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog again and again.";
 
 /// How the servers of one run are set up.
@@ -53,6 +58,9 @@ impl Pair {
             let mut c = Command::new(env.bin.join(RPC_SERVER));
             c.args(["-H", "127.0.0.1", "-p", &port.to_string(), "-t", "2"]);
             face::clean_env(&mut c);
+            // Blocking OpenMP waits: three processes' spinning workers on 2 cores would starve each other
+            // (no result changes).
+            c.env("OMP_WAIT_POLICY", "passive");
             let label = match side {
                 Side::Stock => "stock".to_string(),
                 Side::Ours(policy) => {
@@ -74,7 +82,7 @@ impl Pair {
                 &format!("{RPC_SERVER} {label} #{i}"),
                 &dir.join(format!("rpc-{label}-{i}.log")),
             )?;
-            wait_port(&mut s, port, Duration::from_secs(60))?;
+            wait_port(&mut s, port, bounded(Duration::from_secs(60))?)?;
             // An unknown `-d` device makes the server exit at once (wait_port reports that with its log).
             pair.servers.push(s);
             pair.ports.push(port);
@@ -106,6 +114,7 @@ impl Pair {
 fn client(env: &Env, tool: &str, model: &Path, pair: &Pair) -> Command {
     let mut c = Command::new(env.bin.join(tool));
     face::clean_env(&mut c);
+    c.env("OMP_WAIT_POLICY", "passive");
     c.arg("-m")
         .arg(model)
         .args(["--rpc", &pair.rpc_arg(), "-ngl", "99", "-t", "2"])
@@ -116,7 +125,7 @@ fn client(env: &Env, tool: &str, model: &Path, pair: &Pair) -> Command {
 fn output(c: &mut Command, log_path: &Path) -> Result<(String, String)> {
     let line = crate::util::display_cmd(c);
     log!("$ {line}");
-    let o = c.output().with_context(|| format!("cannot start {line}"))?;
+    let o = output_bounded(c, CLIENT_TIMEOUT)?;
     let (out, err) = (
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -203,7 +212,8 @@ pub fn stage(env: &Env) -> Result<String> {
         .join(format!("rpc-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let res = stage_in(env, &model, &dir);
+    let _deadline = DeadlineGuard::set("rpc", STAGE_LIMIT);
+    let res = stage_in(env, &model, &dir).map_err(crate::proc::note_deadline);
     match &res {
         Ok(_) => {
             let _ = fs::remove_dir_all(&dir);
@@ -215,6 +225,7 @@ pub fn stage(env: &Env) -> Result<String> {
 
 fn stage_in(env: &Env, model: &Path, dir: &Path) -> Result<String> {
     let mut notes = Vec::new();
+    let mut ph = crate::serve::Phases::new("rpc");
     let base = dir.join("stock-split.kld");
 
     // Stock servers: the reference text and logits of this split.
@@ -222,12 +233,14 @@ fn stage_in(env: &Env, model: &Path, dir: &Path) -> Result<String> {
     let stock = completion(env, model, &pair, &dir.join("client-stock.log"))?;
     perplexity(env, model, &pair, &base, false, &dir.join("ppl-stock.log"))?;
     pair.finish()?;
+    ph.mark("stock servers: completion, perplexity");
 
     // Ours, policy off: bit-identical.
     let pair = Pair::start(env, Side::Ours("off"), dir)?;
     let off = completion(env, model, &pair, &dir.join("client-off.log"))?;
     let off_ops: Vec<(u64, u64)> = pair.stats.iter().map(|s| counts(s)).collect();
     pair.finish()?;
+    ph.mark("ours off: completion");
     if off != stock {
         bail!(
             "policy off over our servers differs from stock servers:\n stock: {stock:?}\n ours:  {off:?}"
@@ -253,9 +266,11 @@ fn stage_in(env: &Env, model: &Path, dir: &Path) -> Result<String> {
     let tiny = model_path(&env.models, Model::Qwen3Tiny, "Q8_0");
     let reused = completion(env, &tiny, &pair, &dir.join("client-always-reused.log"))?;
     pair.finish()?;
+    ph.mark("ours always: perplexity (KLD), reused servers");
     let pair = Pair::start(env, Side::Ours("always"), dir)?;
     let fresh = completion(env, &tiny, &pair, &dir.join("client-always-fresh.log"))?;
     pair.finish()?;
+    ph.mark("ours always: fresh servers");
     if reused != fresh {
         bail!(
             "policy always: qwen3-tiny through servers that served gemma-3-270m before differs from fresh servers:\n              reused: {reused:?}\n fresh:  {fresh:?}"
@@ -280,5 +295,6 @@ fn stage_in(env: &Env, model: &Path, dir: &Path) -> Result<String> {
         k.same_top,
         ops
     ));
+    notes.push(ph.summary());
     Ok(notes.join("; "))
 }

@@ -20,7 +20,7 @@ use crate::face;
 use crate::log;
 use crate::models::{Model, model_path};
 use crate::paths;
-use crate::proc::{Spawned, free_port, request, wait_port};
+use crate::proc::{DeadlineGuard, Spawned, bounded, free_port, request, wait_port};
 
 /// Tokens generated per request (greedy, `ignore_eos`, so every request generates exactly this many).
 pub const N_PREDICT: usize = 4;
@@ -31,11 +31,15 @@ pub const SLOTS: usize = 4;
 /// Context per slot: the longest prompt plus `N_PREDICT`, rounded up.
 const CTX_PER_SLOT: usize = 640;
 /// Prompt lengths (tokens) of the stage's requests: short and long mixed, so a long prefill (two ubatches
-/// at 600) shares batches with decode steps of the short ones.
-pub const STAGE_LENS: &[usize] = &[16, 600, 48, 320, 96, 200, 24, 480];
+/// at 600) shares batches with decode steps of the short ones. Mostly short: prefill is most of the
+/// stage's time (1144 prompt tokens per pass, 8 passes and a bit).
+pub const STAGE_LENS: &[usize] = &[16, 600, 48, 200, 96, 32, 24, 128];
 /// Timeout of one HTTP request (the server may queue it behind others).
 const REQ_TIMEOUT: Duration = Duration::from_secs(180);
-
+/// Hard limit of the `serve` stage: every wait in it (server start, each HTTP read) ends by then, so a
+/// hung server fails the stage, whose guards then kill every process, instead of hanging it. The stage
+/// takes about 2.5 minutes on 2 shared cores; the limit leaves room for a loaded machine.
+pub const STAGE_LIMIT: Duration = Duration::from_secs(420);
 /// One `/completion` request: a prompt given as token ids (exact lengths, no tokenizer involved).
 #[derive(Clone, Debug)]
 pub struct Req {
@@ -88,7 +92,13 @@ fn body(req: &Req) -> String {
 
 /// Sends one request and returns its HTTP status and output (the body as text for a non-200).
 pub fn completion(port: u16, req: &Req) -> Result<(u16, Output)> {
-    let mut r = request(port, "POST", "/completion", Some(&body(req)), REQ_TIMEOUT)?;
+    let mut r = request(
+        port,
+        "POST",
+        "/completion",
+        Some(&body(req)),
+        bounded(REQ_TIMEOUT)?,
+    )?;
     let status = r.status;
     if status != 200 {
         let b = r.body().unwrap_or_default();
@@ -141,7 +151,13 @@ pub fn completion(port: u16, req: &Req) -> Result<(u16, Output)> {
 
 /// Starts a request, reads its first streamed event and hangs up (a client going away mid-stream).
 fn disconnect_mid_stream(port: u16, req: &Req) -> Result<()> {
-    let mut r = request(port, "POST", "/completion", Some(&body(req)), REQ_TIMEOUT)?;
+    let mut r = request(
+        port,
+        "POST",
+        "/completion",
+        Some(&body(req)),
+        bounded(REQ_TIMEOUT)?,
+    )?;
     if r.status != 200 {
         bail!("the disconnecting client got HTTP {}", r.status);
     }
@@ -369,6 +385,10 @@ pub fn start_server(bin: &Path, model: &Path, cfg: &ServerCfg, dir: &Path) -> Re
         "0",
     ]);
     face::clean_env(&mut c);
+    // ggml's OpenMP workers wait for each other at every node; spinning (libgomp's default) on 2 cores
+    // shared with other jobs turns each wait into a lost time slice (decode 3-30x slower, stock
+    // included). Blocking waits change no result.
+    c.env("OMP_WAIT_POLICY", "passive");
     if let Some(lib) = &cfg.lib {
         c.env("GGML_BACKEND_PATH", lib);
     }
@@ -380,14 +400,19 @@ pub fn start_server(bin: &Path, model: &Path, cfg: &ServerCfg, dir: &Path) -> Re
         &format!("llama-server ({})", cfg.label),
         &dir.join(format!("server-{}-{port}.log", cfg.label)),
     )?;
-    wait_port(&mut proc, port, Duration::from_secs(60))?;
+    wait_port(&mut proc, port, bounded(Duration::from_secs(60))?)?;
     let t = Instant::now();
     loop {
         if !proc.alive() {
             bail!("{} exited while loading:\n{}", proc.name, proc.log_tail(30));
         }
-        if let Ok(r) = request(port, "GET", "/health", None, Duration::from_secs(5))
-            && r.status == 200
+        if let Ok(r) = request(
+            port,
+            "GET",
+            "/health",
+            None,
+            bounded(Duration::from_secs(5))?,
+        ) && r.status == 200
         {
             break;
         }
@@ -411,7 +436,7 @@ pub fn start_server(bin: &Path, model: &Path, cfg: &ServerCfg, dir: &Path) -> Re
 impl Server {
     /// SIGTERM; the server must exit with status 0 within 30 s.
     pub fn stop_cleanly(&mut self) -> Result<()> {
-        let st = self.proc.terminate(Duration::from_secs(30))?;
+        let st = self.proc.terminate(bounded(Duration::from_secs(30))?)?;
         if !st.success() {
             bail!(
                 "{} exited with {st} on SIGTERM:\n{}",
@@ -458,6 +483,55 @@ fn scratch_dir(what: &str) -> Result<PathBuf> {
     Ok(d)
 }
 
+/// Wall-clock time per phase of a stage, logged as each phase ends.
+pub struct Phases {
+    what: &'static str,
+    load_start: String,
+    t0: Instant,
+    last: Instant,
+    done: Vec<(String, f64)>,
+}
+
+impl Phases {
+    pub fn new(what: &'static str) -> Phases {
+        let now = Instant::now();
+        Phases {
+            what,
+            load_start: loadavg(),
+            t0: now,
+            last: now,
+            done: Vec::new(),
+        }
+    }
+    /// Ends the phase that ran since the last mark.
+    pub fn mark(&mut self, what: impl Into<String>) {
+        let now = Instant::now();
+        let s = (now - self.last).as_secs_f64();
+        self.last = now;
+        let what = what.into();
+        log!(
+            "{}: phase {what}: {s:.1} s (stage so far {:.0} s)",
+            self.what,
+            (now - self.t0).as_secs_f64()
+        );
+        self.done.push((what, s));
+    }
+    /// Every phase's time, the total and the load average at the start and now.
+    pub fn summary(&self) -> String {
+        format!(
+            "phases: {}; {:.0} s in all, load average {} → {}",
+            self.done
+                .iter()
+                .map(|(w, s)| format!("{w} {s:.0} s"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.t0.elapsed().as_secs_f64(),
+            self.load_start,
+            loadavg()
+        )
+    }
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -476,7 +550,8 @@ pub fn stage(env: &crate::test::Env) -> Result<String> {
         bail!("model {} missing (cargo xtask models)", model.display());
     }
     let dir = scratch_dir("serve")?;
-    let res = stage_in(env, &model, &dir);
+    let _deadline = DeadlineGuard::set("serve", STAGE_LIMIT);
+    let res = stage_in(env, &model, &dir).map_err(crate::proc::note_deadline);
     match &res {
         Ok(_) => {
             let _ = fs::remove_dir_all(&dir);
@@ -489,14 +564,19 @@ pub fn stage(env: &crate::test::Env) -> Result<String> {
 fn stage_in(env: &crate::test::Env, model: &Path, dir: &Path) -> Result<String> {
     let reqs = requests(STAGE_LENS);
     let mut notes = Vec::new();
+    let mut ph = Phases::new("serve");
 
     // Stock first: is llama.cpp itself batch-invariant here? Its answer decides what "identical to the
     // same request served alone" can demand of ours.
     let mut srv = start_server(&env.bin, model, &ServerCfg::stock(), dir)?;
+    ph.mark("stock start");
     let stock_alone = alone(srv.port, &reqs, |_| Ok(()))?;
+    ph.mark("stock alone");
     let r = round(srv.port, &reqs, CLIENTS, None)?;
+    ph.mark("stock round");
     let stock_bad = mismatches(&reqs, &r, &stock_alone)?;
     srv.stop_cleanly()?;
+    ph.mark("stock stop");
     notes.push(format!(
         "stock: {:.2} req/s, p50 {:.0} ms, p95 {:.0} ms, {} of {} differ from alone{}",
         r.req_per_s(),
@@ -518,7 +598,17 @@ fn stage_in(env: &crate::test::Env, model: &Path, dir: &Path) -> Result<String> 
     let cfg = ServerCfg::ours("default", &env.lib, None)
         .with("GGML_COREML_CACHE_DIR", &cache)
         .with("GGML_COREML_STATS_FILE", &stats);
-    let note = run_ours(env, model, dir, &reqs, &cfg, &stock_alone, &stock_bad, None)?;
+    let note = run_ours(
+        env,
+        model,
+        dir,
+        &reqs,
+        &cfg,
+        &stock_alone,
+        &stock_bad,
+        None,
+        &mut ph,
+    )?;
     log!("serve: {note}");
     notes.push(note);
 
@@ -536,8 +626,10 @@ fn stage_in(env: &crate::test::Env, model: &Path, dir: &Path) -> Result<String> 
         &stock_alone,
         &stock_bad,
         Some(&stats),
+        &mut ph,
     )?;
     notes.push(note);
+    notes.push(ph.summary());
     Ok(notes.join("; "))
 }
 
@@ -553,9 +645,11 @@ fn run_ours(
     stock_alone: &BTreeMap<usize, Output>,
     stock_bad: &[usize],
     always_stats: Option<&Path>,
+    ph: &mut Phases,
 ) -> Result<String> {
     let label = cfg.label;
     let mut srv = start_server(&env.bin, model, cfg, dir)?;
+    ph.mark(format!("{label} start"));
     let port = srv.port;
     // Alone; under `always` each request must move the offload counter.
     let mut per_req = Vec::new();
@@ -581,19 +675,23 @@ fn run_ours(
             ids(&vs_stock)
         );
     }
+    ph.mark(format!("{label} alone"));
     let r1 = round(port, reqs, CLIENTS, None)?;
+    ph.mark(format!("{label} round 1"));
     let bad1 = mismatches(reqs, &r1, &reference)?;
     check_invariance(label, 1, &bad1, stock_bad)?;
     let rss1 = srv.proc.rss_kib().context("cannot read the server's RSS")?;
     let ane1 = always_stats.map(|s| ane_ops(s, 0, Duration::from_millis(700)));
 
     // Round 2. Under `always`: a client hangs up mid-stream, the program cache is deleted mid-round, and a
-    // second server on the same cache (with every 3rd executor call failing) serves the same requests.
+    // second server on the same cache (with every 3rd executor call failing) serves every third request
+    // while the first one is under load.
     let mut fault_note = String::new();
     let r2 = if always_stats.is_some() {
-        let long = Req {
+        // A 200-token prompt: the hang-up comes after its prefill, while other slots decode.
+        let hangup = Req {
             id: usize::MAX,
-            prompt: reqs[1].prompt.clone(),
+            prompt: reqs[3].prompt.clone(),
             stream: true,
         };
         let cache = PathBuf::from(
@@ -614,7 +712,12 @@ fn run_ours(
         };
         let second: Mutex<Option<BTreeMap<usize, Output>>> = Mutex::new(None);
         let faults_during = || -> Result<()> {
-            disconnect_mid_stream(port, &long)?;
+            let t = Instant::now();
+            disconnect_mid_stream(port, &hangup)?;
+            log!(
+                "serve: client hung up after {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
             if cache.as_os_str().is_empty() {
                 bail!("no program cache configured");
             }
@@ -632,6 +735,10 @@ fn run_ours(
             ane_ops(&second_stats, 1, Duration::from_secs(2));
             std::thread::sleep(Duration::from_millis(600));
             s.stop_cleanly()?;
+            log!(
+                "serve: second server done after {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
             *second.lock().unwrap() = Some(outs);
             Ok(())
         };
@@ -668,6 +775,7 @@ fn run_ours(
     } else {
         round(port, reqs, CLIENTS, None)?
     };
+    ph.mark(format!("{label} round 2"));
     let bad2 = mismatches(reqs, &r2, &reference)?;
     check_invariance(label, 2, &bad2, stock_bad)?;
     // One more request alone after the faults: the server still answers exactly as before.
@@ -694,6 +802,7 @@ fn run_ours(
         ane_note = format!(", {a2} MUL_MATs offloaded");
     }
     srv.stop_cleanly()?;
+    ph.mark(format!("{label} checks and stop"));
     Ok(format!(
         "{label}: {:.2} req/s, p50 {:.0} ms, p95 {:.0} ms; {} requests × 2 rounds HTTP 200, {} + {} differ from alone; \
          {} differ from stock alone{ane_note}; RSS {:.0} → {:.0} MiB; clean exit on SIGTERM{fault_note}",
@@ -839,6 +948,17 @@ pub fn serve_bench(args: &ServeBenchArgs) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     percentile(&mut v, 0.5)
@@ -874,12 +994,7 @@ fn render(
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let rev = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(paths::workspace_root())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let m = crate::bench::Machine::probe();
     let lens: Vec<usize> = reqs.iter().map(|r| r.prompt.len()).collect();
     let _ = writeln!(
         o,
@@ -888,17 +1003,31 @@ fn render(
     );
     let _ = writeln!(
         o,
-        "- Date: {stamp}; {secs:.0} s in all; repo {rev}; `nproc` {}, load average at start {load_start}, at end {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        "- Date: {stamp}; {secs:.0} s in all; repo {}; load average at start {load_start}, at end {}",
+        m.git,
         loadavg()
     );
     let _ = writeln!(
         o,
-        "- Server: `llama-server -m gemma-3-270m-Q8_0.gguf -ngl 0 -np {SLOTS} -c {} -t 2 -tb 2 --cache-ram 0` \
-         (continuous batching, {SLOTS} slots); ours adds `GGML_BACKEND_PATH=<libggml-coreml>` (the ACCEL face) and, \
-         for `always`, `GGML_COREML_POLICY=always`.",
+        "- Machine: {} ({}), `nproc` {}, {} (the reference executor's fp16 GEMM {})",
+        m.cpu,
+        m.os,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        if avx512() { "AVX-512" } else { "no AVX-512" },
+        if avx512() {
+            "uses its AVX-512 kernels"
+        } else {
+            "runs its AVX2 + F16C kernels"
+        }
+    );
+    let _ = writeln!(
+        o,
+        "- Server: `OMP_WAIT_POLICY=passive llama-server -m gemma-3-270m-Q8_0.gguf -ngl 0 -np {SLOTS} -c {} -t 2 -tb 2 \
+         --cache-ram 0` (continuous batching, {SLOTS} slots; blocking OpenMP waits, as in the `serve` stage: \
+         spinning workers on shared cores make every configuration several times slower and noisier); ours adds \
+         `GGML_BACKEND_PATH=<libggml-coreml>` (the ACCEL face) and, for `always`, `GGML_COREML_POLICY=always`.",
         SLOTS * CTX_PER_SLOT
     );
     let _ = writeln!(
@@ -937,8 +1066,9 @@ fn render(
     let _ = writeln!(
         o,
         "\nOn Linux the executor is the portable reference executor (a CPU GEMM on the same 2 cores), so these \
-         numbers measure what the integration costs under a real server's batching, not the Neural Engine. The \
-         correctness side of the same setup (every request HTTP 200, greedy output identical to the request \
+         numbers measure what the integration costs under a real server's batching, not the Neural Engine. On \
+         shared cores the absolute rates follow the machine's load (the load average above): compare the rows of \
+         one run; docs/serving.md keeps earlier runs. The correctness side of the same setup (every request HTTP 200, greedy output identical to the request \
          served alone, faults) is the `serve` test stage (docs/testing.md, docs/serving.md)."
     );
     let _ = writeln!(o, "{SERVE_END}");

@@ -9,7 +9,7 @@
 //! - fp16 × fp16 multiplies in f32 (exact: fp16 products fit f32) and accumulates in eight fixed lanes
 //!   reduced in a fixed order, so the AVX-512, AVX2 and portable paths give the same bits; each
 //!   output is rounded once to fp16. The left operand may be the w8f16 block dequantisation
-//!   ([`ARows::Block`]), made row block by row block.
+//!   ([`ARows::Block`]), made row block by row block on every path (never a whole `[N, K]` copy).
 //!
 //! Trailing all-zero columns of `b` (the M padding of a bucket) are not multiplied: identical columns
 //! give identical outputs, so their value is computed once and copied. Rows of the output are split
@@ -403,7 +403,13 @@ pub(crate) fn gemm_rows(
     }
 }
 
-/// [`gemm_rows`] through contiguous dot products ([`gemm_f32`]).
+/// Bytes of `a` rows [`gemm_rows_dots`] converts to f32 at once (reused across every column).
+const ROW_BLOCK_BYTES: usize = 128 * 1024;
+
+/// [`gemm_rows`] through contiguous dot products (the kernels of [`f32_rows`]). Each thread converts its rows
+/// of `a` to f32 a block at a time (vector conversions where the CPU has AVX2 and F16C, the same bits
+/// as [`ARows::fill`]) and runs every column on the block: no `[N, K]` f32 copy of the weight per call
+/// (for a decode step's output layer that copy cost more than the product).
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows_dots(
     a: ARows<'_>,
@@ -417,17 +423,48 @@ fn gemm_rows_dots(
     threads: usize,
 ) {
     let bt = cols_as_rows(b, layout, m, k, cols, f16::to_f32);
-    let mut af = vec![0f32; n * k];
-    if k > 0 {
-        for (r, row) in af.chunks_exact_mut(k).enumerate() {
-            a.fill(r, k, row);
+    let kernel = f32_kernel();
+    let fill = row_filler();
+    let block = (ROW_BLOCK_BYTES / (k * 4).max(1)).clamp(2, 64) / 2 * 2;
+    par_rows(out, n, m, threads, 2, |r0, rows, chunk| {
+        let mut abuf = vec![0f32; block.min(rows) * k];
+        for sb in (0..rows).step_by(block) {
+            let sbr = block.min(rows - sb);
+            if k > 0 {
+                for (i, row) in abuf.chunks_exact_mut(k).take(sbr).enumerate() {
+                    fill(a, r0 + sb + i, k, row);
+                }
+            }
+            f32_rows(
+                kernel,
+                &abuf[..sbr * k],
+                &bt,
+                sbr,
+                cols,
+                m,
+                k,
+                &mut chunk[sb * m..(sb + sbr) * m],
+            );
         }
+    });
+}
+
+/// Row `r` of `a` as f32 into `out[..k]`.
+type RowFill = fn(ARows<'_>, usize, usize, &mut [f32]);
+
+/// [`ARows::fill`], with vector conversions where the CPU has them (same bits).
+fn row_filler() -> RowFill {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        return x86::fill;
     }
-    gemm_f32(&af, &bt, n, cols, m, k, out, threads);
+    |a, r, k, out| a.fill(r, k, out)
 }
 
 /// f32 dot products (eight lanes, fixed reduction order), each rounded once to fp16, for the first
-/// `cols` columns of each output row of length `m` (`bt` is `[cols, K]`).
+/// `cols` columns of each output row of length `m` (`bt` is `[cols, K]`): the reference the tests
+/// hold the row-block paths to.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_f32(
     a: &[f32],
@@ -443,43 +480,69 @@ pub(crate) fn gemm_f32(
     let out = &mut out[..n * m];
     let kernel = f32_kernel();
     par_rows(out, n, m, threads, 2, |r0, rows, chunk| {
-        let cb = col_block(k, 4);
-        let mut c0 = 0;
-        while c0 < cols {
-            let c1 = (c0 + cb).min(cols);
-            let mut r = 0;
-            while r < rows {
-                let a0 = &a[(r0 + r) * k..(r0 + r + 1) * k];
-                let a1 = if r + 1 < rows {
-                    &a[(r0 + r + 1) * k..(r0 + r + 2) * k]
-                } else {
-                    a0
-                };
-                let two = r + 1 < rows;
-                let mut c = c0;
-                while c + 4 <= c1 {
-                    let b = [0, 1, 2, 3].map(|j| &bt[(c + j) * k..(c + j + 1) * k]);
-                    let acc = kernel(a0, a1, b);
-                    for j in 0..4 {
-                        chunk[r * m + c + j] = f16::from_f32(acc[0][j]);
-                        if two {
-                            chunk[(r + 1) * m + c + j] = f16::from_f32(acc[1][j]);
-                        }
-                    }
-                    c += 4;
-                }
-                for c in c..c1 {
-                    let b = &bt[c * k..(c + 1) * k];
-                    chunk[r * m + c] = f16::from_f32(dot_f32(a0, b));
-                    if two {
-                        chunk[(r + 1) * m + c] = f16::from_f32(dot_f32(a1, b));
-                    }
-                }
-                r += if two { 2 } else { 1 };
-            }
-            c0 = c1;
-        }
+        f32_rows(
+            kernel,
+            &a[r0 * k..(r0 + rows) * k],
+            bt,
+            rows,
+            cols,
+            m,
+            k,
+            chunk,
+        );
     });
+}
+
+/// f32 dot products (eight lanes, fixed reduction order), each rounded once to fp16, for the first
+/// `cols` columns of `rows` rows of `a` (`[rows, K]`) into `chunk` (`[rows, m]`, rows of length `m`;
+/// `bt` is `[cols, K]`), on this thread.
+#[allow(clippy::too_many_arguments)]
+fn f32_rows(
+    kernel: F32Kernel,
+    a: &[f32],
+    bt: &[f32],
+    rows: usize,
+    cols: usize,
+    m: usize,
+    k: usize,
+    chunk: &mut [f16],
+) {
+    let cb = col_block(k, 4);
+    let mut c0 = 0;
+    while c0 < cols {
+        let c1 = (c0 + cb).min(cols);
+        let mut r = 0;
+        while r < rows {
+            let a0 = &a[r * k..(r + 1) * k];
+            let a1 = if r + 1 < rows {
+                &a[(r + 1) * k..(r + 2) * k]
+            } else {
+                a0
+            };
+            let two = r + 1 < rows;
+            let mut c = c0;
+            while c + 4 <= c1 {
+                let b = [0, 1, 2, 3].map(|j| &bt[(c + j) * k..(c + j + 1) * k]);
+                let acc = kernel(a0, a1, b);
+                for j in 0..4 {
+                    chunk[r * m + c + j] = f16::from_f32(acc[0][j]);
+                    if two {
+                        chunk[(r + 1) * m + c + j] = f16::from_f32(acc[1][j]);
+                    }
+                }
+                c += 4;
+            }
+            for c in c..c1 {
+                let b = &bt[c * k..(c + 1) * k];
+                chunk[r * m + c] = f16::from_f32(dot_f32(a0, b));
+                if two {
+                    chunk[(r + 1) * m + c] = f16::from_f32(dot_f32(a1, b));
+                }
+            }
+            r += if two { 2 } else { 1 };
+        }
+        c0 = c1;
+    }
 }
 
 type I8Kernel = fn(&[i8], &[i8], [&[i8]; 4]) -> [[i32; 4]; 2];
@@ -544,7 +607,77 @@ fn f32_2x4_portable(a0: &[f32], a1: &[f32], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{dot_i8, reduce8};
+    use half::slice::HalfFloatSliceExt;
+
+    use super::{ARows, dot_i8, reduce8};
+
+    /// Safe entry: only handed out by `row_filler` after AVX2 and F16C were detected.
+    pub(super) fn fill(a: ARows<'_>, r: usize, k: usize, out: &mut [f32]) {
+        // SAFETY: selected only when AVX2 and F16C were detected.
+        unsafe { fill_f16c(a, r, k, out) }
+    }
+
+    /// One fp16 to f32 inline (`half` would detect F16C on every call).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn h2f(h: half::f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+    }
+
+    /// [`ARows::fill`] eight values at a time: F16C converts with round to nearest even, as `half`
+    /// does (itself through F16C where the CPU has it), so the bits are the same.
+    #[target_feature(enable = "avx2,f16c")]
+    fn fill_f16c(a: ARows<'_>, r: usize, k: usize, out: &mut [f32]) {
+        // Round to nearest even (VCVTPS2PH takes a 3-bit rounding immediate).
+        const RNE: i32 = _MM_FROUND_TO_NEAREST_INT;
+        match a {
+            ARows::F16(x) => {
+                let (src, out) = (&x[r * k..(r + 1) * k], &mut out[..k]);
+                let full = k / 8 * 8;
+                for (s, d) in src[..full].chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+                    // SAFETY: 8 fp16 readable and 8 f32 writable (chunk lengths); unaligned is fine.
+                    unsafe {
+                        let h = _mm_loadu_si128(s.as_ptr().cast());
+                        _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+                    }
+                }
+                src[full..].convert_to_f32_slice(&mut out[full..]);
+            }
+            ARows::Block {
+                q,
+                scales,
+                offsets,
+                group,
+            } if group.is_multiple_of(8) => {
+                let blocks = k / group;
+                let (q, out) = (&q[r * k..(r + 1) * k], &mut out[..k]);
+                let sc = &scales[r * blocks..(r + 1) * blocks];
+                let of = offsets.map(|o| &o[r * blocks..(r + 1) * blocks]);
+                for (b, (qg, og)) in q
+                    .chunks_exact(group)
+                    .zip(out.chunks_exact_mut(group))
+                    .enumerate()
+                {
+                    let s = _mm256_set1_ps(h2f(sc[b]));
+                    let o = of.map(|o| _mm256_set1_ps(h2f(o[b])));
+                    for (qs, d) in qg.chunks_exact(8).zip(og.chunks_exact_mut(8)) {
+                        // SAFETY: 8 int8 readable (chunk length); loadl reads exactly 8 bytes.
+                        let qv = unsafe { _mm_loadl_epi64(qs.as_ptr().cast()) };
+                        let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qv));
+                        // `q · scale` is exact in f32; one rounding to fp16, as the program's `mul`.
+                        let w = _mm256_cvtph_ps(_mm256_cvtps_ph::<RNE>(_mm256_mul_ps(qf, s)));
+                        let w = match o {
+                            Some(o) => _mm256_cvtph_ps(_mm256_cvtps_ph::<RNE>(_mm256_add_ps(w, o))),
+                            None => w,
+                        };
+                        // SAFETY: 8 f32 writable (chunk length).
+                        unsafe { _mm256_storeu_ps(d.as_mut_ptr(), w) };
+                    }
+                }
+            }
+            _ => a.fill(r, k, out),
+        }
+    }
 
     /// Safe entry: only handed out by `i8_kernel` after AVX2 was detected.
     pub(super) fn i8_2x4(a0: &[i8], a1: &[i8], b: [&[i8]; 4]) -> [[i32; 4]; 2] {
@@ -1683,6 +1816,8 @@ mod tests {
             (1, 3, 8, 3),
             (9, 128, 64, 0),
             (61, 64, 32, 17),
+            (150, 8, 640, 2),
+            (101, 1, 2048, 1),
         ] {
             let a: Vec<f16> = (0..n * k).map(|_| unit(&mut s)).collect();
             let mut b = vec![f16::ZERO; k * m];
@@ -1714,19 +1849,86 @@ mod tests {
                 },
             ];
             for ar in rows {
-                let mut want = vec![f16::ZERO; n * m];
+                // The scalar reference: every row through `ARows::fill`, then the dot products.
                 let cols = (live + 1).min(m);
-                gemm_rows_dots(ar, &b, BLayout::KM, n, m, k, cols, &mut want, 1);
+                let btf = cols_as_rows(&b, BLayout::KM, m, k, cols, f16::to_f32);
+                let mut af = vec![0f32; n * k];
+                for (r, row) in af.chunks_exact_mut(k).enumerate() {
+                    ar.fill(r, k, row);
+                }
+                let mut want = vec![f16::ZERO; n * m];
+                gemm_f32(&af, &btf, n, cols, m, k, &mut want, 1);
                 for row in want.chunks_exact_mut(m) {
                     let v = row[cols - 1];
                     row[cols..].fill(v);
                 }
+                let bits = |v: &[f16]| v.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
                 for (layout, bb) in [(BLayout::KM, &b), (BLayout::MK, &bt)] {
                     for threads in [1, 2] {
                         let mut got = vec![f16::ZERO; n * m];
                         gemm_rows(ar, bb, layout, n, m, k, &mut got, threads);
-                        let bits = |v: &[f16]| v.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&got), bits(&want), "{n}x{m}x{k} {layout:?}");
+                        // The dot-product path itself (row blocks, vector fill), whatever `gemm_rows` chose.
+                        let mut got = vec![f16::ZERO; n * m];
+                        gemm_rows_dots(ar, bb, layout, n, m, k, cols, &mut got, threads);
+                        for row in got.chunks_exact_mut(m) {
+                            let v = row[cols - 1];
+                            row[cols..].fill(v);
+                        }
+                        assert_eq!(bits(&got), bits(&want), "dots {n}x{m}x{k} {layout:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vector row fill (AVX2 + F16C) against `ARows::fill`, bit for bit, over scales from fp16
+    /// subnormals to values whose products overflow fp16 (infinities), with and without offsets.
+    #[test]
+    fn vector_fill_matches_the_scalar_rows() {
+        let f = row_filler();
+        let mut s = 77;
+        let (n, k) = (40, 256);
+        let q: Vec<i8> = (0..n * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+        for group in [8, 32, 64] {
+            let blocks = n * k / group;
+            let sc: Vec<f16> = (0..blocks)
+                .map(|_| {
+                    f16::from_bits((lcg(&mut s) % 0x7c00) as u16 | ((lcg(&mut s) & 1) << 15) as u16)
+                })
+                .collect();
+            let of: Vec<f16> = (0..blocks)
+                .map(|_| {
+                    f16::from_bits((lcg(&mut s) % 0x7c00) as u16 | ((lcg(&mut s) & 1) << 15) as u16)
+                })
+                .collect();
+            let a16: Vec<f16> = (0..n * k)
+                .map(|_| f16::from_bits(lcg(&mut s) as u16))
+                .collect();
+            for ar in [
+                ARows::Block {
+                    q: &q,
+                    scales: &sc,
+                    offsets: None,
+                    group,
+                },
+                ARows::Block {
+                    q: &q,
+                    scales: &sc,
+                    offsets: Some(&of),
+                    group,
+                },
+                ARows::F16(&a16),
+            ] {
+                for r in 0..n {
+                    let (mut want, mut got) = (vec![0f32; k], vec![0f32; k]);
+                    ar.fill(r, k, &mut want);
+                    f(ar, r, k, &mut got);
+                    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                        assert!(
+                            w.to_bits() == g.to_bits() || (w.is_nan() && g.is_nan()),
+                            "group {group} row {r} col {i}: {w} vs {g}"
+                        );
                     }
                 }
             }
