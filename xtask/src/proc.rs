@@ -83,26 +83,7 @@ impl Spawned {
     /// Starts `program args…` with `envs` (on top of `base`'s environment) in a new process group; stdout and
     /// stderr go to `log`.
     pub fn start(base: &Command, name: &str, log_path: &Path) -> Result<Spawned> {
-        let mut c = if crate::util::which("setpriv").is_some() {
-            let mut c = Command::new("setpriv");
-            c.args(["--pdeathsig", "KILL", "--"])
-                .arg(base.get_program())
-                .args(base.get_args());
-            c
-        } else {
-            let mut c = Command::new(base.get_program());
-            c.args(base.get_args());
-            c
-        };
-        for (k, v) in base.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        if let Some(dir) = base.get_current_dir() {
-            c.current_dir(dir);
-        }
+        let mut c = dying_with_xtask(base);
         if let Some(parent) = log_path.parent() {
             fs::create_dir_all(parent)?;
         }
@@ -200,10 +181,9 @@ impl Drop for Spawned {
     }
 }
 
-/// Runs `base` to completion like `Command::output`, but in its own process group (and, where `setpriv`
-/// exists, dying with xtask), killed with its whole group if it runs past `timeout`.
-pub fn output_bounded(base: &Command, timeout: Duration) -> Result<std::process::Output> {
-    let timeout = bounded(timeout)?;
+/// A copy of `base` (program, arguments, environment, directory) that, where `setpriv` exists, is
+/// killed when xtask dies.
+fn dying_with_xtask(base: &Command) -> Command {
     let mut c = if crate::util::which("setpriv").is_some() {
         let mut c = Command::new("setpriv");
         c.args(["--pdeathsig", "KILL", "--"])
@@ -224,6 +204,14 @@ pub fn output_bounded(base: &Command, timeout: Duration) -> Result<std::process:
     if let Some(dir) = base.get_current_dir() {
         c.current_dir(dir);
     }
+    c
+}
+
+/// Runs `base` to completion like `Command::output`, but in its own process group (and, where `setpriv`
+/// exists, dying with xtask), killed with its whole group if it runs past `timeout`.
+pub fn output_bounded(base: &Command, timeout: Duration) -> Result<std::process::Output> {
+    let timeout = bounded(timeout)?;
+    let mut c = dying_with_xtask(base);
     let line = crate::util::display_cmd(base);
     let mut child = c
         .stdin(Stdio::null())
