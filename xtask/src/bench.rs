@@ -1565,7 +1565,11 @@ fn splice_hybrid(doc: &str, section: &str) -> String {
     if section.is_empty() {
         return base;
     }
-    match base.find(SECTION_AFTER_HYBRID) {
+    // Before the CUDA section (which follows it), else before the projection.
+    match base
+        .find(CUDA_BEGIN)
+        .or_else(|| base.find(SECTION_AFTER_HYBRID))
+    {
         Some(i) => base.insert_str(i, &format!("{section}\n\n")),
         None => {
             if !base.is_empty() && !base.ends_with("\n\n") {

@@ -852,7 +852,8 @@ fn run_split(
     if wne[2] * wne[3] != 1 || xne[2] * xne[3] != 1 {
         return Ok(None);
     }
-    let n_ane = ((e.n as f64 * share / ALIGN as f64).round() as usize * ALIGN).min(e.n);
+    // Rounded to whole 32-row blocks, at least one: any share gives the executor some rows.
+    let n_ane = (((e.n as f64 * share / ALIGN as f64).round() as usize).max(1) * ALIGN).min(e.n);
     if n_ane < ALIGN || e.n - n_ane < ALIGN {
         return Ok(None);
     }
