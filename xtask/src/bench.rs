@@ -1527,36 +1527,47 @@ const CUDA_BEGIN: &str =
     "<!-- hybrid face over CUDA: from the GPU machine's report (cargo xtask cuda-bundle) -->";
 const CUDA_END: &str = "<!-- end of the CUDA section -->";
 
-/// `new` with `old`'s CUDA section placed after the hybrid face's section (or before the projection).
+/// `new` with `old`'s CUDA section, placed after the hybrid face's section (before the serving section
+/// or the projection).
 fn keep_cuda(new: &str, old: &str) -> String {
-    let Some(a) = old.find(CUDA_BEGIN) else {
-        return new.to_string();
-    };
-    let Some(b) = old[a..].find(CUDA_END).map(|b| a + b + CUDA_END.len()) else {
-        return new.to_string();
-    };
-    let section = &old[a..b];
-    let at = new
-        .find(HYBRID_END)
-        .map(|i| i + HYBRID_END.len() + 1)
-        .or_else(|| new.find(SECTION_AFTER_HYBRID))
-        .unwrap_or(new.len());
-    let mut out = new.to_string();
-    out.insert_str(at.min(new.len()), &format!("\n{section}\n"));
-    out
+    splice_section(
+        new,
+        CUDA_BEGIN,
+        CUDA_END,
+        doc_section(old, CUDA_BEGIN, CUDA_END).unwrap_or(""),
+        &[crate::serve::SERVE_BEGIN, SECTION_AFTER_HYBRID],
+    )
 }
 
 /// The hybrid face's section of a docs/benchmarks.md, markers included.
 fn hybrid_section(doc: &str) -> Option<&str> {
-    let a = doc.find(HYBRID_BEGIN)?;
-    let b = doc[a..].find(HYBRID_END)? + a + HYBRID_END.len();
+    doc_section(doc, HYBRID_BEGIN, HYBRID_END)
+}
+
+/// `doc` with its hybrid face section replaced by `section` (placed before the CUDA section, the serving
+/// section or the projection, or at the end; an empty `section` removes it).
+fn splice_hybrid(doc: &str, section: &str) -> String {
+    splice_section(
+        doc,
+        HYBRID_BEGIN,
+        HYBRID_END,
+        section,
+        &[CUDA_BEGIN, crate::serve::SERVE_BEGIN, SECTION_AFTER_HYBRID],
+    )
+}
+
+/// The part of `doc` from `begin` to `end`, markers included (a section a generated rewrite keeps).
+pub fn doc_section<'a>(doc: &'a str, begin: &str, end: &str) -> Option<&'a str> {
+    let a = doc.find(begin)?;
+    let b = doc[a..].find(end)? + a + end.len();
     Some(&doc[a..b])
 }
 
-/// `doc` with its hybrid face section replaced by `section` (placed before the projection, or at the end;
-/// an empty `section` removes it).
-fn splice_hybrid(doc: &str, section: &str) -> String {
-    let mut base = match hybrid_section(doc) {
+/// `doc` with its section between `begin` and `end` replaced by `section`, placed before the first of
+/// `before` that `doc` has, or at the end; an empty `section` removes it.
+pub fn splice_section(doc: &str, begin: &str, end: &str, section: &str, before: &[&str]) -> String {
+    let section = section.trim_end();
+    let mut base = match doc_section(doc, begin, end) {
         Some(old) => doc
             .replacen(&format!("{old}\n\n"), "", 1)
             .replacen(old, "", 1),
@@ -1565,11 +1576,7 @@ fn splice_hybrid(doc: &str, section: &str) -> String {
     if section.is_empty() {
         return base;
     }
-    // Before the CUDA section (which follows it), else before the projection.
-    match base
-        .find(CUDA_BEGIN)
-        .or_else(|| base.find(SECTION_AFTER_HYBRID))
-    {
+    match before.iter().find_map(|anchor| base.find(anchor)) {
         Some(i) => base.insert_str(i, &format!("{section}\n\n")),
         None => {
             if !base.is_empty() && !base.ends_with("\n\n") {

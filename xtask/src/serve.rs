@@ -1077,34 +1077,18 @@ fn render(
 
 /// The serving section of a docs/benchmarks.md, markers included.
 pub fn serve_section(doc: &str) -> Option<&str> {
-    let a = doc.find(SERVE_BEGIN)?;
-    let b = doc[a..].find(SERVE_END)? + a + SERVE_END.len();
-    Some(&doc[a..b])
+    crate::bench::doc_section(doc, SERVE_BEGIN, SERVE_END)
 }
 
 /// `doc` with its serving section replaced by `section` (placed before the projection, or at the end).
 pub fn splice_serve(doc: &str, section: &str) -> String {
-    let section = section.trim_end();
-    let mut base = match serve_section(doc) {
-        Some(old) => doc
-            .replacen(&format!("{old}\n\n"), "", 1)
-            .replacen(old, "", 1),
-        None => doc.to_string(),
-    };
-    if section.is_empty() {
-        return base;
-    }
-    match base.find("## Projection (not a measurement)") {
-        Some(i) => base.insert_str(i, &format!("{section}\n\n")),
-        None => {
-            if !base.is_empty() && !base.ends_with("\n\n") {
-                base.push('\n');
-            }
-            base.push_str(section);
-            base.push('\n');
-        }
-    }
-    base
+    crate::bench::splice_section(
+        doc,
+        SERVE_BEGIN,
+        SERVE_END,
+        section,
+        &["## Projection (not a measurement)"],
+    )
 }
 
 #[cfg(test)]

@@ -559,18 +559,15 @@ fn run_ane(
         && let Some(mode) = split_mode()
     {
         let key = (e.k, e.n);
-        let auto = match mode {
-            SplitMode::Fixed(_) => None,
-            SplitMode::Auto => Some(
-                *ctx.split_shares
+        let (share, auto) = match mode {
+            SplitMode::Fixed(s) => (s, None),
+            SplitMode::Auto => {
+                let a = *ctx
+                    .split_shares
                     .entry(key)
-                    .or_insert_with(|| AutoShare::new(initial_share(&e))),
-            ),
-        };
-        let share = match (mode, auto) {
-            (SplitMode::Fixed(s), _) => s,
-            (_, Some(a)) => a.used(),
-            _ => 0.5,
+                    .or_insert_with(|| AutoShare::new(initial_share(&e)));
+                (a.used(), Some(a))
+            }
         };
         if let Some(t) = run_split(ctx, node, e, share, registry_of)? {
             if let Some(a) = auto

@@ -84,16 +84,18 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
             } else {
                 None
             };
-            let sg = match &sg_shape {
+            // Per-block scales and offsets as [1, N, blocks, 1] (or as they come, see above).
+            let per_block = |b: &mut ProgramBuilder, input: &str, name: &str| match &sg_shape {
                 Some(shape) => b.op(
                     "reshape",
-                    "sg",
-                    &[("x", &var("scales")), ("shape", shape)],
+                    name,
+                    &[("x", &var(input)), ("shape", shape)],
                     DType::Float16,
                     &[1, n, blocks, 1],
-                )?,
-                None => var("scales"),
+                ),
+                None => Ok(var(input)),
             };
+            let sg = per_block(&mut b, "scales", "sg")?;
             let mut ws = b.op(
                 "mul",
                 "ws",
@@ -102,16 +104,7 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
                 &[1, n, blocks, g],
             )?;
             if desc.offsets {
-                let og = match &sg_shape {
-                    Some(shape) => b.op(
-                        "reshape",
-                        "og",
-                        &[("x", &var("offsets")), ("shape", shape)],
-                        DType::Float16,
-                        &[1, n, blocks, 1],
-                    )?,
-                    None => var("offsets"),
-                };
+                let og = per_block(&mut b, "offsets", "og")?;
                 ws = b.op(
                     "add",
                     "wo",
