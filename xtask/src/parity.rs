@@ -93,6 +93,10 @@ struct Ctx {
     face: Face,
     /// Stock continuations by tag: the reference and the per-quant runs share them.
     stock_text: std::cell::RefCell<BTreeMap<String, String>>,
+    /// Environment added to our runs after the defaults (`cargo xtask run`: policy, chip profile).
+    ours_env: Vec<(String, String)>,
+    /// Record per-layer parity in our perplexity runs (the parity tables need it; the run report not).
+    layers: bool,
 }
 
 /// What one `llama-perplexity --kl-divergence` run reports.
@@ -538,6 +542,74 @@ pub fn quick_check_with(m: Model, face: Face) -> Result<String> {
     Ok(line)
 }
 
+/// How far our run is from stock and from the F16 model, next to stock's own distance from F16: what
+/// `cargo xtask run` reports (greedy text alone reads as a defect where stock's own quantisation drifts
+/// as much).
+pub struct Agreement {
+    pub chunks: usize,
+    pub ours_vs_stock: KldStats,
+    /// None when no F16 of the model is at hand.
+    pub ours_vs_f16: Option<KldStats>,
+    pub stock_vs_f16: Option<KldStats>,
+    /// The library's statistics of the ours-vs-stock run (variants, int8 share).
+    pub stats: Option<serde_json::Value>,
+}
+
+/// The three KL divergences of [`Agreement`] on tests/data/parity-text.txt (`QUICK_CHUNKS` chunks of
+/// `CTX` tokens), our side through the ACCEL face with `ours_env` (policy, chip profile) added.
+pub fn agreement(
+    bin: &Path,
+    lib: &Path,
+    model: &Path,
+    f16: Option<&Path>,
+    ours_env: Vec<(String, String)>,
+) -> Result<Agreement> {
+    let out = std::env::temp_dir().join(format!("ggml-coreml-agree-{}", std::process::id()));
+    fs::create_dir_all(out.join("logs"))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let ctx = Ctx {
+        bin: bin.to_path_buf(),
+        lib: lib.to_path_buf(),
+        models: PathBuf::new(),
+        out: out.clone(),
+        chunks: QUICK_CHUNKS,
+        prompts: Vec::new(),
+        face: Face::Accel,
+        stock_text: Default::default(),
+        ours_env,
+        layers: false,
+    };
+    let run = || -> Result<Agreement> {
+        let base = out.join("stock.kld");
+        ctx.ppl_base(model, &base, "stock")?;
+        let ours_vs_stock = ctx.ppl_kld(model, &base, Some(""), "ours-vs-stock")?;
+        let stats = fs::read(out.join("ours-vs-stock.stats.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let _ = fs::remove_file(&base);
+        let (mut ours_vs_f16, mut stock_vs_f16) = (None, None);
+        if let Some(f16) = f16 {
+            let base = out.join("f16.kld");
+            ctx.ppl_base(f16, &base, "f16")?;
+            stock_vs_f16 = Some(ctx.ppl_kld(model, &base, None, "stock-vs-f16")?);
+            ours_vs_f16 = Some(ctx.ppl_kld(model, &base, Some(""), "ours-vs-f16")?);
+            let _ = fs::remove_file(&base);
+        }
+        Ok(Agreement {
+            chunks: ctx.chunks,
+            ours_vs_stock,
+            ours_vs_f16,
+            stock_vs_f16,
+            stats,
+        })
+    };
+    let r = run();
+    if r.is_ok() {
+        let _ = fs::remove_dir_all(&out);
+    }
+    r.with_context(|| format!("logs in {}", out.join("logs").display()))
+}
+
 fn prepare(
     model_list: &[Model],
     quants: &[String],
@@ -578,6 +650,8 @@ fn prepare(
         prompts,
         face,
         stock_text: Default::default(),
+        ours_env: Vec::new(),
+        layers: true,
     })
 }
 
@@ -775,17 +849,22 @@ impl Ctx {
             c.env("GGML_BACKEND_PATH", &self.lib)
                 .env("GGML_COREML_POLICY", "always");
             if name == "llama-perplexity" {
+                if self.layers {
+                    c.env(
+                        "GGML_COREML_PARITY",
+                        self.out.join(format!("{tag}.parity.json")),
+                    );
+                }
                 c.env(
-                    "GGML_COREML_PARITY",
-                    self.out.join(format!("{tag}.parity.json")),
-                )
-                .env(
                     "GGML_COREML_STATS_FILE",
                     self.out.join(format!("{tag}.stats.json")),
                 );
             }
             if !v.is_empty() {
                 c.env("GGML_COREML_VARIANT", v);
+            }
+            for (k, val) in &self.ours_env {
+                c.env(k, val);
             }
         }
         c

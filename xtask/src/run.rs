@@ -7,9 +7,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::log;
 use crate::models::{Model, model_path};
 use crate::test::Env;
+use crate::{log, parity};
 
 struct Args {
     model: String,
@@ -17,6 +17,10 @@ struct Args {
     policy: String,
     prompt: String,
     n: usize,
+    /// `GGML_COREML_CHIP` for our runs (the chip profile whose routing applies, e.g. M4).
+    chip: Option<String>,
+    /// Skip the llama-perplexity agreement runs.
+    no_agree: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -26,6 +30,8 @@ fn parse(args: &[String]) -> Result<Args> {
         policy: "always".into(),
         prompt: "The Neural Engine in Apple silicon is".into(),
         n: 16,
+        chip: None,
+        no_agree: false,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -40,11 +46,17 @@ fn parse(args: &[String]) -> Result<Args> {
             "--policy" => a.policy = val()?,
             "--prompt" | "-p" => a.prompt = val()?,
             "-n" => a.n = val()?.parse().context("-n takes a number")?,
+            "--chip" => a.chip = Some(val()?),
+            "--no-agree" => a.no_agree = true,
             "-h" | "--help" => {
                 println!(
                     "cargo xtask run [--model gemma-3-270m|smollm2-135m|qwen3-tiny|<path.gguf>] [--quant Q8_0]\n\
                      \x20                [--policy always|latency|energy|off] [--prompt TEXT] [-n TOKENS]\n\
-                     Runs llama-completion stock and with ggml-coreml loaded; reports where MUL_MATs went."
+                     \x20                [--chip M3|M4|A17Pro|…] [--no-agree]\n\
+                     Runs llama-completion stock and with ggml-coreml loaded; reports where MUL_MATs went,\n\
+                     which program variants ran, and how far ours is from stock and from the F16 model\n\
+                     (llama-perplexity KL divergence, next to stock's own distance from F16).\n\
+                     --chip routes as on that chip (GGML_COREML_CHIP; int8 chips: A17Pro, M4, M5)."
                 );
                 std::process::exit(0);
             }
@@ -89,6 +101,9 @@ fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Resul
             .env("GGML_COREML_POLICY", &a.policy)
             .env("GGML_COREML_LOG", "info")
             .env("GGML_COREML_STATS_FILE", &stats);
+        if let Some(chip) = &a.chip {
+            c.env("GGML_COREML_CHIP", chip);
+        }
     }
     let line = crate::util::display_cmd(&c);
     log!(
@@ -177,23 +192,89 @@ pub fn main(args: &[String]) -> Result<()> {
         _ => "n/a".into(),
     };
     let same = common_prefix_words(&stock.text, &ours.text);
+    let agree = if a.no_agree || a.policy == "off" {
+        None
+    } else {
+        let f16 = (!a.model.ends_with(".gguf"))
+            .then(|| {
+                let m: Model = a.model.parse().ok()?;
+                let p = model_path(&env.models, m, "F16");
+                (p.is_file() && p != model).then_some(p)
+            })
+            .flatten();
+        let mut ours_env = vec![("GGML_COREML_POLICY".to_string(), a.policy.clone())];
+        if let Some(chip) = &a.chip {
+            ours_env.push(("GGML_COREML_CHIP".into(), chip.clone()));
+        }
+        log!("agreement: llama-perplexity --kl-divergence, stock / ours / F16");
+        match parity::agreement(&env.bin, &env.lib, &model, f16.as_deref(), ours_env) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                log!("agreement runs failed: {e:#}");
+                None
+            }
+        }
+    };
     println!("ggml-coreml run report");
     println!("  model    {}", model.display());
     println!("  library  {}", env.lib.display());
     println!(
-        "  policy   {} (executor: reference on Linux; CoreML on Apple devices)",
-        a.policy
+        "  policy   {}{} (executor: reference on Linux; CoreML on Apple devices)",
+        a.policy,
+        a.chip
+            .as_deref()
+            .map(|c| format!(", routed as on {c}"))
+            .unwrap_or_default()
     );
     println!(
         "  routing  {}",
         ours.summary.as_deref().unwrap_or("(no statistics written)")
     );
+    if let Some(v) = agree.as_ref().and_then(|g| g.stats.as_ref()) {
+        println!("  variants {}", variants_line(v));
+    }
+    if let Some(g) = &agree {
+        let q = &a.quant;
+        let row = |k: &parity::KldStats| {
+            format!(
+                "KLD {:.4}, same top-1 {:.1} %, PPL {:.3}",
+                k.kld, k.same_top, k.ppl
+            )
+        };
+        println!(
+            "  agree    llama-perplexity on tests/data/parity-text.txt, {} chunks of 128 tokens:",
+            g.chunks
+        );
+        println!(
+            "           ours against stock {q}: {}",
+            row(&g.ours_vs_stock)
+        );
+        if let (Some(o), Some(s)) = (&g.ours_vs_f16, &g.stock_vs_f16) {
+            println!("           ours against F16:        {}", row(o));
+            println!(
+                "           stock {q} against F16:  {} (stock's own quantisation, for scale)",
+                row(s)
+            );
+            let verdict = if g.ours_vs_stock.kld < s.kld {
+                "smaller than"
+            } else {
+                "larger than"
+            };
+            println!(
+                "           ours is {:.2}x stock's distance from F16; our distance from stock is {verdict} stock's from F16 \
+                 (the tolerance: docs/parity.md)",
+                if s.kld > 0.0 { o.kld / s.kld } else { f64::NAN }
+            );
+        }
+    }
     println!("  prompt   {:?}", a.prompt);
     println!("  stock    {}", one_line(&stock.text));
     println!("  coreml   {}", one_line(&ours.text));
     println!(
-        "  agree    {same} leading words identical of {}",
-        stock.text.split_whitespace().count()
+        "  greedy   {same} leading words identical of {} (greedy text parts for good at the first different \
+         token; stock {} and F16 part too: docs/parity.md)",
+        stock.text.split_whitespace().count(),
+        a.quant
     );
     println!(
         "  speed    prompt {} t/s stock, {} t/s coreml ({}); generation {} t/s stock, {} t/s coreml ({})",
@@ -205,6 +286,38 @@ pub fn main(args: &[String]) -> Result<()> {
         ratio(ours.eval_tps, stock.eval_tps)
     );
     Ok(())
+}
+
+/// Which program variants ran: `w8f16 161 ops 59.2 GFLOP, i8i8r 216 ops 314.7 GFLOP (int8 × int8 84.2 % of
+/// offloaded FLOPs)`.
+fn variants_line(v: &serde_json::Value) -> String {
+    let items: Vec<String> = v["variants"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(name, x)| {
+                    format!(
+                        "{name}{} {} ops {:.1} GFLOP",
+                        if x["int8"].as_bool() == Some(true) {
+                            " (int8 × int8)"
+                        } else {
+                            ""
+                        },
+                        x["ops"],
+                        x["gflop"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if items.is_empty() {
+        return "(none offloaded)".into();
+    }
+    format!(
+        "{}; int8 × int8 {:.1} % of offloaded FLOPs",
+        items.join(", "),
+        v["int8_flop_share"].as_f64().unwrap_or(0.0) * 100.0
+    )
 }
 
 /// One line from the backend's statistics JSON.
