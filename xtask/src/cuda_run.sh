@@ -14,7 +14,8 @@ W=${WORK:-/tmp/ggml-coreml-cuda}
 DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT" "$W/rep"
 # REDO="21-small-always 80-conformance": run those steps again (a new library on a warm machine);
-# ONLY="...": run just those steps (see begin).
+# ONLY="...": run just those steps (see begin). MODES="split-low split": the policy-always step runs
+# only those modes (default: always split split-low split-auto).
 for s in ${REDO:-}; do rm -f "$W/rep/$s.done"; done
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -112,7 +113,7 @@ for M in small wide; do
       --kl-divergence-base "$W/$M.kld" >/dev/null 2>&1
     # split-low: the executor takes the fewest rows (32), so that its part (the reference executor on
     # the CPU) is about as long as the GPU's: the one setting where overlap shows on this machine.
-    for mode in always split split-low split-auto; do
+    for mode in ${MODES:-always split split-low split-auto}; do
       case $mode in
         always) extra=() ;;
         split) extra=(GGML_COREML_SPLIT=0.5 GGML_COREML_SPLIT_PROFILE=1) ;;
