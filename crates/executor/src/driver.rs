@@ -1367,3 +1367,27 @@ mod timings {
         }
     }
 }
+
+#[cfg(test)]
+mod outlier_f16_tests {
+    use super::*;
+    use crate::reference::ReferenceExecutor;
+
+    #[test]
+    fn f16_weights_with_odd_k() {
+        let exec = ReferenceExecutor::new();
+        for k in [1056usize, 1057] {
+            let (m, n) = (1, 128);
+            let w: Vec<u8> = (0..n * k)
+                .flat_map(|i| f16::from_f32(((i % 13) as f32 - 6.0) / 10.0).to_le_bytes())
+                .collect();
+            let pw = PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::F16, &w, n, k, 0)
+                .unwrap();
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
+            let act = Activations { x: &x, m, x_stride: k };
+            let mut out = vec![0f32; m * n];
+            let mut s = Scratch::default();
+            matmul(&exec, &pw, &act, &mut out, n, &mut s).unwrap();
+        }
+    }
+}
