@@ -385,7 +385,7 @@ impl Engine {
     }
 
     /// The mode a weight runs with; `kind_route`: its kind keeps w8f16 on int8 chips
-    /// (`driver::keeps_w8f16`).
+    /// (`driver::kind_route`).
     pub fn mode_for(&self, wtype: WeightType, kind_route: driver::KindRoute) -> Mode {
         Mode::for_weight(
             wtype,

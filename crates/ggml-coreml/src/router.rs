@@ -29,7 +29,7 @@ const PREC_Q8: i32 = 30;
 #[derive(Clone, Copy, Debug)]
 pub struct Eligible {
     pub wtype: WeightType,
-    /// The weight's kind keeps w8f16 on int8 chips (`driver::keeps_w8f16`).
+    /// The route of the weight's kind on int8 chips (`driver::kind_route`).
     pub kind_route: driver::KindRoute,
     pub k: usize,
     pub n: usize,
