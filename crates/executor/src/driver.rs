@@ -1093,8 +1093,8 @@ mod tests {
         };
         let mut want2 = vec![0f32; m2 * n];
         matmul(&exec, &exact_w, &act2, &mut want2, n, &mut s).unwrap();
-        let w = PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::Q8_0, &bytes, n, k, 0)
-            .unwrap();
+        let w =
+            PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
         let mut out2 = vec![0f32; m2 * n];
         matmul(&exec, &w, &act2, &mut out2, n, &mut s).unwrap();
         let e2 = bridge::nmse(&want2, &out2);
@@ -1381,10 +1381,14 @@ mod outlier_f16_tests {
             let w: Vec<u8> = (0..n * k)
                 .flat_map(|i| f16::from_f32(((i % 13) as f32 - 6.0) / 10.0).to_le_bytes())
                 .collect();
-            let pw = PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::F16, &w, n, k, 0)
-                .unwrap();
+            let pw =
+                PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::F16, &w, n, k, 0).unwrap();
             let x: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
-            let act = Activations { x: &x, m, x_stride: k };
+            let act = Activations {
+                x: &x,
+                m,
+                x_stride: k,
+            };
             let mut out = vec![0f32; m * n];
             let mut s = Scratch::default();
             matmul(&exec, &pw, &act, &mut out, n, &mut s).unwrap();

@@ -137,8 +137,11 @@ pub fn claim(
         return match e {
             Ok(e) => {
                 let eng = engine();
-                eng.policy
-                    .would_offload_weight_for(e.k, e.n, eng.variant_for(e.wtype, e.kind_route))
+                eng.policy.would_offload_weight_for(
+                    e.k,
+                    e.n,
+                    eng.variant_for(e.wtype, e.kind_route),
+                )
             }
             Err(why) => {
                 log::debug(&format!("declining {} at placement: {why}", node.name()));
@@ -398,7 +401,8 @@ pub unsafe fn compute(
                         let dt = t0.elapsed();
                         let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
                         eng.stats.ane(dt, flops);
-                        eng.stats.variant(eng.mode_for(e.wtype, e.kind_route), flops);
+                        eng.stats
+                            .variant(eng.mode_for(e.wtype, e.kind_route), flops);
                         eng.policy.record(
                             &shape,
                             variant,
@@ -625,9 +629,16 @@ fn run_ane(
                         std::borrow::Cow::Owned(slice_rows(whole, w.ne(), w.nb(), i02, i03, row))
                     };
                     match &registry {
-                        Some(reg) => {
-                            eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k, e.kind_route)?
-                        }
+                        Some(reg) => eng.prepared(
+                            reg,
+                            addr,
+                            stride,
+                            e.wtype,
+                            &bytes,
+                            e.n,
+                            e.k,
+                            e.kind_route,
+                        )?,
                         None => eng.prepared_uncached(e.wtype, &bytes, e.n, e.k, e.kind_route)?,
                     }
                 }

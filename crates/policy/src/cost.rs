@@ -591,7 +591,8 @@ impl CostModel {
         }
         let (mf, kf, nf) = (m as f64, k as f64, n as f64);
         let mpt = padded_m(m) as f64;
-        let side = mf * kf * 4.0 + mf * cf * 4.0 + cf * mpt * 2.0 + nf * (cf * 64.0).min(kf) + nf * cf;
+        let side =
+            mf * kf * 4.0 + mf * cf * 4.0 + cf * mpt * 2.0 + nf * (cf * 64.0).min(kf) + nf * cf;
         let side_ms = side / (self.host_side_gbps.max(1e-3) * 1e6);
         a.host_side_ms += side_ms;
         a.total_ms += extra + side_ms;

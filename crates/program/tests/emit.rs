@@ -233,7 +233,9 @@ fn reference(d: &ProgramDesc, inp: &Inputs) -> (Vec<f64>, Vec<f64>) {
         for r in 0..n {
             for col in 0..m {
                 let p: f64 = (0..k)
-                    .map(|t| f64::from(inp.i8["w"][r * k + t]) * f64::from(inp.i8["x"][t * m + col]))
+                    .map(|t| {
+                        f64::from(inp.i8["w"][r * k + t]) * f64::from(inp.i8["x"][t * m + col])
+                    })
                     .sum::<f64>()
                     * s
                     * s;
@@ -247,7 +249,8 @@ fn reference(d: &ProgramDesc, inp: &Inputs) -> (Vec<f64>, Vec<f64>) {
                     a += v.abs();
                 }
                 y[r * m + col] = p * tt + o;
-                tol[r * m + col] = eps * (3.0 * (p * tt).abs() + 2.0 * o.abs() + (p * tt + o).abs())
+                tol[r * m + col] = eps
+                    * (3.0 * (p * tt).abs() + 2.0 * o.abs() + (p * tt + o).abs())
                     + (c as f64) * 2f64.powi(-24) * a
                     + 1e-7;
             }

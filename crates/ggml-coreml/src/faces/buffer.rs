@@ -350,7 +350,8 @@ fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
             let (addr, stride) = unsafe { t.slice2d_addr(i2, i3) };
             // SAFETY: as above.
             let bytes = unsafe { t.slice2d_rows(i2, i3, row) };
-            if let Err(e) = eng.prepared(&c.weights, addr, stride, wtype, &bytes, n, k, kind_route) {
+            if let Err(e) = eng.prepared(&c.weights, addr, stride, wtype, &bytes, n, k, kind_route)
+            {
                 log::warn(&format!("{}: {e}; it will run on the host", t.name()));
                 return;
             }
