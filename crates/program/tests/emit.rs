@@ -251,6 +251,8 @@ fn reference(d: &ProgramDesc, inp: &Inputs) -> (Vec<f64>, Vec<f64>) {
                 y[r * m + col] = p * tt + o;
                 tol[r * m + col] = eps
                     * (3.0 * (p * tt).abs() + 2.0 * o.abs() + (p * tt + o).abs())
+                    // the fp16 rounding of each dequantized outlier weight, and f32 sums.
+                    + eps * a
                     + (c as f64) * 2f64.powi(-24) * a
                     + 1e-7;
             }
