@@ -368,8 +368,11 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
     };
     for v in &variants {
         ensure!(
-            matches!(v.as_str(), "i8i8" | "i8i8r" | "w8f16" | "f16" | "exact"),
-            "unknown variant `{v}` (i8i8, i8i8r, w8f16, f16, exact)"
+            matches!(
+                v.as_str(),
+                "i8i8" | "i8i8r" | "i8i8o" | "w8f16" | "f16" | "exact"
+            ),
+            "unknown variant `{v}` (i8i8, i8i8r, i8i8o, w8f16, f16, exact)"
         );
     }
     ensure!(
@@ -1139,7 +1142,7 @@ fn render(s: &Store) -> String {
             .iter()
             .position(|q| *q == c.quant)
             .unwrap_or(99);
-        let vi = ["i8i8", "i8i8r", "w8f16", "f16", "exact"]
+        let vi = ["i8i8", "i8i8r", "i8i8o", "w8f16", "f16", "exact"]
             .iter()
             .position(|v| *v == c.variant)
             .unwrap_or(99);
@@ -1183,7 +1186,7 @@ fn render(s: &Store) -> String {
     );
     let _ = writeln!(o, "|---|---|---|---|");
     for f in [Face::Accel, Face::Hybrid] {
-        for v in ["i8i8", "i8i8r", "w8f16", "f16", "exact"] {
+        for v in ["i8i8", "i8i8r", "i8i8o", "w8f16", "f16", "exact"] {
             if let Some((p, n, d)) = per_variant.get(&(f, v)) {
                 let def = match (v, *d > 0) {
                     ("i8i8r", _) => "quantised weights on int8 chips (A17 Pro, M4 and later)",

@@ -16,6 +16,7 @@ pub mod blocks;
 mod error;
 mod form;
 mod metrics;
+mod outlier;
 mod par;
 mod rotate;
 mod rowwise;
@@ -27,6 +28,7 @@ pub use activation::{
 pub use error::BridgeError;
 pub use form::{BlockForm, block_form, block_form_par, dequantize, dequantize_row};
 pub use metrics::{nmse, scale_spread};
+pub use outlier::{quantize_rows_i8_split, select_outlier_channels};
 pub use rotate::{DEFAULT_MAX_BLOCK, Rotation, SIGN_SEED, rotation_block, sign_at};
 pub use rowwise::{
     RowwiseInt8, rowwise_from_block_form, rowwise_int8, rowwise_int8_par, rowwise_int8_rotated_par,

@@ -26,6 +26,12 @@ pub enum Mode {
     /// token. The rotation is orthogonal, so the product is unchanged; it spreads outlier channels
     /// before the per-token scale is taken.
     I8I8Rotated,
+    /// `i8i8o`: the i8i8o program (outlier split). Weights are the row-wise int8 form of i8i8; per
+    /// call the host picks the [`outlier_channels`] activation channels with the largest max |x| over
+    /// the call's tokens, quantises the others per token to int8 (scale over the non-outlier channels
+    /// only) and passes the outlier activations in fp16 with the weight's int8 columns at those
+    /// channels; the program adds the two products.
+    I8I8Outlier,
 }
 
 impl Mode {
@@ -36,6 +42,9 @@ impl Mode {
         if s.eq_ignore_ascii_case("i8i8r") {
             return Some(Mode::I8I8Rotated);
         }
+        if s.eq_ignore_ascii_case("i8i8o") {
+            return Some(Mode::I8I8Outlier);
+        }
         Variant::parse(s).map(Mode::Program)
     }
 
@@ -44,38 +53,43 @@ impl Mode {
             Mode::Program(v) => v.name(),
             Mode::ExactF32 => "exact",
             Mode::I8I8Rotated => "i8i8r",
+            Mode::I8I8Outlier => "i8i8o",
         }
     }
 
     /// Every name [`Mode::parse`] accepts (one per mode).
-    pub const NAMES: [&'static str; 5] = ["i8i8", "i8i8r", "w8f16", "f16", "exact"];
+    pub const NAMES: [&'static str; 6] = ["i8i8", "i8i8r", "i8i8o", "w8f16", "f16", "exact"];
 
     /// The program this mode runs (`None`: no program, exact f32 on the host).
     pub fn program(self) -> Option<Variant> {
         match self {
             Mode::Program(v) => Some(v),
             Mode::I8I8Rotated => Some(Variant::I8I8),
+            Mode::I8I8Outlier => Some(Variant::I8I8O),
             Mode::ExactF32 => None,
         }
     }
 
     /// Whether the program's matmul is int8 × int8 (the ANE's int8 rate on chips that have it).
     pub fn int8(self) -> bool {
-        self.program() == Some(Variant::I8I8)
+        matches!(self.program(), Some(Variant::I8I8 | Variant::I8I8O))
     }
 
     /// [`Mode::for_type`] for one weight on a chip with or without the ANE's int8 × int8 path. On int8
-    /// chips the default for quantised weights is `i8i8r` (rotated W8A8), except the tensor kinds of
-    /// [`W8F16_KINDS_ON_INT8_CHIPS`] (`fp16_kind`), which keep `w8f16`; elsewhere `w8f16`. A requested
-    /// mode always wins.
+    /// chips a quantised weight takes the route of its tensor kind ([`KindRoute`], from
+    /// [`INT8_CHIP_ROUTES`]); elsewhere `w8f16`. A requested mode always wins.
     pub fn for_weight(
         wtype: WeightType,
-        fp16_kind: bool,
+        route: KindRoute,
         requested: Option<Mode>,
         int8_chip: bool,
     ) -> Mode {
         match (requested, wtype) {
-            (None, t) if int8_chip && t != WeightType::F16 && !fp16_kind => Mode::I8I8Rotated,
+            (None, t) if int8_chip && t != WeightType::F16 => match route {
+                KindRoute::W8F16 => Mode::Program(Variant::W8F16),
+                KindRoute::Rotated => Mode::I8I8Rotated,
+                KindRoute::Outlier => Mode::I8I8Outlier,
+            },
             _ => Mode::for_type(wtype, requested),
         }
     }
@@ -97,12 +111,48 @@ impl Mode {
     }
 }
 
-/// Tensor kinds that keep `w8f16` on int8 chips, where every other quantised weight defaults to
-/// `i8i8r`. The one routing table, chosen from the per-kind NMSE and end-to-end KLD of docs/parity.md:
-/// the kinds with the largest i8i8r errors on Gemma-3-270M (attn_v 4.6e-4, ffn_up 2.8e-4, attn_k
-/// 2.4e-4 mean NMSE). With them in w8f16 its Q8_0 KLD is 0.026 against a bar of 0.031 with 84 % of
-/// the offloaded MUL_MAT FLOPs still int8 × int8 (attn_q/k/v instead: 0.0311 at 90 %).
-pub const W8F16_KINDS_ON_INT8_CHIPS: &[&str] = &["attn_k", "attn_v", "ffn_up"];
+/// What a tensor kind runs on chips with the int8 × int8 path (quantised weights).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KindRoute {
+    /// `w8f16` (fp16 rate).
+    W8F16,
+    /// `i8i8r` (rotated W8A8).
+    Rotated,
+    /// `i8i8o` (outlier split).
+    #[default]
+    Outlier,
+}
+
+impl KindRoute {
+    pub fn parse(s: &str) -> Option<KindRoute> {
+        match Mode::parse(s)? {
+            Mode::Program(Variant::W8F16) => Some(KindRoute::W8F16),
+            Mode::I8I8Rotated => Some(KindRoute::Rotated),
+            Mode::I8I8Outlier => Some(KindRoute::Outlier),
+            _ => None,
+        }
+    }
+}
+
+/// The one routing table of int8 chips: per tensor kind, the fastest predicted variant that keeps
+/// parity (docs/parity.md, "W8A8 that keeps parity"); kinds not listed take [`INT8_CHIP_DEFAULT`]
+/// (`i8i8o`: attn_q, attn_output, ffn_gate). Gemma-3-270M Q8_0 on M4 with this table: KLD 0.0237
+/// against a bar of 0.0310, 84.2 % of offloaded MUL_MAT FLOPs int8 × int8. The output head (tied
+/// `token_embd`) and ffn_down keep the rotation: their row-wise int8 weights (head: 3.5e-4 NMSE) and
+/// ffn_down's broad activations are what the outlier split cannot fix (i8i8o there: KLD 0.0436); the
+/// head's rotation also costs less than w8f16's fp16 rate. attn_k, attn_v and ffn_up (the largest
+/// int8 errors, 2.7 % + 13 % of the FLOPs) stay in w8f16.
+pub const INT8_CHIP_ROUTES: &[(&str, KindRoute)] = &[
+    ("output", KindRoute::Rotated),
+    ("token_embd", KindRoute::Rotated),
+    ("ffn_down", KindRoute::Rotated),
+    ("attn_k", KindRoute::W8F16),
+    ("attn_v", KindRoute::W8F16),
+    ("ffn_up", KindRoute::W8F16),
+];
+
+/// The route of tensor kinds [`INT8_CHIP_ROUTES`] does not list.
+pub const INT8_CHIP_DEFAULT: KindRoute = KindRoute::Outlier;
 
 /// The kind of a weight from its ggml name: `blk.3.ffn_down.weight` → `ffn_down`,
 /// `output.weight` → `output`.
@@ -114,23 +164,40 @@ pub fn tensor_kind(name: &str) -> &str {
     }
 }
 
-/// Whether the weight named `name` keeps `w8f16` on int8 chips ([`W8F16_KINDS_ON_INT8_CHIPS`], or
-/// the comma-separated kinds of `GGML_COREML_W8F16_KINDS` when set, for experiments).
-pub fn keeps_w8f16(name: &str) -> bool {
-    static KINDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let kinds = KINDS.get_or_init(|| match std::env::var("GGML_COREML_W8F16_KINDS") {
-        Ok(v) => v
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        Err(_) => W8F16_KINDS_ON_INT8_CHIPS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+/// The int8-chip route of the weight named `name`: [`INT8_CHIP_ROUTES`], or for experiments
+/// `GGML_COREML_KIND_ROUTES=kind=variant,…` (variants `w8f16`, `i8i8r`, `i8i8o`; `*=variant` sets the
+/// route of kinds not listed). Unparsable entries are ignored.
+pub fn kind_route(name: &str) -> KindRoute {
+    type Table = (Vec<(String, KindRoute)>, KindRoute);
+    static TABLE: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+    let (kinds, default) = TABLE.get_or_init(|| match std::env::var("GGML_COREML_KIND_ROUTES") {
+        Ok(v) => {
+            let mut kinds = Vec::new();
+            let mut default = INT8_CHIP_DEFAULT;
+            for (k, r) in v.split(',').filter_map(|e| e.split_once('=')) {
+                let Some(r) = KindRoute::parse(r.trim()) else {
+                    continue;
+                };
+                match k.trim() {
+                    "*" => default = r,
+                    k => kinds.push((k.to_string(), r)),
+                }
+            }
+            (kinds, default)
+        }
+        Err(_) => (
+            INT8_CHIP_ROUTES
+                .iter()
+                .map(|&(k, r)| (k.to_string(), r))
+                .collect(),
+            INT8_CHIP_DEFAULT,
+        ),
     });
     let kind = tensor_kind(name);
-    kinds.iter().any(|k| k == kind)
+    kinds
+        .iter()
+        .find(|(k, _)| k == kind)
+        .map_or(*default, |&(_, r)| r)
 }
 
 /// A weight in the form its program takes.
@@ -170,6 +237,23 @@ pub fn rotation_mix() -> bool {
     *B.get_or_init(|| std::env::var("GGML_COREML_ROTATE_MIX").map_or(true, |v| v != "0"))
 }
 
+/// Outlier channels of `i8i8o` for a row length `k`: `min(C, k / 8)`, C from
+/// `GGML_COREML_OUTLIERS` (default [`DEFAULT_OUTLIERS`]); 0 (too few channels: plain i8i8) below
+/// K = 8. Read once per process.
+pub fn outlier_channels(k: usize) -> usize {
+    static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let c = *C.get_or_init(|| {
+        std::env::var("GGML_COREML_OUTLIERS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(DEFAULT_OUTLIERS)
+    });
+    c.min(k / 8)
+}
+
+/// Default outlier channel budget of `i8i8o` (see docs/parity.md for the measured choice).
+pub const DEFAULT_OUTLIERS: usize = 32;
+
 /// Weights of at least this many elements are repacked on several threads.
 const REPACK_PAR_ELEMENTS: usize = 1 << 22;
 
@@ -208,6 +292,18 @@ impl PreparedWeight {
             1
         };
         let mut rotation = None;
+        // The outlier split needs one K part (outliers are chosen over all of K): longer rows take
+        // the rotated route instead.
+        let mode = if mode == Mode::Program(Variant::I8I8O) {
+            Mode::I8I8Outlier
+        } else {
+            mode
+        };
+        let mode = if mode == Mode::I8I8Outlier && k > ggml_coreml_program::ANE_MAX_DIM {
+            Mode::I8I8Rotated
+        } else {
+            mode
+        };
         let form = match mode {
             Mode::Program(Variant::I8I8) => {
                 WeightForm::Rowwise(bridge::rowwise_int8_par(wtype, bytes, n, k, threads)?)
@@ -228,6 +324,9 @@ impl PreparedWeight {
                 WeightForm::Half(bridge::to_f16_par(wtype, bytes, n, k, threads)?)
             }
             Mode::ExactF32 => WeightForm::Exact(bridge::dequantize(wtype, bytes, n, k)?),
+            Mode::I8I8Outlier | Mode::Program(Variant::I8I8O) => {
+                WeightForm::Rowwise(bridge::rowwise_int8_par(wtype, bytes, n, k, threads)?)
+            }
             Mode::I8I8Rotated => {
                 let rot = bridge::Rotation::with_mix(k, rotation_max_block(), rotation_mix());
                 let r = bridge::rowwise_int8_rotated_par(wtype, bytes, n, k, &rot, threads)?;
@@ -329,6 +428,14 @@ pub struct Scratch {
     s_f16: Vec<f16>,
     o_f16: Vec<f16>,
     y: Vec<f16>,
+    /// i8i8o: channel maxima, outlier channels, per-token int8 scales, gathered weight columns,
+    /// outlier activations and per-token factors.
+    cmax: Vec<f32>,
+    oidx: Vec<usize>,
+    xa: Vec<f32>,
+    wo_i8: Vec<i8>,
+    xo_f16: Vec<f16>,
+    t_f16: Vec<f16>,
 }
 
 /// Activations: `m` rows of `k` f32 at `x[r * x_stride ..]`. Output: `m` rows of `n` f32 at
@@ -391,15 +498,51 @@ fn matmul_form(
 ) -> Result<(), ExecError> {
     let (m, k, n) = (act.m, w.k, w.n);
     let bad = |why: String| ExecError::BadInputs(format!("matmul m={m} k={k} n={n}"), why);
-    let (group, offsets) = match form {
+    let (mut group, offsets) = match form {
         WeightForm::Block { group, offsets, .. } => (*group, offsets.is_some()),
         _ => (0, false),
     };
     // K parts keep whole ggml blocks (the same rule `ggml-coreml cache warm` uses to predict programs).
-    let align = w.wtype.block_len().max(group).max(1);
+    let mut align = w.wtype.block_len().max(group).max(1);
+    let mut variant = variant;
+    if variant == Variant::I8I8O {
+        group = outlier_channels(k);
+        align = k;
+        if group == 0 {
+            // Too few channels to split: the plain int8 program.
+            variant = Variant::I8I8;
+            align = w.wtype.block_len().max(1);
+        }
+    }
     let plan = SplitPlan::new(variant, m, k, n, group, offsets, align).map_err(bad)?;
 
-    if variant == Variant::I8I8 {
+    if variant == Variant::I8I8O {
+        scratch.xq.resize(m * k, 0);
+        scratch.xs.resize(m, 0.0);
+        scratch.xa.resize(m, 0.0);
+        bridge::select_outlier_channels(
+            act.x,
+            m,
+            k,
+            act.x_stride,
+            group,
+            &mut scratch.cmax,
+            &mut scratch.oidx,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        // xs holds the per-token unit (the host's rescale), xa the int8 part's own scale.
+        bridge::quantize_rows_i8_split(
+            act.x,
+            m,
+            k,
+            act.x_stride,
+            &scratch.oidx,
+            &mut scratch.xq,
+            &mut scratch.xa,
+            &mut scratch.xs,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+    } else if variant == Variant::I8I8 {
         scratch.xq.resize(m * k, 0);
         scratch.xs.resize(m, 0.0);
         let (x, stride) = match &w.rotation {
@@ -559,6 +702,45 @@ fn run_part(
                 }
                 &s.w_i8
             };
+            if d.variant == Variant::I8I8O {
+                // One K part (see matmul_form): the outlier columns of this part's rows, the
+                // outlier activations in the token's unit u (times the program's scale, so
+                // |xo| <= 127·s like the int8 operands), and t = s_int / u per token.
+                let c = d.group;
+                let sc = d.i8_scale().to_f32();
+                s.wo_i8.clear();
+                for ni in 0..np {
+                    let row = &r.q[(n0 + ni) * k..(n0 + ni + 1) * k];
+                    s.wo_i8.extend(s.oidx.iter().map(|&o| row[o]));
+                }
+                s.xo_f16.clear();
+                s.xo_f16.resize(c * mp, f16::ZERO);
+                s.t_f16.clear();
+                s.t_f16.resize(mp, f16::ZERO);
+                for mi in 0..m_len {
+                    let u = s.xs[m0 + mi];
+                    if u > 0.0 {
+                        let f = sc / u;
+                        let xr = &act.x[(m0 + mi) * act.x_stride..];
+                        for (j, &o) in s.oidx.iter().enumerate() {
+                            s.xo_f16[j * mp + mi] = f16::from_f32(xr[o] * f);
+                        }
+                        s.t_f16[mi] = f16::from_f32(s.xa[m0 + mi] / u);
+                    }
+                }
+                return exec.run(
+                    d,
+                    ProgramInputs::I8I8O {
+                        w: wpart,
+                        x: &s.xt_i8,
+                        wo: &s.wo_i8,
+                        xo: &s.xo_f16,
+                        t: &s.t_f16,
+                    },
+                    key,
+                    &mut s.y,
+                );
+            }
             exec.run(
                 d,
                 ProgramInputs::I8I8 {
@@ -898,6 +1080,53 @@ mod tests {
         };
         let (plain, rotated) = (err(Mode::Program(Variant::I8I8)), err(Mode::I8I8Rotated));
         assert!(rotated * 4.0 < plain, "i8i8 {plain:e}, i8i8r {rotated:e}");
+        // The outlier split takes the 4 channels out of the int8 part altogether.
+        let split = err(Mode::I8I8Outlier);
+        assert!(split * 4.0 < plain, "i8i8 {plain:e}, i8i8o {split:e}");
+        // With M > 64 (two bucket chunks) and padding the split still matches.
+        let m2 = 70;
+        let x2: Vec<f32> = (0..m2 * k).map(|i| x[i % (m * k)]).collect();
+        let act2 = Activations {
+            x: &x2,
+            m: m2,
+            x_stride: k,
+        };
+        let mut want2 = vec![0f32; m2 * n];
+        matmul(&exec, &exact_w, &act2, &mut want2, n, &mut s).unwrap();
+        let w =
+            PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
+        let mut out2 = vec![0f32; m2 * n];
+        matmul(&exec, &w, &act2, &mut out2, n, &mut s).unwrap();
+        let e2 = bridge::nmse(&want2, &out2);
+        assert!(e2 * 4.0 < plain, "i8i8o m=70 {e2:e}");
+    }
+
+    /// Rows longer than one program part take the rotated route; rows too short to split run i8i8.
+    #[test]
+    fn outlier_split_edges() {
+        let exec = ReferenceExecutor::new();
+        let mut rng = Lcg(4);
+        let bytes = q8_0_bytes(2, 16640, &mut rng);
+        let w = PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::Q8_0, &bytes, 2, 16640, 0)
+            .unwrap();
+        assert_eq!(w.mode, Mode::I8I8Rotated);
+        let bytes = q8_0_bytes(3, 32, &mut rng);
+        let w =
+            PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::Q8_0, &bytes, 3, 32, 0).unwrap();
+        let x: Vec<f32> = (0..5 * 32).map(|_| rng.unit()).collect();
+        let act = Activations {
+            x: &x,
+            m: 5,
+            x_stride: 32,
+        };
+        let mut out = vec![0f32; 15];
+        let mut s = Scratch::default();
+        matmul(&exec, &w, &act, &mut out, 3, &mut s).unwrap();
+        let exact_w =
+            PreparedWeight::prepare(Mode::ExactF32, WeightType::Q8_0, &bytes, 3, 32, 0).unwrap();
+        let mut want = vec![0f32; 15];
+        matmul(&exec, &exact_w, &act, &mut want, 3, &mut s).unwrap();
+        assert!(bridge::nmse(&want, &out) < 1e-3);
     }
 
     #[test]
@@ -906,21 +1135,31 @@ mod tests {
         assert_eq!(tensor_kind("output.weight"), "output");
         assert_eq!(tensor_kind("blk.12.attn_v"), "attn_v");
         let r = |t, f, req, c| Mode::for_weight(t, f, req, c);
-        assert_eq!(r(WeightType::Q8_0, false, None, true), Mode::I8I8Rotated);
         assert_eq!(
-            r(WeightType::Q8_0, true, None, true),
+            r(WeightType::Q8_0, KindRoute::Outlier, None, true),
+            Mode::I8I8Outlier
+        );
+        assert_eq!(
+            r(WeightType::Q8_0, KindRoute::Rotated, None, true),
+            Mode::I8I8Rotated
+        );
+        assert_eq!(
+            r(WeightType::Q8_0, KindRoute::W8F16, None, true),
             Mode::Program(Variant::W8F16)
         );
         assert_eq!(
-            r(WeightType::Q4_K, false, None, false),
+            r(WeightType::Q4_K, KindRoute::Outlier, None, false),
             Mode::Program(Variant::W8F16)
         );
         assert_eq!(
-            r(WeightType::F16, false, None, true),
+            r(WeightType::F16, KindRoute::Outlier, None, true),
             Mode::Program(Variant::F16)
         );
         let i8 = Mode::Program(Variant::I8I8);
-        assert_eq!(r(WeightType::Q8_0, true, Some(i8), true), i8);
+        assert_eq!(r(WeightType::Q8_0, KindRoute::W8F16, Some(i8), true), i8);
+        assert_eq!(KindRoute::parse("i8i8o"), Some(KindRoute::Outlier));
+        assert_eq!(KindRoute::parse("w8f16"), Some(KindRoute::W8F16));
+        assert_eq!(KindRoute::parse("f16"), None);
     }
 
     #[test]
@@ -1125,6 +1364,34 @@ mod timings {
                 eprintln!("{} m={m} k={k} n={n}: {ms:.3} ms", mode.name());
             }
             eprintln!("{} m={m} all: {total:.3} ms", mode.name());
+        }
+    }
+}
+
+#[cfg(test)]
+mod outlier_f16_tests {
+    use super::*;
+    use crate::reference::ReferenceExecutor;
+
+    #[test]
+    fn f16_weights_with_odd_k() {
+        let exec = ReferenceExecutor::new();
+        for k in [1056usize, 1057] {
+            let (m, n) = (1, 128);
+            let w: Vec<u8> = (0..n * k)
+                .flat_map(|i| f16::from_f32(((i % 13) as f32 - 6.0) / 10.0).to_le_bytes())
+                .collect();
+            let pw =
+                PreparedWeight::prepare(Mode::I8I8Outlier, WeightType::F16, &w, n, k, 0).unwrap();
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
+            let act = Activations {
+                x: &x,
+                m,
+                x_stride: k,
+            };
+            let mut out = vec![0f32; m * n];
+            let mut s = Scratch::default();
+            matmul(&exec, &pw, &act, &mut out, n, &mut s).unwrap();
         }
     }
 }

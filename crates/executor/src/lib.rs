@@ -93,6 +93,19 @@ pub enum ProgramInputs<'a> {
         /// `[K, Mp]`
         x: &'a [f16],
     },
+    /// i8i8o (outlier split): `c` = the program's outlier channel count.
+    I8I8O {
+        /// `[N, K]` int8 weight rows
+        w: &'a [i8],
+        /// `[K, Mp]` int8 activations, outlier channels zero
+        x: &'a [i8],
+        /// `[N, c]` the weight's int8 values at the outlier channels
+        wo: &'a [i8],
+        /// `[c, Mp]` the outlier activations in the token's unit
+        xo: &'a [f16],
+        /// `[1, Mp]` per-token factor of the int8 product
+        t: &'a [f16],
+    },
 }
 
 impl ProgramInputs<'_> {
@@ -101,6 +114,7 @@ impl ProgramInputs<'_> {
             ProgramInputs::I8I8 { .. } => Variant::I8I8,
             ProgramInputs::W8F16 { .. } => Variant::W8F16,
             ProgramInputs::F16 { .. } => Variant::F16,
+            ProgramInputs::I8I8O { .. } => Variant::I8I8O,
         }
     }
 
@@ -131,6 +145,21 @@ impl ProgramInputs<'_> {
                 (w.len(), x.len())
             }
             ProgramInputs::F16 { w, x } => (w.len(), x.len()),
+            ProgramInputs::I8I8O { w, x, wo, xo, t } => {
+                let c = desc.group;
+                if wo.len() != desc.n * c || xo.len() != c * desc.m || t.len() != desc.m {
+                    return bad(format!(
+                        "wo len {}, xo len {}, t len {} (want {}, {}, {})",
+                        wo.len(),
+                        xo.len(),
+                        t.len(),
+                        desc.n * c,
+                        c * desc.m,
+                        desc.m
+                    ));
+                }
+                (w.len(), x.len())
+            }
         };
         if wl != nk || xl != km {
             return bad(format!("w len {wl} (want {nk}), x len {xl} (want {km})"));

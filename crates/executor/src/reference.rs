@@ -184,6 +184,13 @@ impl Executor for ReferenceExecutor {
             ProgramInputs::F16 { w, x } => {
                 vec![("w", TensorRef::Float16(w)), ("x", TensorRef::Float16(x))]
             }
+            ProgramInputs::I8I8O { w, x, wo, xo, t } => vec![
+                ("w", TensorRef::Int8(w)),
+                ("x", TensorRef::Int8(x)),
+                ("wo", TensorRef::Int8(wo)),
+                ("xo", TensorRef::Float16(xo)),
+                ("t", TensorRef::Float16(t)),
+            ],
         };
         interp
             .run_into(&named, self.threads(), out)

@@ -75,6 +75,8 @@ impl Data {
                 w: &self.wf,
                 x: &self.xf,
             },
+            // Covered by `coreml::check`'s reference_i8i8o_is_the_ideal_product (unit test).
+            Variant::I8I8O => unreachable!("not in this file's descriptions"),
         }
     }
 
@@ -97,6 +99,7 @@ impl Data {
                     f64::from(self.wq[i]) * f64::from(self.scales[b].to_f32()) + o
                 }
                 Variant::F16 => f64::from(self.wf[i].to_f32()),
+                Variant::I8I8O => unreachable!("not in this file's descriptions"),
             }
         };
         let x = |t: usize, c: usize| -> f64 {

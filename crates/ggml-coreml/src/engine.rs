@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use ggml_coreml_bridge::WeightType;
 use ggml_coreml_executor::Executor;
-use ggml_coreml_executor::driver::{Mode, PreparedWeight};
+use ggml_coreml_executor::driver::{self, Mode, PreparedWeight};
 use ggml_coreml_executor::platform;
 use ggml_coreml_policy::Policy;
 use ggml_coreml_program::Variant;
@@ -204,8 +204,8 @@ impl Engine {
     }
 
     /// The program variant a weight type runs with (for the policy's cost model).
-    pub fn variant_for(&self, wtype: WeightType, fp16_kind: bool) -> Variant {
-        self.mode_for(wtype, fp16_kind)
+    pub fn variant_for(&self, wtype: WeightType, kind_route: driver::KindRoute) -> Variant {
+        self.mode_for(wtype, kind_route)
             .program()
             .unwrap_or(Variant::I8I8)
     }
@@ -384,15 +384,21 @@ impl Engine {
         }
     }
 
-    /// The mode a weight runs with; `fp16_kind`: its kind keeps w8f16 on int8 chips
-    /// (`driver::keeps_w8f16`).
-    pub fn mode_for(&self, wtype: WeightType, fp16_kind: bool) -> Mode {
+    /// The mode a weight runs with; `kind_route`: its kind keeps w8f16 on int8 chips
+    /// (`driver::kind_route`).
+    pub fn mode_for(&self, wtype: WeightType, kind_route: driver::KindRoute) -> Mode {
         Mode::for_weight(
             wtype,
-            fp16_kind,
+            kind_route,
             self.mode_override,
             self.policy.int8_chip() && int8_route(),
         )
+    }
+
+    /// Whether weights route by tensor kind (int8 chip, int8 route on, no forced variant): only then
+    /// is a weight's name read.
+    pub fn routes_by_kind(&self) -> bool {
+        self.mode_override.is_none() && self.policy.int8_chip() && int8_route()
     }
 
     /// Would keeping an `n`×`k` weight prepared in `mode` exceed the resident budget?
@@ -415,9 +421,9 @@ impl Engine {
         bytes: &[u8],
         n: usize,
         k: usize,
-        fp16_kind: bool,
+        kind_route: driver::KindRoute,
     ) -> Result<Arc<PreparedWeight>, String> {
-        let mode = self.mode_for(wtype, fp16_kind);
+        let mode = self.mode_for(wtype, kind_route);
         let t0 = Instant::now();
         let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, 0)
             .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
@@ -439,16 +445,16 @@ impl Engine {
         bytes: &[u8],
         n: usize,
         k: usize,
-        fp16_kind: bool,
+        kind_route: driver::KindRoute,
     ) -> Result<Arc<PreparedWeight>, String> {
-        let mode = self.mode_for(wtype, fp16_kind);
+        let mode = self.mode_for(wtype, kind_route);
         if let Some(w) = registry.get(addr, mode, stride, n) {
             return Ok(w);
         }
         // Over the budget: made for this call only (the next call prepares it again).
         if self.over_budget(mode, n, k) {
             self.stats.prepared_per_call.fetch_add(1, Ordering::Relaxed);
-            return self.prepared_uncached(wtype, bytes, n, k, fp16_kind);
+            return self.prepared_uncached(wtype, bytes, n, k, kind_route);
         }
         let t0 = Instant::now();
         let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, addr as u64)
@@ -471,14 +477,13 @@ impl Engine {
     }
 }
 
-/// `GGML_COREML_INT8_ROUTE=1`: on int8 chips (A17 Pro, M4 and later, or `GGML_COREML_CHIP`), quantised
-/// weights take the rotated int8 × int8 route (`i8i8r`, with the kinds in
-/// `driver::W8F16_KINDS_ON_INT8_CHIPS` in w8f16). Opt-in until the numbers settle it: parity passes on the
-/// two Gemma-3-270M cells measured, but the cost model prices the host-side rotation above what the int8
-/// rate saves (docs/parity.md, docs/benchmarks.md).
+/// The int8 route of int8 chips (A17 Pro, M4 and later, or `GGML_COREML_CHIP`): quantised weights
+/// take the int8 × int8 variant of their tensor kind (`driver::kind_route`, the table
+/// `driver::INT8_CHIP_ROUTES`: `i8i8o` outlier split, `i8i8r` rotation, or `w8f16`). On by default;
+/// `GGML_COREML_INT8_ROUTE=0` keeps w8f16 everywhere (docs/parity.md).
 pub(crate) fn int8_route() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| std::env::var("GGML_COREML_INT8_ROUTE").is_ok_and(|v| v == "1"))
+    *V.get_or_init(|| std::env::var("GGML_COREML_INT8_ROUTE").map_or(true, |v| v != "0"))
 }
 
 /// About the bytes [`PreparedWeight::bytes_held`] will report for an `n`×`k` weight in `mode`.
@@ -486,7 +491,9 @@ fn estimate_prepared_bytes(mode: Mode, n: usize, k: usize) -> u64 {
     let nk = (n * k) as u64;
     match mode {
         Mode::Program(Variant::F16) => 2 * nk,
-        Mode::Program(Variant::I8I8) | Mode::I8I8Rotated => nk + 4 * n as u64,
+        Mode::Program(Variant::I8I8 | Variant::I8I8O) | Mode::I8I8Rotated | Mode::I8I8Outlier => {
+            nk + 4 * n as u64
+        }
         // int8 values plus an fp16 scale (and offset) per block of 32.
         Mode::Program(_) => nk + nk / 8,
         Mode::ExactF32 => 4 * nk,

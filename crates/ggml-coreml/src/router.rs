@@ -29,8 +29,8 @@ const PREC_Q8: i32 = 30;
 #[derive(Clone, Copy, Debug)]
 pub struct Eligible {
     pub wtype: WeightType,
-    /// The weight's kind keeps w8f16 on int8 chips (`driver::keeps_w8f16`).
-    pub fp16_kind: bool,
+    /// The route of the weight's kind on int8 chips (`driver::kind_route`).
+    pub kind_route: driver::KindRoute,
     pub k: usize,
     pub n: usize,
     pub m: usize,
@@ -48,9 +48,13 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     if x.type_id() != GGML_TYPE_F32 || node.type_id() != GGML_TYPE_F32 {
         return Err("activations or output not F32");
     }
-    // The weight's kind matters only on the opt-in int8 route; reading its name costs an allocation
-    // per MUL_MAT per graph, which the default policy must not pay.
-    let fp16_kind = crate::engine::int8_route() && driver::keeps_w8f16(&w.name());
+    // The weight's kind matters only on the int8 route of int8 chips; reading its name costs an
+    // allocation per MUL_MAT per graph, which other chips must not pay.
+    let kind_route = if engine().routes_by_kind() {
+        driver::kind_route(&w.name())
+    } else {
+        driver::KindRoute::default()
+    };
     let (wne, wnb, xne) = (w.ne(), w.nb(), x.ne());
     if wne.iter().chain(xne.iter()).any(|&d| d < 0) || wne[0] <= 0 || wne[1] <= 0 {
         return Err("empty or negative shape");
@@ -80,7 +84,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     }
     let src1_prec = node.op_param(3);
     if src1_prec > 0 && src1_prec < PREC_Q8 {
-        if engine().mode_for(wtype, fp16_kind).int8() {
+        if engine().mode_for(wtype, kind_route).int8() {
             return Err("graph forbids int8 activations");
         }
         if src1_prec < 20 {
@@ -89,7 +93,7 @@ pub fn eligible(node: &TensorRef<'_>) -> Result<Eligible, &'static str> {
     }
     Ok(Eligible {
         wtype,
-        fp16_kind,
+        kind_route,
         k,
         n,
         m: xne[1] as usize,
@@ -133,8 +137,11 @@ pub fn claim(
         return match e {
             Ok(e) => {
                 let eng = engine();
-                eng.policy
-                    .would_offload_weight_for(e.k, e.n, eng.variant_for(e.wtype, e.fp16_kind))
+                eng.policy.would_offload_weight_for(
+                    e.k,
+                    e.n,
+                    eng.variant_for(e.wtype, e.kind_route),
+                )
             }
             Err(why) => {
                 log::debug(&format!("declining {} at placement: {why}", node.name()));
@@ -197,7 +204,7 @@ pub fn route(node: &TensorRef<'_>, face: Face, host: HostKind) -> Route {
             k: e.k,
             n: e.n,
         },
-        eng.variant_for(e.wtype, e.fp16_kind),
+        eng.variant_for(e.wtype, e.kind_route),
         host,
     ) {
         Decision::Ane => Route::Ane(e),
@@ -375,7 +382,7 @@ pub unsafe fn compute(
                     k: e.k,
                     n: e.n,
                 };
-                let variant = eng.variant_for(e.wtype, e.fp16_kind);
+                let variant = eng.variant_for(e.wtype, e.kind_route);
                 // The ANE node reads what the inner device computed: wait for it (a no-op on the CPU).
                 ctx.host.synchronize();
                 // A panic inside one node (executor, driver, bridge) sends that node to the host; it
@@ -394,7 +401,8 @@ pub unsafe fn compute(
                         let dt = t0.elapsed();
                         let flops = 2 * (e.m * e.k * e.n) as u64 * batches as u64;
                         eng.stats.ane(dt, flops);
-                        eng.stats.variant(eng.mode_for(e.wtype, e.fp16_kind), flops);
+                        eng.stats
+                            .variant(eng.mode_for(e.wtype, e.kind_route), flops);
                         eng.policy.record(
                             &shape,
                             variant,
@@ -509,7 +517,7 @@ fn parity_check(ctx: &mut RouterCtx, node: &TensorRef<'_>, e: Eligible) {
         k: e.k,
         n: e.n,
         wtype: e.wtype.name(),
-        variant: eng.mode_for(e.wtype, e.fp16_kind).name(),
+        variant: eng.mode_for(e.wtype, e.kind_route).name(),
         ..Default::default()
     };
     eng.record_parity(&name, entry, nmse);
@@ -608,7 +616,7 @@ fn run_ane(
             let (addr, stride) = unsafe { w.slice2d_addr(i02, i03) };
             let cached = registry
                 .as_ref()
-                .and_then(|reg| reg.get(addr, eng.mode_for(e.wtype, e.fp16_kind), stride, e.n));
+                .and_then(|reg| reg.get(addr, eng.mode_for(e.wtype, e.kind_route), stride, e.n));
             let pw = match cached {
                 Some(pw) => pw,
                 None => {
@@ -621,10 +629,17 @@ fn run_ane(
                         std::borrow::Cow::Owned(slice_rows(whole, w.ne(), w.nb(), i02, i03, row))
                     };
                     match &registry {
-                        Some(reg) => {
-                            eng.prepared(reg, addr, stride, e.wtype, &bytes, e.n, e.k, e.fp16_kind)?
-                        }
-                        None => eng.prepared_uncached(e.wtype, &bytes, e.n, e.k, e.fp16_kind)?,
+                        Some(reg) => eng.prepared(
+                            reg,
+                            addr,
+                            stride,
+                            e.wtype,
+                            &bytes,
+                            e.n,
+                            e.k,
+                            e.kind_route,
+                        )?,
+                        None => eng.prepared_uncached(e.wtype, &bytes, e.n, e.k, e.kind_route)?,
                     }
                 }
             };
@@ -745,7 +760,7 @@ fn initial_share(e: &Eligible) -> f64 {
     };
     let p = eng
         .policy
-        .predict(&shape, eng.variant_for(e.wtype, e.fp16_kind));
+        .predict(&shape, eng.variant_for(e.wtype, e.kind_route));
     match (p.ane_ms, p.host_ms) {
         (Some(a), Some(h)) if a > 0.0 && h > 0.0 => (h / (a + h)).clamp(SHARE_MIN, SHARE_MAX),
         _ => 0.5,
@@ -929,7 +944,7 @@ fn run_split(
         // SAFETY: eligible() checked rows of whole blocks; one 2-D slice.
         unsafe { w.slice2d_addr(0, 0) }
     };
-    let mode = eng.mode_for(e.wtype, e.fp16_kind);
+    let mode = eng.mode_for(e.wtype, e.kind_route);
     let registry = registry_of(&w);
     let mut xfer = Transfers::default();
     let mut prepared_now = false;
@@ -954,9 +969,9 @@ fn run_split(
             };
             match &registry {
                 Some(reg) => {
-                    eng.prepared(reg, addr, stride, e.wtype, &bytes, n_ane, e.k, e.fp16_kind)?
+                    eng.prepared(reg, addr, stride, e.wtype, &bytes, n_ane, e.k, e.kind_route)?
                 }
-                None => eng.prepared_uncached(e.wtype, &bytes, n_ane, e.k, e.fp16_kind)?,
+                None => eng.prepared_uncached(e.wtype, &bytes, n_ane, e.k, e.kind_route)?,
             }
         }
     };

@@ -6,7 +6,10 @@
 //! table; the projection always uses pp4096).
 //!
 //! Candidates: `w8f16` (fp16 rate), `i8i8` (int8 rate where the chip has it), `i8i8r` (i8i8 plus the
-//! host's activation rotation).
+//! host's activation rotation), `i8i8o` (outlier split: int8 rate over all K, the c outlier channels'
+//! product at the fp16 rate, host selection and gather; c = `cost::outlier_channels(K)`).
+//! The projection compares w8f16 with the int8-chip default (`i8i8o` for every kind, as the routing
+//! table of `driver::INT8_CHIP_ROUTES` picks for the kinds of these models) and with i8i8r.
 
 use ggml_coreml_policy::cost::CostModel;
 use ggml_coreml_policy::{ChipGen, ModelDims, Variant};
@@ -29,6 +32,7 @@ fn ms(c: &CostModel, cand: &str, m: usize, k: usize, n: usize) -> f64 {
         "w8f16" => c.ane(m, k, n, Variant::W8F16).total_ms,
         "i8i8" => c.ane(m, k, n, Variant::I8I8).total_ms,
         "i8i8r" => c.ane_rotated(m, k, n).total_ms,
+        "i8i8o" => c.ane(m, k, n, Variant::I8I8O).total_ms,
         _ => unreachable!(),
     }
 }
@@ -39,7 +43,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(512usize);
     let chips = [ChipGen::M3, ChipGen::M4, ChipGen::A17Pro];
-    let cands = ["w8f16", "i8i8", "i8i8r"];
+    let cands = ["w8f16", "i8i8", "i8i8r", "i8i8o"];
 
     println!(
         "Gemma-3-270M, one ubatch of {tokens} tokens, ANE-path ms per kind (all layers; head = tied output for every token, as llama-perplexity computes it)\n"
@@ -87,28 +91,29 @@ fn main() {
         ModelDims::QWEN3_0_6B,
     ];
     println!(
-        "pp4096, ubatch 512, per shape the faster of Metal and the ANE path; weight-matmul speed-up over Metal, w8f16 → i8i8r\n"
+        "pp4096, ubatch 512, per shape the faster of Metal and the ANE path; weight-matmul speed-up over Metal, w8f16 / i8i8r / i8i8o\n"
     );
     print!("| model |");
     for chip in chips {
-        print!(" {chip} w8f16 | {chip} i8i8r |");
+        print!(" {chip} w8f16 | {chip} i8i8r | {chip} i8i8o |");
     }
     println!();
-    println!("|---|{}", "---|".repeat(chips.len() * 2));
+    println!("|---|{}", "---|".repeat(chips.len() * 3));
     for md in models {
         print!("| {} |", md.name);
         for chip in chips {
             let c = CostModel::for_chip(chip);
-            let (mut host, mut a, mut b) = (0.0, 0.0, 0.0);
+            let (mut host, mut a, mut b, mut o) = (0.0, 0.0, 0.0, 0.0);
             for _ in 0..(4096 / 512) {
                 for (k, n) in md.matmuls() {
                     let h = c.host(512, k, n, Variant::W8F16).total_ms;
                     host += h;
                     a += h.min(c.ane(512, k, n, Variant::W8F16).total_ms);
                     b += h.min(c.ane_rotated(512, k, n).total_ms);
+                    o += h.min(c.ane(512, k, n, Variant::I8I8O).total_ms);
                 }
             }
-            print!(" {:.2}x | {:.2}x |", host / a, host / b);
+            print!(" {:.2}x | {:.2}x | {:.2}x |", host / a, host / b, host / o);
         }
         println!();
     }

@@ -405,11 +405,20 @@ pub struct HostCost {
 fn element_bytes(variant: Variant) -> (f64, f64, f64) {
     match variant {
         // int8 weights plus fp16 scales per 32.
-        Variant::I8I8 => (1.0, 1.0, HOST_QUANT_BYTES_PER_WEIGHT),
+        Variant::I8I8 | Variant::I8I8O => (1.0, 1.0, HOST_QUANT_BYTES_PER_WEIGHT),
         Variant::W8F16 => (1.0 + 2.0 / 32.0, 2.0, HOST_QUANT_BYTES_PER_WEIGHT),
         Variant::F16 => (2.0, 2.0, 2.0),
     }
 }
+
+/// Outlier channels of `i8i8o` for a row length `k`, as the driver picks them by default
+/// (`ggml_coreml_executor::driver::outlier_channels`: `min(32, k / 8)`).
+pub fn outlier_channels(k: usize) -> usize {
+    OUTLIER_CHANNELS.min(k / 8)
+}
+
+/// The driver's default outlier channel budget.
+pub const OUTLIER_CHANNELS: usize = 32;
 
 /// M chunks as the program crate splits them, as (bucket, count): full largest buckets, then the
 /// bucket of the rest. Counted, not listed, so an absurd M costs nothing to evaluate.
@@ -457,7 +466,7 @@ impl CostModel {
 
     /// ANE rate for one call of `mp` tokens and inner dimension `k`, TFLOPS.
     pub fn ane_tflops(&self, variant: Variant, mp: usize, k: usize) -> f64 {
-        let int8 = if variant == Variant::I8I8 {
+        let int8 = if matches!(variant, Variant::I8I8 | Variant::I8I8O) {
             self.spec.int8_speedup
         } else {
             1.0
@@ -468,6 +477,9 @@ impl CostModel {
     }
 
     pub fn ane(&self, m: usize, k: usize, n: usize, variant: Variant) -> AneCost {
+        if variant == Variant::I8I8O {
+            return self.ane_outlier(m, k, n, outlier_channels(k));
+        }
         let (wb, xb, _) = element_bytes(variant);
         let (kp, kl) = parts(k);
         let (np, nl) = parts(n);
@@ -543,6 +555,48 @@ impl CostModel {
         c.host_side_ms += r;
         c.total_ms += r;
         c
+    }
+
+    /// [`CostModel::ane`] of the `i8i8o` candidate (outlier split) with `c` outlier channels: the
+    /// int8 × int8 product over all K (int8 rate where the chip has it; the outlier channels are zeros
+    /// in it), plus per call the small product `[N, c] × [c, Mp]` at the fp16 rate, its inputs and
+    /// one more `[N, Mp]` fp16 pass for the per-token factor and the sum [G], plus on the host the
+    /// selection (one pass over the f32 activations), the outlier activations, and the gather of
+    /// the weight's `c` columns (at most one cache line per column and row) and its copy.
+    pub fn ane_outlier(&self, m: usize, k: usize, n: usize, c: usize) -> AneCost {
+        let mut a = self.ane(m, k, n, Variant::I8I8);
+        if c == 0 || m == 0 {
+            return a;
+        }
+        let (np, nl) = parts(n);
+        let (cf, nlf) = (c as f64, nl as f64);
+        let ane_gbps = self.spec.ane_gbps.max(1e-3);
+        let copy_gbps = (self.spec.soc_gbps * HOST_COPY_FRACTION).max(1e-3);
+        let mut extra = 0.0;
+        for (mp, count) in m_chunks(m) {
+            if count == 0 {
+                continue;
+            }
+            let mpf = mp as f64;
+            let calls = (np * count) as f64;
+            let compute = 2.0 * mpf * cf * nlf / (self.ane_tflops(Variant::F16, mp, c) * 1e9);
+            let bytes = nlf * cf + cf * mpf * 2.0 + mpf * 2.0 + 2.0 * nlf * mpf * 2.0;
+            let mem = bytes / (ane_gbps * 1e6);
+            a.compute_ms += calls * compute;
+            a.memory_ms += calls * mem;
+            extra += calls * (compute + mem);
+            let copy = calls * 2.0 * nlf * cf / (copy_gbps * 1e6);
+            a.copy_ms += copy;
+            extra += copy;
+        }
+        let (mf, kf, nf) = (m as f64, k as f64, n as f64);
+        let mpt = padded_m(m) as f64;
+        let side =
+            mf * kf * 4.0 + mf * cf * 4.0 + cf * mpt * 2.0 + nf * (cf * 64.0).min(kf) + nf * cf;
+        let side_ms = side / (self.host_side_gbps.max(1e-3) * 1e6);
+        a.host_side_ms += side_ms;
+        a.total_ms += extra + side_ms;
+        a
     }
 
     /// Metal matmul rate at `m` tokens, TFLOPS.

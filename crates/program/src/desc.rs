@@ -29,16 +29,23 @@ pub enum Variant {
     W8F16,
     /// fp16 weight [N,K] and fp16 activation [K,Mp]; for F16 ggml weights (spec 7+ / fp16 I/O).
     F16,
+    /// Outlier split (issue #14, `i8i8o`): i8i8's int8 × int8 matmul over the activation channels
+    /// the host did not pick as outliers, plus a small matmul over the `c = group` outlier channels
+    /// the host gathered: int8 weight columns `wo [N, c]` × fp16 activations `xo [c, Mp]`. The int8
+    /// product is scaled per token by the fp16 input `t [1, Mp]` before the two are added, so both
+    /// share one per-token unit (the host's rescale). All shapes are static.
+    I8I8O,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::I8I8, Variant::W8F16, Variant::F16];
+    pub const ALL: [Variant; 4] = [Variant::I8I8, Variant::W8F16, Variant::F16, Variant::I8I8O];
 
     pub fn name(self) -> &'static str {
         match self {
             Variant::I8I8 => "i8i8",
             Variant::W8F16 => "w8f16",
             Variant::F16 => "f16",
+            Variant::I8I8O => "i8i8o",
         }
     }
 
@@ -65,7 +72,8 @@ pub struct ProgramDesc {
     pub k: usize,
     /// Output features of this program (an N part when N is split).
     pub n: usize,
-    /// W8F16 only: block length along K of the scales (32, or 16 for Q6_K); 0 otherwise.
+    /// W8F16: block length along K of the scales (32, or 16 for Q6_K). I8I8O: the number of outlier
+    /// channels `c` (1..=K). 0 otherwise.
     pub group: usize,
     /// W8F16 only: per-block offsets are an input (Q4_K, Q5_K).
     pub offsets: bool,
@@ -84,11 +92,20 @@ impl ProgramDesc {
                 self.k,
                 self.n
             ),
+            Variant::I8I8O => format!(
+                "{}-c{}-m{}-k{}-n{}",
+                self.variant, self.group, self.m, self.k, self.n
+            ),
             _ => format!("{}-m{}-k{}-n{}", self.variant, self.m, self.k, self.n),
         }
     }
 
-    /// The fixed dequantisation scalar of the i8i8 variant, fp16(1/sqrt(K)).
+    /// Whether the program's main matmul is int8 × int8 (i8i8, i8i8o).
+    pub fn int8(&self) -> bool {
+        matches!(self.variant, Variant::I8I8 | Variant::I8I8O)
+    }
+
+    /// The fixed dequantisation scalar of the i8i8 and i8i8o variants, fp16(1/sqrt(K)).
     pub fn i8_scale(&self) -> half::f16 {
         half::f16::from_f32(1.0 / (self.k as f32).sqrt())
     }
@@ -110,6 +127,14 @@ impl ProgramDesc {
                     return Err(format!(
                         "w8f16 group {} does not divide k={}",
                         self.group, self.k
+                    ));
+                }
+            }
+            Variant::I8I8O => {
+                if self.group == 0 || self.group > self.k || self.offsets {
+                    return Err(format!(
+                        "i8i8o needs 1..={} outlier channels and no offsets (c={})",
+                        self.k, self.group
                     ));
                 }
             }

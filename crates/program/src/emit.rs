@@ -127,6 +127,75 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
             }
         }
         Variant::F16 => var("w"),
+        Variant::I8I8O => {
+            // i8i8's product over the non-outlier channels (the host zeroed the outliers in x),
+            // rescaled per token by t = s_int / u, plus the outlier channels' product, already in
+            // the token's unit u: y = (w·x)·t + wo·xo. One scale for the int8 operands, as i8i8.
+            let c = desc.group;
+            let s = b.scalar_f16("scale", desc.i8_scale())?;
+            let wh = b.op(
+                "dequantize",
+                "wh",
+                &[("input", &var("w")), ("scale", &s)],
+                DType::Float16,
+                &[1, 1, n, k],
+            )?;
+            let xh = b.op(
+                "dequantize",
+                "xh",
+                &[("input", &var("x")), ("scale", &s)],
+                DType::Float16,
+                &[1, 1, k, m],
+            )?;
+            let tx = b.scalar_bool("transpose_x", false)?;
+            let ty = b.scalar_bool("transpose_y", false)?;
+            let p = b.op(
+                "matmul",
+                "p",
+                &[
+                    ("x", &wh),
+                    ("y", &xh),
+                    ("transpose_x", &tx),
+                    ("transpose_y", &ty),
+                ],
+                DType::Float16,
+                &[1, 1, n, m],
+            )?;
+            let pt = b.op(
+                "mul",
+                "pt",
+                &[("x", &p), ("y", &var("t"))],
+                DType::Float16,
+                &[1, 1, n, m],
+            )?;
+            let woh = b.op(
+                "dequantize",
+                "woh",
+                &[("input", &var("wo")), ("scale", &s)],
+                DType::Float16,
+                &[1, 1, n, c],
+            )?;
+            let o = b.op(
+                "matmul",
+                "o",
+                &[
+                    ("x", &woh),
+                    ("y", &var("xo")),
+                    ("transpose_x", &tx),
+                    ("transpose_y", &ty),
+                ],
+                DType::Float16,
+                &[1, 1, n, m],
+            )?;
+            let y = b.op(
+                "add",
+                "y",
+                &[("x", &pt), ("y", &o)],
+                DType::Float16,
+                &out.shape,
+            )?;
+            return b.finish(&y);
+        }
     };
     finish_matmul(b, &wh, &var("x"), out.shape)
 }

@@ -118,6 +118,16 @@ pub fn input_specs(desc: &ProgramDesc) -> Vec<TensorSpec> {
             v
         }
         Variant::F16 => vec![t("w", DType::Float16, n, k), t("x", DType::Float16, k, m)],
+        Variant::I8I8O => {
+            let c = desc.group;
+            vec![
+                t("w", DType::Int8, n, k),
+                t("x", DType::Int8, k, m),
+                t("wo", DType::Int8, n, c),
+                t("xo", DType::Float16, c, m),
+                t("t", DType::Float16, 1, m),
+            ]
+        }
     }
 }
 

@@ -55,6 +55,11 @@ fn descs() -> Vec<ProgramDesc> {
         d(W8F16, 128, max, max, 16, true),
         d(F16, 64, 64, 64, 0, false),
         d(F16, 3072, max, 4096, 0, false),
+        d(I8I8O, 64, 256, 96, 32, false),
+        d(I8I8O, 512, 640, 2048, 32, false),
+        d(I8I8O, 512, 2048, 640, 32, false),
+        d(I8I8O, 64, 32, 1, 4, false),
+        d(I8I8O, 512, 640, max, 32, false),
     ];
     // Split parts: K over the limit (i8i8, w8f16 with offsets) and N over the limit (vocab heads).
     for plan in [
@@ -169,7 +174,13 @@ fn coremltools_loads_every_emitted_package() {
     assert_eq!(ok.len(), pkgs.len(), "one OK line per package");
     for l in &ok {
         assert!(l.contains("spec=10"), "{l}");
-        assert!(l.contains("matmul:1"), "{l}");
+        // i8i8o: the int8 product and the outlier channels' product.
+        let matmuls = if l.contains("/i8i8o-") {
+            "matmul:2"
+        } else {
+            "matmul:1"
+        };
+        assert!(l.contains(matmuls), "{l}");
     }
     assert!(
         ok.iter()

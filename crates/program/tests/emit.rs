@@ -42,6 +42,8 @@ fn all_small() -> Vec<ProgramDesc> {
         desc(Variant::W8F16, 64, 32, 1, 32, true),
         desc(Variant::W8F16, 64, 16, 1, 16, false),
         desc(Variant::F16, 64, 80, 33, 0, false),
+        desc(Variant::I8I8O, 64, 96, 40, 8, false),
+        desc(Variant::I8I8O, 128, 640, 17, 32, false),
     ]
 }
 
@@ -222,6 +224,41 @@ impl Inputs {
 fn reference(d: &ProgramDesc, inp: &Inputs) -> (Vec<f64>, Vec<f64>) {
     let (n, k, m) = (d.n, d.k, d.m);
     let eps = 2f64.powi(-11);
+    if d.variant == Variant::I8I8O {
+        // y = (Σ w·x·s²) · t + Σ wo·s · xo: the int8 product rounded to fp16, scaled by t (rounded),
+        // the outlier product rounded, and the sum rounded.
+        let s = f64::from(d.i8_scale().to_f32());
+        let c = d.group;
+        let (mut y, mut tol) = (vec![0.0; n * m], vec![0.0; n * m]);
+        for r in 0..n {
+            for col in 0..m {
+                let p: f64 = (0..k)
+                    .map(|t| {
+                        f64::from(inp.i8["w"][r * k + t]) * f64::from(inp.i8["x"][t * m + col])
+                    })
+                    .sum::<f64>()
+                    * s
+                    * s;
+                let tt = f64::from(inp.f16["t"][col].to_f32());
+                let (mut o, mut a) = (0.0, 0.0);
+                for j in 0..c {
+                    let v = f64::from(inp.i8["wo"][r * c + j])
+                        * s
+                        * f64::from(inp.f16["xo"][j * m + col].to_f32());
+                    o += v;
+                    a += v.abs();
+                }
+                y[r * m + col] = p * tt + o;
+                tol[r * m + col] = eps
+                    * (3.0 * (p * tt).abs() + 2.0 * o.abs() + (p * tt + o).abs())
+                    // the fp16 rounding of each dequantized outlier weight, and f32 sums.
+                    + eps * a
+                    + (c as f64) * 2f64.powi(-24) * a
+                    + 1e-7;
+            }
+        }
+        return (y, tol);
+    }
     let w: Vec<f64> = match d.variant {
         Variant::I8I8 => {
             let s = f64::from(d.i8_scale().to_f32());
@@ -243,6 +280,7 @@ fn reference(d: &ProgramDesc, inp: &Inputs) -> (Vec<f64>, Vec<f64>) {
                 .collect()
         }
         Variant::F16 => inp.f16["w"].iter().map(|v| f64::from(v.to_f32())).collect(),
+        Variant::I8I8O => unreachable!("handled above"),
     };
     let x: Vec<f64> = match d.variant {
         Variant::I8I8 => {

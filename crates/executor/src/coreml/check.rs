@@ -69,6 +69,10 @@ pub struct OwnedInputs {
     pub scales: Vec<f16>,
     pub offsets: Option<Vec<f16>>,
     pub x_f16: Vec<f16>,
+    /// i8i8o: outlier weight columns `[N, c]`, outlier activations `[c, Mp]`, per-token factor `[Mp]`.
+    pub wo_i8: Vec<i8>,
+    pub xo_f16: Vec<f16>,
+    pub t_f16: Vec<f16>,
 }
 
 impl OwnedInputs {
@@ -86,6 +90,9 @@ impl OwnedInputs {
             scales: Vec::new(),
             offsets: None,
             x_f16: Vec::new(),
+            wo_i8: Vec::new(),
+            xo_f16: Vec::new(),
+            t_f16: Vec::new(),
         };
         fn f16s(len: usize, lo: f32, hi: f32, rng: &mut Rng) -> Vec<f16> {
             (0..len)
@@ -110,6 +117,16 @@ impl OwnedInputs {
                 o.w_f16 = f16s(n * k, -1.0, 1.0, &mut rng);
                 o.x_f16 = f16s(k * m, -1.0, 1.0, &mut rng);
             }
+            Variant::I8I8O => {
+                // As the host makes them: |xo| <= 127 / sqrt(K), t in (0, 1].
+                let c = desc.group;
+                let s = desc.i8_scale().to_f32() * 127.0;
+                o.w_i8 = (0..n * k).map(|_| rng.i8_sym()).collect();
+                o.x_i8 = (0..k * m).map(|_| rng.i8_sym()).collect();
+                o.wo_i8 = (0..n * c).map(|_| rng.i8_sym()).collect();
+                o.xo_f16 = f16s(c * m, -s, s, &mut rng);
+                o.t_f16 = f16s(m, 1.0 / 64.0, 1.0, &mut rng);
+            }
         }
         o
     }
@@ -131,6 +148,13 @@ impl OwnedInputs {
                 w: &self.w_f16,
                 x: &self.x_f16,
             },
+            Variant::I8I8O => ProgramInputs::I8I8O {
+                w: &self.w_i8,
+                x: &self.x_i8,
+                wo: &self.wo_i8,
+                xo: &self.xo_f16,
+                t: &self.t_f16,
+            },
         }
     }
 
@@ -139,6 +163,24 @@ impl OwnedInputs {
         let d = &self.desc;
         let (k, mp) = (d.k, d.m);
         match d.variant {
+            Variant::I8I8O => {
+                let s = f64::from(d.i8_scale().to_f32());
+                let c = d.group;
+                let w = &self.w_i8[n * k..(n + 1) * k];
+                let dot: i64 = w
+                    .iter()
+                    .enumerate()
+                    .map(|(kk, &a)| i64::from(a) * i64::from(self.x_i8[kk * mp + m]))
+                    .sum();
+                let outl: f64 = (0..c)
+                    .map(|j| {
+                        f64::from(self.wo_i8[n * c + j])
+                            * s
+                            * f64::from(self.xo_f16[j * mp + m].to_f32())
+                    })
+                    .sum();
+                dot as f64 * s * s * f64::from(self.t_f16[m].to_f32()) + outl
+            }
             Variant::I8I8 => {
                 let s = f64::from(d.i8_scale().to_f32());
                 let w = &self.w_i8[n * k..(n + 1) * k];
@@ -353,6 +395,7 @@ mod tests {
             desc(Variant::W8F16, 64, 64, 8, 32, true),
             desc(Variant::W8F16, 64, 64, 8, 16, false),
             desc(Variant::F16, 64, 32, 8, 0, false),
+            desc(Variant::I8I8O, 64, 64, 8, 4, false),
         ] {
             let o = OwnedInputs::random(&d, 1);
             o.inputs().check(&d).unwrap();
@@ -389,6 +432,28 @@ mod tests {
         o.x_i8.fill(-3);
         let s = f64::from(d.i8_scale().to_f32());
         assert_eq!(o.ideal(1, 5), -6.0 * 16.0 * s * s);
+    }
+
+    /// The reference interpreter's run of an i8i8o program is the ideal product up to fp16 rounding
+    /// (the int8 part exact, the outlier part and the per-token factor in fp16).
+    #[test]
+    fn reference_i8i8o_is_the_ideal_product() {
+        use crate::Executor;
+        let exec = crate::reference::ReferenceExecutor::new();
+        for d in [
+            desc(Variant::I8I8O, 64, 640, 24, 32, false),
+            desc(Variant::I8I8O, 128, 96, 7, 1, false),
+            desc(Variant::I8I8O, 64, 32, 3, 32, false),
+        ] {
+            let o = OwnedInputs::random(&d, 9);
+            let mut y = vec![f16::ZERO; d.n * d.m];
+            exec.run(&d, o.inputs(), 0, &mut y).unwrap();
+            let ideal: Vec<f16> = (0..d.n * d.m)
+                .map(|i| f16::from_f64(o.ideal(i / d.m, i % d.m)))
+                .collect();
+            let a = compare_outputs(&ideal, &y);
+            assert!(a.nmse < 1e-6, "{d}: {a:?}");
+        }
     }
 
     #[test]

@@ -251,11 +251,19 @@ impl Program {
     ) -> Result<(), String> {
         for s in &io.inputs {
             let bytes = match (s.spec.name, inputs) {
-                ("w", ProgramInputs::I8I8 { w, .. } | ProgramInputs::W8F16 { w, .. }) => {
-                    i8_bytes(w)
-                }
+                (
+                    "w",
+                    ProgramInputs::I8I8 { w, .. }
+                    | ProgramInputs::W8F16 { w, .. }
+                    | ProgramInputs::I8I8O { w, .. },
+                ) => i8_bytes(w),
                 ("w", ProgramInputs::F16 { w, .. }) => f16_bytes(w),
-                ("x", ProgramInputs::I8I8 { x, .. }) => i8_bytes(x),
+                ("x", ProgramInputs::I8I8 { x, .. } | ProgramInputs::I8I8O { x, .. }) => {
+                    i8_bytes(x)
+                }
+                ("wo", ProgramInputs::I8I8O { wo, .. }) => i8_bytes(wo),
+                ("xo", ProgramInputs::I8I8O { xo, .. }) => f16_bytes(xo),
+                ("t", ProgramInputs::I8I8O { t, .. }) => f16_bytes(t),
                 ("x", ProgramInputs::W8F16 { x, .. } | ProgramInputs::F16 { x, .. }) => {
                     f16_bytes(x)
                 }

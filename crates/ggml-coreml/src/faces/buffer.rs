@@ -333,10 +333,14 @@ fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
         return;
     }
     let eng = engine();
-    let fp16_kind = driver::keeps_w8f16(&t.name());
+    let kind_route = if eng.routes_by_kind() {
+        driver::kind_route(&t.name())
+    } else {
+        driver::KindRoute::default()
+    };
     // Past the resident budget, weights are prepared per call: nothing to keep from load.
     if !eng.policy.would_offload_weight(k, n)
-        || eng.over_budget(eng.mode_for(wtype, fp16_kind), n, k)
+        || eng.over_budget(eng.mode_for(wtype, kind_route), n, k)
     {
         return;
     }
@@ -346,7 +350,8 @@ fn prepare_at_load(c: &BufferCtx, t: &TensorRef<'_>) {
             let (addr, stride) = unsafe { t.slice2d_addr(i2, i3) };
             // SAFETY: as above.
             let bytes = unsafe { t.slice2d_rows(i2, i3, row) };
-            if let Err(e) = eng.prepared(&c.weights, addr, stride, wtype, &bytes, n, k, fp16_kind) {
+            if let Err(e) = eng.prepared(&c.weights, addr, stride, wtype, &bytes, n, k, kind_route)
+            {
                 log::warn(&format!("{}: {e}; it will run on the host", t.name()));
                 return;
             }
