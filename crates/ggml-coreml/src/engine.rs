@@ -488,10 +488,42 @@ impl Engine {
             return self.prepared_uncached(wtype, bytes, n, k, fp16_kind);
         }
         let t0 = Instant::now();
-        let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, addr as u64)
-            .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
+        let row = bytes.len() / n.max(1);
+        let span = stride * n.saturating_sub(1) + row;
+        // Over lent memory the raw pages go as soon as their rows are converted: a large weight is
+        // prepared in chunks, so its raw form and its prepared form are never both whole in memory
+        // (the peak while a model loads: the mapping is fully resident by then).
+        let release = crate::ffi::os::release_enabled() && registry.lent_part(addr, span).is_some();
+        let chunk = if release {
+            (LOAD_CHUNK_BYTES / estimate_prepared_bytes(mode, 1, k).max(1) as usize).max(1)
+        } else {
+            n
+        };
+        let mut released_bytes = 0usize;
+        let w = PreparedWeight::prepare_chunked(
+            mode,
+            wtype,
+            n,
+            k,
+            addr as u64,
+            chunk,
+            &mut |r0, rows| std::borrow::Cow::Borrowed(&bytes[r0 * row..(r0 + rows) * row]),
+            &mut |r0, rows| {
+                // The prepared form now stands in for these raw rows: let their pages go, as stock
+                // llama.cpp does with the mapping it does not use (read again from the file if a
+                // node falls back). From the weight's start, so pages across chunk ends go too.
+                let end = if r0 + rows >= n {
+                    span
+                } else {
+                    (r0 + rows) * stride
+                };
+                if release && let Some((a, len)) = registry.lent_part(addr, end) {
+                    released_bytes = released_bytes.max(crate::ffi::os::page_out(a, len));
+                }
+            },
+        )
+        .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
         let w = Arc::new(w);
-        let span = stride * n.saturating_sub(1) + bytes.len() / n.max(1);
         let released = registry.insert(addr, span, stride, w.clone());
         self.stats.weights_prepared.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -504,16 +536,9 @@ impl Engine {
         self.stats
             .weight_bytes_held
             .fetch_sub((released as u64).min(held), Ordering::Relaxed);
-        // The prepared form now stands in for the raw rows: let their pages go, as stock llama.cpp
-        // does with the mapping it does not use (read again from the file if a node falls back).
-        if crate::ffi::os::release_enabled()
-            && let Some((a, len)) = registry.lent_part(addr, span)
-        {
-            let n = crate::ffi::os::page_out(a, len);
-            self.stats
-                .raw_bytes_released
-                .fetch_add(n as u64, Ordering::Relaxed);
-        }
+        self.stats
+            .raw_bytes_released
+            .fetch_add(released_bytes as u64, Ordering::Relaxed);
         Ok(w)
     }
 }
@@ -532,6 +557,10 @@ pub(crate) fn int8_route() -> bool {
 /// slices are alive at once at most (the one the executor runs, the next one being prepared).
 /// `GGML_COREML_SLICE_MB` overrides it (experiments).
 pub const SLICE_BYTES: usize = 4 << 20;
+
+/// Prepared bytes per chunk when a weight over lent memory is prepared to be kept (its raw pages go
+/// chunk by chunk); large enough for the repack to use every core.
+const LOAD_CHUNK_BYTES: usize = 16 << 20;
 
 fn slice_bytes() -> usize {
     static V: OnceLock<usize> = OnceLock::new();

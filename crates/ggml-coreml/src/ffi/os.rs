@@ -7,7 +7,8 @@ pub fn release_enabled() -> bool {
 }
 
 /// Asks the kernel to reclaim the whole pages inside `[addr, addr + len)`, as stock llama.cpp's loader
-/// does with the parts of the mapping no CPU tensor uses. Returns the bytes advised (0 when the range
+/// does with the parts of the mapping no CPU tensor uses, and to read them back page by page
+/// (`MADV_RANDOM`) if anything touches them again. Returns the bytes advised (0 when the range
 /// holds no whole page, the call failed, or the platform has no such advice).
 ///
 /// Linux `MADV_PAGEOUT` never changes what the range reads: clean file-backed pages are dropped and
@@ -33,6 +34,11 @@ pub fn page_out(addr: usize, len: usize) -> usize {
         let r =
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
         if r == 0 {
+            // Whatever still reads the range (a fallback node; with a tied output head, the token
+            // embedding's GET_ROWS over the same bytes) faults in only the pages it touches, not the
+            // read-around window of each fault (which brought back most of a released embedding).
+            // SAFETY: advice only, on the same range; it changes no contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_RANDOM) };
             return end - start;
         }
         static WARNED: std::sync::Once = std::sync::Once::new();
