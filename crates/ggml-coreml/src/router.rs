@@ -181,7 +181,12 @@ pub enum Route {
 /// `host` is the kind of device that runs what the ANE does not (the CPU for the ACCEL face, the inner
 /// device for the hybrid face): the policy never moves work to a GPU because the app went to the
 /// background (iOS aborts Metal work submitted from there).
-pub fn route(node: &TensorRef<'_>, face: Face, host: HostKind) -> Route {
+pub fn route(
+    node: &TensorRef<'_>,
+    face: Face,
+    host: HostKind,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> Route {
     let e = match eligible(node) {
         Ok(e) => e,
         Err(why) => return Route::Host(why),
@@ -192,18 +197,42 @@ pub fn route(node: &TensorRef<'_>, face: Face, host: HostKind) -> Route {
         return Route::Host("not a weight");
     }
     let eng = engine();
-    match eng.policy.decide_on(
-        &MatmulShape {
-            m: e.m,
-            k: e.k,
-            n: e.n,
-        },
-        eng.variant_for(e.wtype, e.fp16_kind),
-        host,
-    ) {
+    let shape = MatmulShape {
+        m: e.m,
+        k: e.k,
+        n: e.n,
+    };
+    let variant = eng.variant_for(e.wtype, e.fp16_kind);
+    // Bounded mode: a weight that is not (and will not be) resident is prepared for this call, which
+    // the policy charges to the ANE path.
+    let decision = if eng.bounded() && !kept(node, &e, registry_of) {
+        eng.policy.decide_on_per_call(&shape, variant, host)
+    } else {
+        eng.policy.decide_on(&shape, variant, host)
+    };
+    match decision {
         Decision::Ane => Route::Ane(e),
         Decision::Host(r) => Route::Host(r.as_str()),
     }
+}
+
+/// Is the weight of an eligible node resident, or would it be kept once prepared (a registry and
+/// room in the budget)?
+fn kept(
+    node: &TensorRef<'_>,
+    e: &Eligible,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> bool {
+    let Some(w) = node.src(0) else {
+        return false;
+    };
+    let eng = engine();
+    let mode = eng.mode_for(e.wtype, e.fp16_kind);
+    // SAFETY: eligible() checked the weight's layout; (0, 0) is its first 2-D slice.
+    let (addr, stride) = unsafe { w.slice2d_addr(0, 0) };
+    registry_of(&w).is_some_and(|r| {
+        r.get(addr, mode, stride, e.n).is_some() || !eng.over_budget(mode, e.n, e.k)
+    })
 }
 
 /// Per-backend state the router needs.
@@ -319,7 +348,7 @@ pub unsafe fn compute(
             if !any_ane
                 && n.op() == GGML_OP_MUL_MAT
                 && !eng.policy.surely_host(n.ne()[1].max(0) as usize)
-                && matches!(route(&n, face, ctx.host_kind), Route::Ane(_))
+                && matches!(route(&n, face, ctx.host_kind, registry_of), Route::Ane(_))
             {
                 any_ane = true;
             }
@@ -358,7 +387,7 @@ pub unsafe fn compute(
                 continue;
             }
         }
-        match route(&node, face, ctx.host_kind) {
+        match route(&node, face, ctx.host_kind, registry_of) {
             Route::Host(why) => {
                 pending.push(p);
                 pending_reason.push(why);
