@@ -54,7 +54,7 @@ typedef void (*ggml_backend_coreml_reset_stats_t)(void);
 void ggml_backend_coreml_reset_stats(void);
 
 /* Most bytes of prepared (program-form) weights kept resident; past it, weights are prepared per call
- * and dropped. SIZE_MAX: unbounded (the default on macOS and Linux; on iOS the default is a quarter of
+ * in row slices of at most 4 MiB (two alive at once) and dropped. SIZE_MAX: unbounded (the default on macOS and Linux; on iOS the default is a quarter of
  * os_proc_available_memory()). GGML_COREML_WEIGHT_BUDGET_MB sets the initial value. Returns the old one. */
 typedef size_t (*ggml_backend_coreml_set_weight_budget_t)(size_t bytes);
 size_t ggml_backend_coreml_set_weight_budget(size_t bytes);

@@ -248,6 +248,12 @@ pub struct RunRecord {
     /// Hybrid face: graphs the hybrid device computed (its `hybrid summary` log lines).
     #[serde(default)]
     pub hybrid_graphs: Option<u64>,
+    /// Our accounted bytes (the stats' `memory` section), for our runs: prepared forms resident and
+    /// raw weight pages handed back to the OS, MiB.
+    #[serde(default)]
+    pub prepared_mib: Option<f64>,
+    #[serde(default)]
+    pub released_mib: Option<f64>,
 }
 
 impl RunRecord {
@@ -297,6 +303,12 @@ pub struct Row {
     pub decode_best_ratio: Option<f64>,
     pub stock_rss_mib: Option<f64>,
     pub ours_rss_mib: Option<f64>,
+    /// Prepared forms our run held (MiB) and the raw pages it released: the accounted bytes next to
+    /// the peak RSS (issue #13's bound: ours − stock ≤ 1.05 × prepared + 32 MiB).
+    #[serde(default)]
+    pub ours_prepared_mib: Option<f64>,
+    #[serde(default)]
+    pub ours_released_mib: Option<f64>,
     pub stock_j_per_token: Option<f64>,
     pub ours_j_per_token: Option<f64>,
     pub offloaded_ops: Option<u64>,
@@ -648,6 +660,13 @@ fn bench_once(
         Some((ops, p)) => (Some(ops), Some(p)),
         None => (None, None),
     };
+    let memory = |key: &str| {
+        policy.and_then(|_| {
+            let v: serde_json::Value = serde_json::from_slice(&fs::read(&stats).ok()?).ok()?;
+            v.get("memory")?.get(key)?.as_f64()
+        })
+    };
+    let (prepared_mib, released_mib) = (memory("prepared_mib"), memory("raw_released_mib"));
     let hybrid_graphs = (policy.is_some() && mx.face == Face::Hybrid)
         .then(|| hybrid_graphs(&stderr))
         .flatten();
@@ -677,6 +696,8 @@ fn bench_once(
         offloaded_ops,
         policy_in_effect,
         hybrid_graphs,
+        prepared_mib,
+        released_mib,
     })
 }
 
@@ -994,6 +1015,8 @@ pub fn summarise(runs: &[RunRecord], mx: &Matrix) -> Vec<Row> {
                     decode_best_ratio,
                     stock_rss_mib: col(&|r| r.peak_rss_mib, 0),
                     ours_rss_mib: col(&|r| r.peak_rss_mib, 1),
+                    ours_prepared_mib: col(&|r| r.prepared_mib, 1),
+                    ours_released_mib: col(&|r| r.released_mib, 1),
                     stock_j_per_token: col(&|r| r.energy_per_token(), 0),
                     ours_j_per_token: col(&|r| r.energy_per_token(), 1),
                     offloaded_ops: pairs.iter().filter_map(|(_, o)| o.offloaded_ops).max(),
@@ -1237,9 +1260,9 @@ fn render_tables(o: &mut String, r: &Results, h: &str) {
     let _ = writeln!(o, "\n{h} Decode, memory, energy\n");
     let _ = writeln!(
         o,
-        "| model | type | policy | stock tok/s | ours tok/s | decode ratio | best-of ratio | stock peak RSS MiB | ours peak RSS MiB | stock J/token | ours J/token |"
+        "| model | type | policy | stock tok/s | ours tok/s | decode ratio | best-of ratio | stock peak RSS MiB | ours peak RSS MiB | ours prepared MiB | ours raw released MiB | stock J/token | ours J/token |"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut seen = Vec::new();
     for x in &r.rows {
         let key = (x.model.clone(), x.quant.clone(), x.policy.clone());
@@ -1249,7 +1272,7 @@ fn render_tables(o: &mut String, r: &Results, h: &str) {
         seen.push(key);
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.model,
             x.quant,
             policy_label(x),
@@ -1259,6 +1282,8 @@ fn render_tables(o: &mut String, r: &Results, h: &str) {
             ratio(x.decode_best_ratio),
             opt(x.stock_rss_mib, 0),
             opt(x.ours_rss_mib, 0),
+            opt(x.ours_prepared_mib, 1),
+            opt(x.ours_released_mib, 1),
             opt(x.stock_j_per_token, 3),
             opt(x.ours_j_per_token, 3)
         );
@@ -1789,6 +1814,8 @@ mod tests {
             offloaded_ops: Some(7),
             policy_in_effect: Some("always".into()),
             hybrid_graphs: None,
+            prepared_mib: None,
+            released_mib: None,
         }
     }
 

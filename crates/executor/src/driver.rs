@@ -217,6 +217,66 @@ pub enum WeightForm {
     Exact(Vec<f32>),
 }
 
+impl WeightForm {
+    /// Room for `rows` more rows of `k` values.
+    fn reserve_rows(&mut self, rows: usize, k: usize) {
+        match self {
+            WeightForm::Rowwise(r) => {
+                r.q.reserve_exact(rows * k);
+                r.scales.reserve_exact(rows);
+            }
+            WeightForm::Block {
+                q,
+                scales,
+                offsets,
+                group,
+            } => {
+                let per_row = k / (*group).max(1);
+                q.reserve_exact(rows * k);
+                scales.reserve_exact(rows * per_row);
+                if let Some(o) = offsets {
+                    o.reserve_exact(rows * per_row);
+                }
+            }
+            WeightForm::Half(h) => h.reserve_exact(rows * k),
+            WeightForm::Exact(e) => e.reserve_exact(rows * k),
+        }
+    }
+
+    /// Appends the rows of `more` (the same kind of form, same `k`); false if the kinds differ.
+    fn append(&mut self, more: WeightForm) -> bool {
+        match (self, more) {
+            (WeightForm::Rowwise(a), WeightForm::Rowwise(b)) => {
+                a.q.extend_from_slice(&b.q);
+                a.scales.extend_from_slice(&b.scales);
+                a.n += b.n;
+            }
+            (
+                WeightForm::Block {
+                    q, scales, offsets, ..
+                },
+                WeightForm::Block {
+                    q: q2,
+                    scales: s2,
+                    offsets: o2,
+                    ..
+                },
+            ) => {
+                q.extend_from_slice(&q2);
+                scales.extend_from_slice(&s2);
+                if let (Some(o), Some(o2)) = (offsets, o2) {
+                    o.extend_from_slice(&o2);
+                }
+            }
+            (WeightForm::Half(a), WeightForm::Half(b)) => a.extend_from_slice(&b),
+            (WeightForm::Exact(a), WeightForm::Exact(b)) => a.extend_from_slice(&b),
+            // One mode makes one kind of form.
+            _ => return false,
+        }
+        true
+    }
+}
+
 /// Largest rotation block of `i8i8r` (`GGML_COREML_ROTATE_BLOCK`, a power of two; default
 /// [`bridge::DEFAULT_MAX_BLOCK`]). Read once per process: weights and activations must agree.
 pub fn rotation_max_block() -> usize {
@@ -343,6 +403,58 @@ impl PreparedWeight {
             rotation,
             key,
             fallback: OnceLock::new(),
+        })
+    }
+
+    /// [`PreparedWeight::prepare`] in chunks of `chunk` rows: `rows_of(r0, rows)` gives a chunk's raw
+    /// bytes, and `done(r0, rows)` is called once that chunk is converted (the caller may then let its
+    /// raw pages go). The form equals one `prepare` of all rows value for value (every form is made
+    /// row by row); only one chunk's form exists besides the result at any time.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_chunked<'b>(
+        mode: Mode,
+        wtype: WeightType,
+        n: usize,
+        k: usize,
+        key: u64,
+        chunk: usize,
+        rows_of: &mut dyn FnMut(usize, usize) -> std::borrow::Cow<'b, [u8]>,
+        done: &mut dyn FnMut(usize, usize),
+    ) -> Result<PreparedWeight, BridgeError> {
+        let chunk = chunk.max(1);
+        if chunk >= n {
+            let w = PreparedWeight::prepare(mode, wtype, &rows_of(0, n), n, k, key)?;
+            done(0, n);
+            return Ok(w);
+        }
+        let mut acc: Option<PreparedWeight> = None;
+        for r0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - r0);
+            let part = PreparedWeight::prepare(mode, wtype, &rows_of(r0, rows), rows, k, key)?;
+            done(r0, rows);
+            match &mut acc {
+                None => {
+                    let mut first = part;
+                    first.form.reserve_rows(n - rows, k);
+                    first.n = n;
+                    acc = Some(first);
+                }
+                Some(a) => {
+                    if !a.form.append(part.form) {
+                        return Err(BridgeError::ByteLength {
+                            what: "chunked weight form",
+                            got: r0,
+                            want: n,
+                        });
+                    }
+                }
+            }
+        }
+        // n > chunk ≥ 1: at least one chunk ran.
+        acc.ok_or(BridgeError::ByteLength {
+            what: "chunked weight rows",
+            got: 0,
+            want: n,
         })
     }
 
@@ -968,6 +1080,98 @@ mod tests {
             b.extend((0..32).map(|_| rng.next() as u8));
         }
         b
+    }
+
+    fn same_form(a: &WeightForm, b: &WeightForm) -> bool {
+        match (a, b) {
+            (WeightForm::Rowwise(x), WeightForm::Rowwise(y)) => {
+                x.n == y.n && x.q == y.q && x.scales == y.scales
+            }
+            (
+                WeightForm::Block {
+                    q, scales, offsets, ..
+                },
+                WeightForm::Block {
+                    q: q2,
+                    scales: s2,
+                    offsets: o2,
+                    ..
+                },
+            ) => q == q2 && scales == s2 && offsets == o2,
+            (WeightForm::Half(x), WeightForm::Half(y)) => x == y,
+            (WeightForm::Exact(x), WeightForm::Exact(y)) => x == y,
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn chunked_prepare_equals_whole_and_slices_equal_whole_matmul() {
+        let (n, k, m) = (200, 256, 9);
+        let mut rng = Lcg(7);
+        let bytes = q8_0_bytes(n, k, &mut rng);
+        let row = WeightType::Q8_0.row_bytes(k).unwrap();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+        let exec = ReferenceExecutor::new();
+        for mode in [
+            Mode::Program(Variant::I8I8),
+            Mode::Program(Variant::W8F16),
+            Mode::Program(Variant::F16),
+            Mode::I8I8Rotated,
+            Mode::I8I8Outlier,
+            Mode::ExactF32,
+        ] {
+            let whole = PreparedWeight::prepare(mode, WeightType::Q8_0, &bytes, n, k, 0).unwrap();
+            for chunk in [1, 64, 199, 200, 500] {
+                let mut seen = Vec::new();
+                let w = PreparedWeight::prepare_chunked(
+                    mode,
+                    WeightType::Q8_0,
+                    n,
+                    k,
+                    0,
+                    chunk,
+                    &mut |r0, rows| std::borrow::Cow::Borrowed(&bytes[r0 * row..(r0 + rows) * row]),
+                    &mut |r0, rows| seen.push((r0, rows)),
+                )
+                .unwrap();
+                assert_eq!((w.n, w.k), (n, k));
+                assert!(
+                    same_form(&w.form, &whole.form),
+                    "{} chunk {chunk}",
+                    mode.name()
+                );
+                assert_eq!(seen.iter().map(|s| s.1).sum::<usize>(), n);
+            }
+            // Row slices of the weight, each run for its columns of the output: the whole product.
+            let mut s = Scratch::default();
+            let act = Activations {
+                x: &x,
+                m,
+                x_stride: k,
+            };
+            let mut want = vec![0f32; m * n];
+            matmul(&exec, &whole, &act, &mut want, n, &mut s).unwrap();
+            let mut got = vec![0f32; m * n];
+            for r0 in (0..n).step_by(64) {
+                let rows = 64.min(n - r0);
+                let part = PreparedWeight::prepare(
+                    mode,
+                    WeightType::Q8_0,
+                    &bytes[r0 * row..(r0 + rows) * row],
+                    rows,
+                    k,
+                    0,
+                )
+                .unwrap();
+                matmul(&exec, &part, &act, &mut got[r0..], n, &mut s).unwrap();
+            }
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{}",
+                mode.name()
+            );
+        }
     }
 
     /// The straightforward host side (zero-fill, one transpose per element, accumulate): what

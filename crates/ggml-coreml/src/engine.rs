@@ -78,6 +78,9 @@ pub struct Engine {
     /// `u64::MAX`: unbounded (Macs, Linux); on iOS the default follows the memory the OS says the app may
     /// still use.
     pub weight_budget: AtomicU64,
+    /// The executor is real accelerator hardware: per-call weight slices are prepared on a second
+    /// thread while it runs the previous one (the reference executor's GEMM already uses every core).
+    pub accelerated: bool,
     /// Per-device disk cache for the policy's measurements (accelerated executors only: reference
     /// timings say nothing about a device).
     measurements: Option<ggml_coreml_cache::Cache>,
@@ -198,6 +201,7 @@ impl Engine {
             fault_every,
             fault_panics,
             weight_budget: AtomicU64::new(default_weight_budget()),
+            accelerated: caps.accelerated,
             calls: AtomicU64::new(0),
             measurements,
         }
@@ -413,6 +417,39 @@ impl Engine {
                 > budget
     }
 
+    /// True when a resident-weight budget is set (bounded mode).
+    pub fn bounded(&self) -> bool {
+        self.weight_budget.load(Ordering::Relaxed) != u64::MAX
+    }
+
+    /// Rows per slice when an `n`×`k` weight in `mode` is prepared per call (not kept): the largest
+    /// power of two (≥ 32) whose prepared form fits [`SLICE_BYTES`], at most `n`. Powers of two keep
+    /// the programs few (every slice but the last has the same shape).
+    pub fn slice_rows(&self, mode: Mode, n: usize, k: usize) -> usize {
+        let per_row = estimate_prepared_bytes(mode, 1, k).max(1) as usize;
+        let rows = (slice_bytes() / per_row).max(32);
+        (1usize << (usize::BITS - 1 - rows.leading_zeros())).min(n.max(1))
+    }
+
+    /// One row slice of a weight prepared per call (bounded mode): kept nowhere, counted in the stats.
+    pub fn prepare_slice(
+        &self,
+        wtype: WeightType,
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+        kind_route: driver::KindRoute,
+    ) -> Result<PreparedWeight, String> {
+        let mode = self.mode_for(wtype, kind_route);
+        let t0 = Instant::now();
+        let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, 0)
+            .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
+        self.stats
+            .prepare_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(w)
+    }
+
     /// A prepared form made for one call and kept nowhere: for weights whose buffer we cannot watch
     /// for writes and frees (so a cached form could go stale).
     pub fn prepared_uncached(
@@ -457,10 +494,42 @@ impl Engine {
             return self.prepared_uncached(wtype, bytes, n, k, kind_route);
         }
         let t0 = Instant::now();
-        let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, addr as u64)
-            .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
+        let row = bytes.len() / n.max(1);
+        let span = stride * n.saturating_sub(1) + row;
+        // Over lent memory the raw pages go as soon as their rows are converted: a large weight is
+        // prepared in chunks, so its raw form and its prepared form are never both whole in memory
+        // (the peak while a model loads: the mapping is fully resident by then).
+        let release = crate::ffi::os::release_enabled() && registry.lent_part(addr, span).is_some();
+        let chunk = if release {
+            (LOAD_CHUNK_BYTES / estimate_prepared_bytes(mode, 1, k).max(1) as usize).max(1)
+        } else {
+            n
+        };
+        let mut released_bytes = 0usize;
+        let w = PreparedWeight::prepare_chunked(
+            mode,
+            wtype,
+            n,
+            k,
+            addr as u64,
+            chunk,
+            &mut |r0, rows| std::borrow::Cow::Borrowed(&bytes[r0 * row..(r0 + rows) * row]),
+            &mut |r0, rows| {
+                // The prepared form now stands in for these raw rows: let their pages go, as stock
+                // llama.cpp does with the mapping it does not use (read again from the file if a
+                // node falls back). From the weight's start, so pages across chunk ends go too.
+                let end = if r0 + rows >= n {
+                    span
+                } else {
+                    (r0 + rows) * stride
+                };
+                if release && let Some((a, len)) = registry.lent_part(addr, end) {
+                    released_bytes = released_bytes.max(crate::ffi::os::page_out(a, len));
+                }
+            },
+        )
+        .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
         let w = Arc::new(w);
-        let span = stride * n.saturating_sub(1) + bytes.len() / n.max(1);
         let released = registry.insert(addr, span, stride, w.clone());
         self.stats.weights_prepared.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -473,6 +542,9 @@ impl Engine {
         self.stats
             .weight_bytes_held
             .fetch_sub((released as u64).min(held), Ordering::Relaxed);
+        self.stats
+            .raw_bytes_released
+            .fetch_add(released_bytes as u64, Ordering::Relaxed);
         Ok(w)
     }
 }
@@ -484,6 +556,26 @@ impl Engine {
 pub(crate) fn int8_route() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
     *V.get_or_init(|| std::env::var("GGML_COREML_INT8_ROUTE").map_or(true, |v| v != "0"))
+}
+
+/// Most bytes of prepared form in one row slice of a weight prepared per call (bounded mode); two
+/// slices are alive at once at most (the one the executor runs, the next one being prepared).
+/// `GGML_COREML_SLICE_MB` overrides it (experiments).
+pub const SLICE_BYTES: usize = 4 << 20;
+
+/// Prepared bytes per chunk when a weight over lent memory is prepared to be kept (its raw pages go
+/// chunk by chunk); large enough for the repack to use every core.
+const LOAD_CHUNK_BYTES: usize = 16 << 20;
+
+fn slice_bytes() -> usize {
+    static V: OnceLock<usize> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("GGML_COREML_SLICE_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&mb| mb > 0)
+            .map_or(SLICE_BYTES, |mb| mb << 20)
+    })
 }
 
 /// About the bytes [`PreparedWeight::bytes_held`] will report for an `n`×`k` weight in `mode`.

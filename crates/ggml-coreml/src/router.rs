@@ -6,10 +6,11 @@
 //! [`compute`] walks the graph a face receives: ANE nodes go to the driver/executor, host nodes are
 //! batched into one call of the inner (host) backend, and an executor error sends that node to the host.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use ggml_coreml_bridge::WeightType;
-use ggml_coreml_executor::driver::{self, Activations, Scratch};
+use ggml_coreml_executor::driver::{self, Activations, PreparedWeight, Scratch};
 use ggml_coreml_policy::{Decision, HostKind, MatmulShape};
 
 use crate::engine::{ParityEntry, engine};
@@ -187,7 +188,12 @@ pub enum Route {
 /// `host` is the kind of device that runs what the ANE does not (the CPU for the ACCEL face, the inner
 /// device for the hybrid face): the policy never moves work to a GPU because the app went to the
 /// background (iOS aborts Metal work submitted from there).
-pub fn route(node: &TensorRef<'_>, face: Face, host: HostKind) -> Route {
+pub fn route(
+    node: &TensorRef<'_>,
+    face: Face,
+    host: HostKind,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> Route {
     let e = match eligible(node) {
         Ok(e) => e,
         Err(why) => return Route::Host(why),
@@ -198,18 +204,42 @@ pub fn route(node: &TensorRef<'_>, face: Face, host: HostKind) -> Route {
         return Route::Host("not a weight");
     }
     let eng = engine();
-    match eng.policy.decide_on(
-        &MatmulShape {
-            m: e.m,
-            k: e.k,
-            n: e.n,
-        },
-        eng.variant_for(e.wtype, e.kind_route),
-        host,
-    ) {
+    let shape = MatmulShape {
+        m: e.m,
+        k: e.k,
+        n: e.n,
+    };
+    let variant = eng.variant_for(e.wtype, e.kind_route);
+    // Bounded mode: a weight that is not (and will not be) resident is prepared for this call, which
+    // the policy charges to the ANE path.
+    let decision = if eng.bounded() && !kept(node, &e, registry_of) {
+        eng.policy.decide_on_per_call(&shape, variant, host)
+    } else {
+        eng.policy.decide_on(&shape, variant, host)
+    };
+    match decision {
         Decision::Ane => Route::Ane(e),
         Decision::Host(r) => Route::Host(r.as_str()),
     }
+}
+
+/// Is the weight of an eligible node resident, or would it be kept once prepared (a registry and
+/// room in the budget)?
+fn kept(
+    node: &TensorRef<'_>,
+    e: &Eligible,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> bool {
+    let Some(w) = node.src(0) else {
+        return false;
+    };
+    let eng = engine();
+    let mode = eng.mode_for(e.wtype, e.kind_route);
+    // SAFETY: eligible() checked the weight's layout; (0, 0) is its first 2-D slice.
+    let (addr, stride) = unsafe { w.slice2d_addr(0, 0) };
+    registry_of(&w).is_some_and(|r| {
+        r.get(addr, mode, stride, e.n).is_some() || !eng.over_budget(mode, e.n, e.k)
+    })
 }
 
 /// Per-backend state the router needs.
@@ -325,7 +355,7 @@ pub unsafe fn compute(
             if !any_ane
                 && n.op() == GGML_OP_MUL_MAT
                 && !eng.policy.surely_host(n.ne()[1].max(0) as usize)
-                && matches!(route(&n, face, ctx.host_kind), Route::Ane(_))
+                && matches!(route(&n, face, ctx.host_kind, registry_of), Route::Ane(_))
             {
                 any_ane = true;
             }
@@ -364,7 +394,7 @@ pub unsafe fn compute(
                 continue;
             }
         }
-        match route(&node, face, ctx.host_kind) {
+        match route(&node, face, ctx.host_kind, registry_of) {
             Route::Host(why) => {
                 pending.push(p);
                 pending_reason.push(why);
@@ -614,12 +644,23 @@ fn run_ane(
             let (i02, i03) = (i12 / r2, i13 / r3);
             // SAFETY: eligible() checked rows of whole blocks; indices are within ne[2], ne[3].
             let (addr, stride) = unsafe { w.slice2d_addr(i02, i03) };
+            let mode = eng.mode_for(e.wtype, e.kind_route);
             let cached = registry
                 .as_ref()
-                .and_then(|reg| reg.get(addr, eng.mode_for(e.wtype, e.kind_route), stride, e.n));
+                .and_then(|reg| reg.get(addr, mode, stride, e.n));
+            // Not kept (no registry, or past the resident budget) and larger than one slice: prepared
+            // per call in row slices, each run for its columns of the output (bounded mode).
+            let sliced = cached.is_none()
+                && (registry.is_none() || eng.over_budget(mode, e.n, e.k))
+                && eng.slice_rows(mode, e.n, e.k) < e.n;
+            let gathered = (sliced && !w_host).then(|| {
+                let whole = w_copy.get_or_insert_with(|| read_whole(api, &w, &mut xfer));
+                slice_rows(whole, w.ne(), w.nb(), i02, i03, row)
+            });
             let pw = match cached {
-                Some(pw) => pw,
-                None => {
+                Some(pw) => Some(pw),
+                None if sliced => None,
+                None => Some({
                     let bytes = if w_host {
                         // SAFETY: as above.
                         unsafe { w.slice2d_rows(i02, i03, row) }
@@ -641,7 +682,7 @@ fn run_ane(
                         )?,
                         None => eng.prepared_uncached(e.wtype, &bytes, e.n, e.k, e.kind_route)?,
                     }
-                }
+                }),
             };
             let rows = match &x_copy {
                 // SAFETY: src1 is F32 (eligible) and allocated; (i12, i13) in range.
@@ -670,10 +711,19 @@ fn run_ane(
             });
             let (exec, scratch) = (eng.executor.as_ref(), &mut ctx.scratch);
             // The GEMM borrows the CPU backend's workers instead of competing with them.
-            ggml_coreml_program::pool::with_pool(pool.clone(), || {
-                driver::matmul(exec, &pw, &act, out, stride, scratch)
-            })
-            .map_err(|err| err.to_string())?;
+            let rows_of = |r0: usize, rows: usize| -> std::borrow::Cow<'_, [u8]> {
+                match &gathered {
+                    Some(g) => std::borrow::Cow::Borrowed(&g[r0 * row..(r0 + rows) * row]),
+                    // SAFETY: as above; the range is clamped to the slice's rows.
+                    None => unsafe { w.slice2d_row_range(i02, i03, row, r0, rows) },
+                }
+            };
+            ggml_coreml_program::pool::with_pool(pool.clone(), || match &pw {
+                Some(pw) => {
+                    driver::matmul(exec, pw, &act, out, stride, scratch).map_err(|e| e.to_string())
+                }
+                None => run_sliced(&e, &rows_of, &act, out, stride, scratch),
+            })?;
             if copy_back && d_host {
                 // SAFETY: as above.
                 unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
@@ -700,6 +750,73 @@ fn run_ane(
     }
     eng.stats.transfers(xfer.calls, xfer.bytes);
     Ok(batches)
+}
+
+/// Bounded mode: runs `x · wᵀ` for a weight that is not kept, preparing it per call in row slices of
+/// [`crate::engine::SLICE_BYTES`] at most, each run through the executor for its columns of `out`.
+/// At most two slices are alive at once: on accelerated executors the next slice is prepared on a
+/// second thread while the executor runs the current one; the reference executor's GEMM already uses
+/// every core, so there the slices are prepared in turn. `rows_of(r0, rows)` gives a slice's raw bytes.
+fn run_sliced<'b>(
+    e: &Eligible,
+    rows_of: &dyn Fn(usize, usize) -> std::borrow::Cow<'b, [u8]>,
+    act: &Activations<'_>,
+    out: &mut [f32],
+    out_stride: usize,
+    scratch: &mut Scratch,
+) -> Result<(), String> {
+    let eng = engine();
+    let exec = eng.executor.as_ref();
+    let mode = eng.mode_for(e.wtype, e.kind_route);
+    let step = eng.slice_rows(mode, e.n, e.k);
+    eng.stats.prepared_per_call.fetch_add(1, Ordering::Relaxed);
+    eng.stats.sliced_calls.fetch_add(1, Ordering::Relaxed);
+    let prep = |r0: usize, bytes: &[u8]| {
+        eng.prepare_slice(e.wtype, bytes, step.min(e.n - r0), e.k, e.kind_route)
+    };
+    let peak = |a: &PreparedWeight, b: Option<&PreparedWeight>| {
+        let n = a.bytes_held() + b.map_or(0, |b| b.bytes_held());
+        eng.stats
+            .slice_bytes_peak
+            .fetch_max(n as u64, Ordering::Relaxed);
+    };
+    let mut cur = prep(0, &rows_of(0, step))?;
+    let mut r0 = 0;
+    loop {
+        let next_r0 = r0 + cur.n;
+        let more = next_r0 < e.n;
+        let next_bytes = more.then(|| rows_of(next_r0, step));
+        let next = if eng.accelerated {
+            std::thread::scope(|s| {
+                let h = next_bytes
+                    .as_deref()
+                    .map(|b| s.spawn(move || prep(next_r0, b)));
+                let ran = driver::matmul(exec, &cur, act, &mut out[r0..], out_stride, scratch)
+                    .map_err(|err| err.to_string());
+                let next = h.map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("slice repack panicked".into()))
+                });
+                ran.map(|()| next)
+            })?
+        } else {
+            driver::matmul(exec, &cur, act, &mut out[r0..], out_stride, scratch)
+                .map_err(|err| err.to_string())?;
+            next_bytes.as_deref().map(|b| prep(next_r0, b))
+        };
+        match next {
+            None => {
+                peak(&cur, None);
+                return Ok(());
+            }
+            Some(n) => {
+                let n = n?;
+                peak(&cur, Some(&n));
+                cur = n;
+                r0 = next_r0;
+            }
+        }
+    }
 }
 
 /// Copies between host memory and a non-host inner buffer made for one node.

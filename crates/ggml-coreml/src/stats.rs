@@ -21,6 +21,13 @@ pub struct Stats {
     /// mapping of the model file (borrowed: not ours, counted to show nothing was copied).
     pub raw_bytes_owned: AtomicU64,
     pub raw_bytes_borrowed: AtomicU64,
+    /// Bytes of lent raw weight pages handed back to the OS once their prepared form was kept
+    /// (`madvise(MADV_PAGEOUT)` on Linux; they come back if a node reads them again).
+    pub raw_bytes_released: AtomicU64,
+    /// Weights prepared per call in row slices (bounded mode), and the most bytes of prepared
+    /// slices alive at once.
+    pub sliced_calls: AtomicU64,
+    pub slice_bytes_peak: AtomicU64,
     /// Weights prepared for one call only because the resident budget was full.
     pub prepared_per_call: AtomicU64,
     /// MUL_MATs split between the executor and the inner device (`GGML_COREML_SPLIT`).
@@ -225,7 +232,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"raw_released_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{},\"sliced_calls\":{},\"slice_peak_mib\":{:.2}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
              \"router\":{{\"hybrid_graphs\":{},\"hybrid_unsplit\":{},\"walk_us_per_graph\":{:.3}}},\
              \"split_profile\":{{\"nodes\":{},\"wall_ms\":{:.3},\"inner_alone_ms\":{:.3},\"executor_alone_ms\":{:.3},\
              \"executor_inline_ms\":{:.3},\"launch_ms\":{:.3},\"wait_ms\":{:.3},\"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}},\
@@ -242,8 +249,11 @@ impl Stats {
             g(&self.prepare_ns) as f64 / 1e6,
             g(&self.raw_bytes_owned) as f64 / (1024.0 * 1024.0),
             g(&self.raw_bytes_borrowed) as f64 / (1024.0 * 1024.0),
+            g(&self.raw_bytes_released) as f64 / (1024.0 * 1024.0),
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepared_per_call),
+            g(&self.sliced_calls),
+            g(&self.slice_bytes_peak) as f64 / (1024.0 * 1024.0),
             g(&self.split_nodes),
             self.variants_json(),
             self.int8_share(),
@@ -278,7 +288,8 @@ impl Stats {
             "MUL_MAT offloaded {} ({:.1} ms in executor, {:.2} GFLOP), on host {} ({}), executor faults {}, \
              weights prepared {} ({:.1} MiB held, {:.1} ms), variants {} (int8 × int8 {:.1} % of offloaded FLOPs), \
              copies to/from the inner device {} in {} nodes (at most {} per node); memory: {:.1} MiB of weights \
-             copied into our buffers, {:.1} MiB borrowed from the model mapping",
+             copied into our buffers, {:.1} MiB borrowed from the model mapping ({:.1} MiB of its pages released), \
+             {:.1} MiB prepared, {} weights prepared per call ({} in row slices)",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -316,6 +327,10 @@ impl Stats {
             g(&self.xfer_max_per_node),
             g(&self.raw_bytes_owned) as f64 / (1024.0 * 1024.0),
             g(&self.raw_bytes_borrowed) as f64 / (1024.0 * 1024.0),
+            g(&self.raw_bytes_released) as f64 / (1024.0 * 1024.0),
+            g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
+            g(&self.prepared_per_call),
+            g(&self.sliced_calls),
         )
     }
 }

@@ -18,9 +18,28 @@ struct Entry {
 #[derive(Default)]
 pub struct WeightRegistry {
     entries: Mutex<BTreeMap<usize, Entry>>,
+    /// `[start, end)` of host memory lent to the buffer that the OS can give back and read again
+    /// (llama.cpp's mapping of the model file, `buffer_from_host_ptr`): once a weight's prepared form
+    /// is kept here, its raw pages inside this range are paged out (`Engine::prepared`).
+    lent: Option<(usize, usize)>,
 }
 
 impl WeightRegistry {
+    /// The registry of a buffer over `len` bytes of lent host memory at `base`.
+    pub fn over_lent(base: usize, len: usize) -> WeightRegistry {
+        WeightRegistry {
+            entries: Mutex::default(),
+            lent: base.checked_add(len).map(|end| (base, end)),
+        }
+    }
+
+    /// The part of `[addr, addr + len)` inside lent host memory (None: not lent, or outside it).
+    pub fn lent_part(&self, addr: usize, len: usize) -> Option<(usize, usize)> {
+        let (lo, hi) = self.lent?;
+        let (a, b) = (addr.max(lo), addr.saturating_add(len).min(hi));
+        (a < b).then_some((a, b - a))
+    }
+
     /// The form prepared from the `n` rows at `addr` (a split node prepares only its first rows).
     pub fn get(
         &self,

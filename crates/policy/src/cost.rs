@@ -534,6 +534,15 @@ impl CostModel {
         c
     }
 
+    /// Host time of preparing an `n`×`k` weight for one call (bounded mode: the weight is not kept
+    /// resident), ms: its ggml bytes read and its program form written at the host-side rate [D]. The
+    /// cost of a weight made per call in slices; a resident weight pays it once, at load.
+    pub fn prepare_ms(&self, k: usize, n: usize, variant: Variant) -> f64 {
+        let (wb, _, hb) = element_bytes(variant);
+        let elems = k as f64 * n as f64;
+        elems * (wb + hb) / (self.host_side_gbps.max(1e-3) * 1e6)
+    }
+
     /// Host time of rotating `m` tokens of `k` activations (`i8i8r`), ms: one pass over the f32
     /// activations (read, write) at the host-side rate, plus log2(block) butterfly stages.
     pub fn rotation_ms(&self, m: usize, k: usize) -> f64 {

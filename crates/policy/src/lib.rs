@@ -457,13 +457,25 @@ impl Policy {
     }
 
     pub fn decide_for(&self, shape: &MatmulShape, variant: Variant) -> Decision {
-        self.evaluate(shape, variant, true, HostKind::Cpu).0
+        self.evaluate(shape, variant, true, HostKind::Cpu, false).0
     }
 
     /// The decision when the host side is `host` (see [`HostKind`]: a GPU host is never chosen because
     /// the app is in the background). The hybrid face over Metal asks with [`HostKind::Gpu`].
     pub fn decide_on(&self, shape: &MatmulShape, variant: Variant, host: HostKind) -> Decision {
-        self.evaluate(shape, variant, true, host).0
+        self.evaluate(shape, variant, true, host, false).0
+    }
+
+    /// [`Policy::decide_on`] for a weight that is not resident (bounded mode): its preparation for
+    /// this call is charged to the ANE path ([`cost::CostModel::prepare_ms`]) unless a measurement of
+    /// the shape, which includes it, is at hand.
+    pub fn decide_on_per_call(
+        &self,
+        shape: &MatmulShape,
+        variant: Variant,
+        host: HostKind,
+    ) -> Decision {
+        self.evaluate(shape, variant, true, host, true).0
     }
 
     /// At weight placement: could any MUL_MAT over this weight ever go to the ANE under the current mode?
@@ -484,14 +496,30 @@ impl Policy {
             .filter(|&b| b < ubatch)
             .chain(std::iter::once(ubatch))
             .any(|m| {
-                self.evaluate(&MatmulShape { m, k, n }, variant, false, HostKind::Cpu)
-                    .0
-                    == Decision::Ane
+                self.evaluate(
+                    &MatmulShape { m, k, n },
+                    variant,
+                    false,
+                    HostKind::Cpu,
+                    false,
+                )
+                .0 == Decision::Ane
             })
     }
 
     /// Times the decision compares for this shape.
     pub fn predict(&self, shape: &MatmulShape, variant: Variant) -> Prediction {
+        self.predict_with(shape, variant, false)
+    }
+
+    /// [`Policy::predict`]; `per_call_prepare`: the weight is prepared for this call (not resident),
+    /// which the modelled ANE time is charged for (a measured time already includes it).
+    pub fn predict_with(
+        &self,
+        shape: &MatmulShape,
+        variant: Variant,
+        per_call_prepare: bool,
+    ) -> Prediction {
         let model = read(&self.device).model;
         let entry = read(&self.measurements).get(&Key::new(variant, shape.m, shape.k, shape.n));
         let ane_model = model.map(|c| c.ane(shape.m, shape.k, shape.n, variant));
@@ -505,7 +533,14 @@ impl Policy {
             ane_model,
             host_model,
             // The reference executor is never profitable, measured or not.
-            ane_ms: model.and(ane_meas.or(ane_model.map(|a| a.total_ms))),
+            ane_ms: model.and(ane_meas.or(ane_model.map(|a| {
+                a.total_ms
+                    + if per_call_prepare {
+                        model.map_or(0.0, |c| c.prepare_ms(shape.k, shape.n, variant))
+                    } else {
+                        0.0
+                    }
+            }))),
             host_ms: host_meas.or(host_model.map(|h| h.total_ms)),
             ane_measured: model.is_some() && ane_meas.is_some(),
             host_measured: host_meas.is_some(),
@@ -600,7 +635,7 @@ impl Policy {
     }
 
     pub fn explain_for(&self, shape: &MatmulShape, variant: Variant) -> String {
-        let (d, p) = self.evaluate(shape, variant, true, HostKind::Cpu);
+        let (d, p) = self.evaluate(shape, variant, true, HostKind::Cpu, false);
         let facts = self.device_facts();
         let st = self.device_state();
         let mode = self.mode();
@@ -712,6 +747,7 @@ impl Policy {
         variant: Variant,
         transient: bool,
         host_kind: HostKind,
+        per_call_prepare: bool,
     ) -> (Decision, Option<Prediction>) {
         let host = |r| (Decision::Host(r), None);
         if shape.m == 0 || shape.k == 0 || shape.n == 0 {
@@ -770,7 +806,7 @@ impl Policy {
         if shape.m < self.min_m() {
             return host(Reason::SmallBatch);
         }
-        let p = self.predict(shape, variant);
+        let p = self.predict_with(shape, variant, per_call_prepare);
         let win = match (p.ane_ms, p.host_ms) {
             (Some(a), Some(h)) => match mode {
                 Mode::Energy => a <= self.energy_factor() * h,

@@ -547,3 +547,47 @@ fn always_respects_an_explicit_min_m() {
     });
     assert_eq!(p.decide(&small), Decision::Ane);
 }
+
+#[test]
+fn per_call_preparation_is_charged_to_the_ane_path() {
+    // Bounded mode: a weight that is not resident is prepared for the call; the model charges it.
+    let p = on(ChipGen::M4, Mode::Latency);
+    let resident = p.predict_with(&PREFILL, Variant::W8F16, false);
+    let per_call = p.predict_with(&PREFILL, Variant::W8F16, true);
+    let model = ggml_coreml_policy::cost::CostModel::for_chip(ChipGen::M4);
+    let charge = model.prepare_ms(PREFILL.k, PREFILL.n, Variant::W8F16);
+    assert!(charge > 0.0);
+    assert!(
+        (per_call.ane_ms.unwrap() - resident.ane_ms.unwrap() - charge).abs() < 1e-9,
+        "{resident:?} {per_call:?}"
+    );
+    assert_eq!(per_call.host_ms, resident.host_ms);
+    // The charge only ever moves calls to the host, and it does move small ones (the whole weight
+    // is prepared for few tokens).
+    let cpu = ggml_coreml_policy::HostKind::Cpu;
+    let mut moved = 0;
+    for m in 1..=512 {
+        let shape = MatmulShape { m, ..PREFILL };
+        let (r, c) = (
+            p.decide_on(&shape, Variant::W8F16, cpu),
+            p.decide_on_per_call(&shape, Variant::W8F16, cpu),
+        );
+        assert!(c != Decision::Ane || r == Decision::Ane, "m {m}");
+        moved += usize::from(r == Decision::Ane && c == host(Reason::NotProfitable));
+    }
+    assert!(moved > 0);
+    // A measured time already includes the preparation: nothing is added to it.
+    p.record(&PREFILL, Variant::W8F16, 3000.0, None);
+    p.record(&PREFILL, Variant::W8F16, 7.0, None);
+    let m = p.predict_with(&PREFILL, Variant::W8F16, true);
+    assert!(
+        m.ane_measured && (m.ane_ms.unwrap() - 7.0).abs() < 1e-9,
+        "{m:?}"
+    );
+    // Policy `always` still offloads.
+    let a = on(ChipGen::M4, Mode::Always);
+    assert_eq!(
+        a.decide_on_per_call(&PREFILL, Variant::W8F16, ggml_coreml_policy::HostKind::Cpu),
+        Decision::Ane
+    );
+}

@@ -191,7 +191,7 @@ pub unsafe fn from_host_ptr(
         mem: mem.cast(),
         layout: None,
         borrowed: size,
-        weights: WeightRegistry::default(),
+        weights: WeightRegistry::over_lent(mem as usize, size),
     }));
     engine()
         .stats

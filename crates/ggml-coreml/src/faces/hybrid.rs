@@ -238,7 +238,7 @@ unsafe extern "C" fn dev_buffer_from_host_ptr(
         // wrapper's own, so its prepared weights go when it is freed.
         unsafe {
             let buf = (api.dev_buffer_from_host_ptr)(hctx(dev).inner, ptr, size, max_tensor_size);
-            hybrid_buffer::track_foreign(buf);
+            hybrid_buffer::track_foreign(buf, ptr as usize, size);
             buf
         }
     })

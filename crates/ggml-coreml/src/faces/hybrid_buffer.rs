@@ -220,21 +220,22 @@ unsafe extern "C" fn w_alloc_buffer(buft: BuftPtr, size: usize) -> *mut GgmlBack
         let buf = unsafe { (api.buft_alloc_buffer)(inner, size) };
         if !buf.is_null() {
             // SAFETY: a live buffer just made by ggml-base, not yet shared with anyone.
-            unsafe { track(buf) };
+            unsafe { track(buf, WeightRegistry::default()) };
         }
         buf
     })
 }
 
-/// A buffer the inner device made over host memory (llama.cpp's mapping of the model file), tracked
-/// like the wrapper's own.
+/// A buffer the inner device made over `size` bytes of host memory at `mem` (llama.cpp's mapping of the
+/// model file), tracked like the wrapper's own; the raw pages of weights prepared from it are given
+/// back to the OS (`WeightRegistry::over_lent`).
 ///
 /// # Safety
-/// `buf` is a live buffer just returned by the inner device, not yet used by anyone.
-pub unsafe fn track_foreign(buf: *mut GgmlBackendBuffer) {
+/// `buf` is a live buffer just returned by the inner device, not yet used by anyone, over `mem`.
+pub unsafe fn track_foreign(buf: *mut GgmlBackendBuffer, mem: usize, size: usize) {
     if !buf.is_null() {
         // SAFETY: per the contract.
-        unsafe { track(buf) };
+        unsafe { track(buf, WeightRegistry::over_lent(mem, size)) };
     }
 }
 
@@ -242,7 +243,7 @@ pub unsafe fn track_foreign(buf: *mut GgmlBackendBuffer) {
 ///
 /// # Safety
 /// `buf` is a live buffer nobody else uses yet.
-unsafe fn track(buf: *mut GgmlBackendBuffer) {
+unsafe fn track(buf: *mut GgmlBackendBuffer, registry: WeightRegistry) {
     // SAFETY: per the contract; the interface is a plain struct of function pointers owned by the
     // buffer (ggml-base copied it in `ggml_backend_buffer_init`).
     let b = unsafe { &mut *buf };
@@ -271,7 +272,7 @@ unsafe fn track(buf: *mut GgmlBackendBuffer) {
             buf as usize,
             Tracked {
                 orig,
-                weights: Arc::new(WeightRegistry::default()),
+                weights: Arc::new(registry),
             },
         )
     });

@@ -4,4 +4,5 @@
 pub mod abi;
 pub mod ggml;
 pub mod guard;
+pub mod os;
 pub mod tensor;

@@ -182,17 +182,35 @@ impl<'a> TensorRef<'a> {
         i3: usize,
         row_bytes: usize,
     ) -> std::borrow::Cow<'a, [u8]> {
-        let rows = self.t.ne[1] as usize;
+        // SAFETY: per the contract, all `ne[1]` rows.
+        unsafe { self.slice2d_row_range(i2, i3, row_bytes, 0, self.t.ne[1] as usize) }
+    }
+
+    /// [`TensorRef::slice2d_rows`] of rows `r0 .. r0 + rows` only (clamped to `ne[1]`).
+    ///
+    /// # Safety
+    /// As [`TensorRef::slice2d_rows`].
+    pub unsafe fn slice2d_row_range(
+        &self,
+        i2: usize,
+        i3: usize,
+        row_bytes: usize,
+        r0: usize,
+        rows: usize,
+    ) -> std::borrow::Cow<'a, [u8]> {
+        let all = self.t.ne[1] as usize;
+        let r0 = r0.min(all);
+        let rows = rows.min(all - r0);
         let stride = self.t.nb[1];
         // SAFETY: caller contract: the slice's rows lie in the tensor's allocation.
         let base = unsafe {
             self.t
                 .data
                 .cast::<u8>()
-                .add(i2 * self.t.nb[2] + i3 * self.t.nb[3])
+                .add(i2 * self.t.nb[2] + i3 * self.t.nb[3] + r0 * stride)
         };
         if stride == row_bytes {
-            // SAFETY: ggml allocated `rows` adjacent rows of row_bytes here.
+            // SAFETY: ggml allocated adjacent rows of row_bytes here.
             return std::borrow::Cow::Borrowed(unsafe {
                 std::slice::from_raw_parts(base, rows * row_bytes)
             });
