@@ -476,20 +476,30 @@ pub fn main(args: ParityArgs) -> Result<Option<PathBuf>> {
 
 /// The CI stage: one model (gemma-3-270m), Q8_0, the library's default variant, 4 chunks, ACCEL face;
 /// errors when the cell is outside the tolerance. Returns one line for the stage verdict.
+/// Also runs the route of an int8 chip (`GGML_COREML_CHIP=M4`, issue #14) against the same references:
+/// within tolerance, with int8 × int8 programs for at least [`INT8_SHARE_MIN`] of the offloaded FLOPs.
 pub fn quick_check() -> Result<String> {
-    quick_check_with(QUICK_MODEL, Face::Accel)
+    quick_check_on(QUICK_MODEL, Face::Accel, Some("M4"))
 }
+
+/// Least int8 × int8 share of the offloaded MUL_MAT FLOPs the int8-chip route must reach (issue #14).
+const INT8_SHARE_MIN: f64 = 0.80;
 
 /// [`quick_check`] for any model and face. Also errors when the executor ran no MUL_MAT (the run would
 /// then have compared stock with stock).
 pub fn quick_check_with(m: Model, face: Face) -> Result<String> {
+    quick_check_on(m, face, None)
+}
+
+/// [`quick_check_with`], plus the route of `int8_chip` (`GGML_COREML_CHIP`) when given.
+fn quick_check_on(m: Model, face: Face, int8_chip: Option<&str>) -> Result<String> {
     let out = paths::workspace_root().join("bench-out").join(format!(
         "parity-quick-{}-{}-{}",
         m.name(),
         face.name(),
         bench::utc_stamp()
     ));
-    let ctx = prepare(&[m], &["Q8_0".to_string()], out, QUICK_CHUNKS, face)?;
+    let mut ctx = prepare(&[m], &["Q8_0".to_string()], out, QUICK_CHUNKS, face)?;
     let q8 = ctx.model(m, "Q8_0")?;
     let f16 = ctx.model(m, "F16")?;
     let base_f16 = ctx.out.join("base-F16.kld");
@@ -506,10 +516,23 @@ pub fn quick_check_with(m: Model, face: Face) -> Result<String> {
         .as_ref()
         .and_then(|(_, v)| v.clone())
         .unwrap_or_else(|| format!("{} (library default)", default_variant("Q8_0")));
+    let int8 = match int8_chip {
+        Some(chip) => {
+            ctx.ours_env = vec![("GGML_COREML_CHIP".into(), chip.into())];
+            let tag = "quick-ours-int8-chip";
+            let k = ctx.ppl_kld(&q8, &base_q8, Some(""), tag)?;
+            let stats: serde_json::Value =
+                serde_json::from_slice(&fs::read(ctx.out.join(format!("{tag}.stats.json")))?)
+                    .with_context(|| format!("{tag}: statistics do not parse"))?;
+            let share = stats["int8_flop_share"].as_f64().unwrap_or(0.0);
+            Some((chip, k, share))
+        }
+        None => None,
+    };
     let _ = fs::remove_file(&base_f16);
     let _ = fs::remove_file(&base_q8);
-    let v = judge(&ours, &reference, Some(&floor));
-    let line = format!(
+    let mut v = judge(&ours, &reference, Some(&floor));
+    let mut line = format!(
         "{} Q8_0 variant {used}, {} face: KLD {} (bar {} = Q8_0 vs F16 {} + exact floor {}), ln PPL ratio {:+.4} ± {:.4} \
          (bar ±{:.4}), same top-1 {:.1}% (Q8_0 vs F16 {:.1}%, exact {:.1}%), PPL stock {:.3} ours {:.3}, MUL_MATs offloaded {ops}",
         m.name(),
@@ -527,6 +550,29 @@ pub fn quick_check_with(m: Model, face: Face) -> Result<String> {
         ppl_stock,
         ours.ppl
     );
+    let mut int8_short = false;
+    if let Some((chip, k, share)) = &int8 {
+        let w = judge(k, &reference, Some(&floor));
+        line.push_str(&format!(
+            "; routed as on {chip}: KLD {}, ln PPL ratio {:+.4} ± {:.4}, same top-1 {:.1}%, int8 × int8 {:.1}% of offloaded FLOPs (at least {:.0}%)",
+            kfmt(k.kld),
+            k.ln_ratio,
+            k.ln_ratio_unc,
+            k.same_top,
+            share * 100.0,
+            INT8_SHARE_MIN * 100.0
+        ));
+        v.kld_ok &= w.kld_ok;
+        v.ppl_ok &= w.ppl_ok;
+        v.top_ok &= w.top_ok;
+        int8_short = *share < INT8_SHARE_MIN;
+    }
+    if int8_short {
+        bail!(
+            "int8-chip route under its int8 share: {line}; logs in {}",
+            ctx.out.display()
+        );
+    }
     if !v.pass() {
         let failed: Vec<&str> = [
             (!v.kld_ok).then_some("KLD"),
