@@ -13,7 +13,7 @@ const TINY: f32 = 1e-30;
 /// is a plain compare/select, add or integer op, so the loop vectorises on baseline x86_64 (SSE2)
 /// and aarch64.
 #[inline(always)]
-fn rne_i8(y: f32) -> i8 {
+pub(crate) fn rne_i8(y: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0;
     let y = if y > 127.0 { 127.0 } else { y };
     let y = if y < -127.0 { -127.0 } else { y };

@@ -3,17 +3,7 @@
 //! taken over the non-outlier channels only, so one large channel no longer flattens a token's scale.
 
 use crate::BridgeError;
-use crate::activation::abs_max;
-
-/// Round half to even and clamp to ±127 (NaN gives 0), as the per-token quantiser does.
-#[inline(always)]
-fn rne_i8(y: f32) -> i8 {
-    const MAGIC: f32 = 12_582_912.0;
-    let y = if y > 127.0 { 127.0 } else { y };
-    let y = if y < -127.0 { -127.0 } else { y };
-    let y = if y.is_nan() { 0.0 } else { y };
-    ((y + MAGIC).to_bits() as i32 - 0x4B40_0000) as i8
-}
+use crate::activation::{abs_max, rne_i8};
 
 /// The `c` channels (of `k`) with the largest max |x| over the `m` rows of `x` (row stride `stride`),
 /// ascending in `out` (ties: the lower channel). One pass over the activations plus a selection over

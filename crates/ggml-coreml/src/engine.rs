@@ -431,7 +431,8 @@ impl Engine {
         (1usize << (usize::BITS - 1 - rows.leading_zeros())).min(n.max(1))
     }
 
-    /// One row slice of a weight prepared per call (bounded mode): kept nowhere, counted in the stats.
+    /// A form made for one call and kept nowhere (also each row slice of bounded mode), counted in the
+    /// stats.
     pub fn prepare_slice(
         &self,
         wtype: WeightType,
@@ -460,14 +461,8 @@ impl Engine {
         k: usize,
         kind_route: driver::KindRoute,
     ) -> Result<Arc<PreparedWeight>, String> {
-        let mode = self.mode_for(wtype, kind_route);
-        let t0 = Instant::now();
-        let w = PreparedWeight::prepare(mode, wtype, bytes, n, k, 0)
-            .map_err(|e| format!("repack of {} [{n}x{k}] failed: {e}", wtype.name()))?;
-        self.stats
-            .prepare_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(Arc::new(w))
+        self.prepare_slice(wtype, bytes, n, k, kind_route)
+            .map(Arc::new)
     }
 
     /// The prepared form of the 2-D weight whose rows (`bytes`, gathered) start at `addr` with row stride

@@ -35,21 +35,7 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
         Variant::I8I8 => {
             // One scale for both operands keeps each product below 127² and the sum over K below
             // 127²·K/K: fp16 range, whatever K. The host multiplies y back by K·s_w·s_x.
-            let s = b.scalar_f16("scale", desc.i8_scale())?;
-            let wh = b.op(
-                "dequantize",
-                "wh",
-                &[("input", &var("w")), ("scale", &s)],
-                DType::Float16,
-                &[1, 1, n, k],
-            )?;
-            let xh = b.op(
-                "dequantize",
-                "xh",
-                &[("input", &var("x")), ("scale", &s)],
-                DType::Float16,
-                &[1, 1, k, m],
-            )?;
+            let (_, wh, xh) = int8_operands(&mut b, &var("w"), &var("x"), desc)?;
             return finish_matmul(b, &wh, &xh, out.shape);
         }
         Variant::W8F16 => {
@@ -132,21 +118,7 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
             // rescaled per token by t = s_int / u, plus the outlier channels' product, already in
             // the token's unit u: y = (w·x)·t + wo·xo. One scale for the int8 operands, as i8i8.
             let c = desc.group;
-            let s = b.scalar_f16("scale", desc.i8_scale())?;
-            let wh = b.op(
-                "dequantize",
-                "wh",
-                &[("input", &var("w")), ("scale", &s)],
-                DType::Float16,
-                &[1, 1, n, k],
-            )?;
-            let xh = b.op(
-                "dequantize",
-                "xh",
-                &[("input", &var("x")), ("scale", &s)],
-                DType::Float16,
-                &[1, 1, k, m],
-            )?;
+            let (s, wh, xh) = int8_operands(&mut b, &var("w"), &var("x"), desc)?;
             let tx = b.scalar_bool("transpose_x", false)?;
             let ty = b.scalar_bool("transpose_y", false)?;
             let p = b.op(
@@ -198,6 +170,32 @@ pub fn build_program(desc: &ProgramDesc) -> Result<BuiltProgram, ProgramError> {
         }
     };
     finish_matmul(b, &wh, &var("x"), out.shape)
+}
+
+/// The int8 operands `w [N, K]` and `x [K, Mp]` of i8i8 and i8i8o as fp16, both with one scale
+/// (`desc.i8_scale()`, returned first for any other int8 input), so the matmul sees exact int8 values.
+fn int8_operands(
+    b: &mut ProgramBuilder,
+    w: &str,
+    x: &str,
+    desc: &ProgramDesc,
+) -> Result<(String, String, String), ProgramError> {
+    let s = b.scalar_f16("scale", desc.i8_scale())?;
+    let wh = b.op(
+        "dequantize",
+        "wh",
+        &[("input", w), ("scale", &s)],
+        DType::Float16,
+        &[1, 1, desc.n, desc.k],
+    )?;
+    let xh = b.op(
+        "dequantize",
+        "xh",
+        &[("input", x), ("scale", &s)],
+        DType::Float16,
+        &[1, 1, desc.k, desc.m],
+    )?;
+    Ok((s, wh, xh))
 }
 
 fn finish_matmul(
