@@ -398,6 +398,10 @@ impl Executor for BackgroundExecutor {
         self.shared.inner.needs_compile(desc)
     }
 
+    fn surface_bytes(&self) -> crate::SurfaceBytes {
+        self.shared.inner.surface_bytes()
+    }
+
     fn probe(&self) -> Result<(), String> {
         match self.probe_state() {
             ProbeState::Failed(why) => Err(why),

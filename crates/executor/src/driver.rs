@@ -326,7 +326,9 @@ pub struct PreparedWeight {
     pub form: WeightForm,
     /// i8i8r: the rotation the weight rows went through; activations take the same one per call.
     pub rotation: Option<bridge::Rotation>,
-    /// Identity of the weight data for executors that keep device copies (0 = none).
+    /// Identity of the weight data for executors that keep device copies (0 = none): the caller's
+    /// nonzero key made unique to this prepared form ([`PreparedWeight::prepare`]), so two forms never
+    /// share one, even at the same address.
     pub key: u64,
     /// The f16 form, made from `form` the first time the executor refuses this weight's int8-input
     /// program (i8i8, w8f16): from then on the weight runs through the f16 program, and goes to the
@@ -401,7 +403,7 @@ impl PreparedWeight {
             mode,
             form,
             rotation,
-            key,
+            key: unique_key(key),
             fallback: OnceLock::new(),
         })
     }
@@ -776,6 +778,18 @@ fn store_y(
             }
         }
     }
+}
+
+/// A nonzero weight key made unique to one prepared form: callers pass where the weight lives (an
+/// address), which a later weight may reuse with other bytes, and executors that keep device copies
+/// by key (the CoreML executor's resident surfaces) must never bind one weight's copy to another.
+fn unique_key(key: u64) -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    if key == 0 {
+        return 0;
+    }
+    let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (key ^ generation.wrapping_mul(0xD6E8_FEB8_6659_FD93)).max(1)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -179,6 +179,21 @@ pub struct Capabilities {
     pub description: String,
 }
 
+/// Bytes held in executor-owned buffers between calls ([`Executor::surface_bytes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SurfaceBytes {
+    /// Weight-side inputs filled once and kept for every call of that weight part.
+    pub weights: u64,
+    /// Idle per-call I/O buffers kept for reuse.
+    pub io: u64,
+}
+
+impl SurfaceBytes {
+    pub fn total(&self) -> u64 {
+        self.weights + self.io
+    }
+}
+
 /// Runs programs. Implementations are shared across threads and backends.
 pub trait Executor: Send + Sync {
     /// Short name: `reference` or `coreml`.
@@ -210,6 +225,12 @@ pub trait Executor: Send + Sync {
     /// an open compile circuit breaker, programs still being prepared. `None` when nothing does.
     fn health(&self) -> Option<String> {
         None
+    }
+
+    /// Bytes the executor keeps in its own device-side buffers between calls (CoreML: resident weight
+    /// surfaces and pooled I/O surfaces), for the statistics' `memory` section. Zero by default.
+    fn surface_bytes(&self) -> SurfaceBytes {
+        SurfaceBytes::default()
     }
 
     /// Runs one program call. `out` is `[N, Mp]` fp16. `weight_key` identifies the weight data for

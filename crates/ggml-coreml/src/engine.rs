@@ -270,9 +270,11 @@ impl Engine {
     }
 
     pub fn stats_json(&self) -> String {
-        let j = self
-            .stats
-            .to_json(self.policy.mode().name(), self.executor.name());
+        let j = self.stats.to_json(
+            self.policy.mode().name(),
+            self.executor.name(),
+            self.executor.surface_bytes(),
+        );
         // What holds the executor back (failed startup probe, open compile breaker, programs still
         // being prepared), when anything does.
         match (self.executor.health(), j.strip_suffix('}')) {

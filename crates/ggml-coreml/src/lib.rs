@@ -88,7 +88,11 @@ pub extern "C" fn ggml_backend_coreml_get_policy() -> *const c_char {
 pub unsafe extern "C" fn ggml_backend_coreml_get_stats(buf: *mut c_char, len: usize) -> usize {
     guard("ggml_backend_coreml_get_stats", 0, || {
         let e = engine::engine();
-        let json = e.stats.to_json(e.policy.mode().name(), e.executor.name());
+        let json = e.stats.to_json(
+            e.policy.mode().name(),
+            e.executor.name(),
+            e.executor.surface_bytes(),
+        );
         if !buf.is_null() && len > 0 {
             let n = json.len().min(len - 1);
             // SAFETY: `buf` has `len` bytes; we write n + 1 <= len.

@@ -24,10 +24,11 @@ use super::check::{
 };
 use super::io::{Surface, f16_bytes, f16_bytes_mut, i8_bytes};
 use super::runtime::{self, CompileError, Model, Output, Units};
+use super::surfaces::{IoSet, ResidentKey, Store, is_weight_input};
 use crate::background::CircuitBreaker;
 use crate::platform::{self, PlatformFacts};
 use crate::reference::ReferenceExecutor;
-use crate::{Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, Variant};
+use crate::{Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, SurfaceBytes, Variant};
 
 /// The compiled model inside a program's cache entry.
 const MODEL_DIR: &str = "model.mlmodelc";
@@ -50,6 +51,10 @@ pub struct Settings {
     pub speed_check: bool,
     /// `GGML_COREML_PROBE` (default on; `0` skips the startup probe).
     pub probe: bool,
+    /// `GGML_COREML_SURFACE_BUDGET_MB`: most bytes of resident weight surfaces plus idle I/O sets kept
+    /// between calls, least recently used dropped first. Default unbounded on macOS; on iOS a quarter of
+    /// what `os_proc_available_memory` says the app may still allocate (as the weight budget).
+    pub surface_budget: u64,
     /// Cache directory; `None` means `GGML_COREML_CACHE_DIR` or the platform default.
     pub cache_dir: Option<PathBuf>,
     pub log: LogFn,
@@ -63,6 +68,7 @@ impl Default for Settings {
             require_ane: true,
             speed_check: true,
             probe: true,
+            surface_budget: u64::MAX,
             cache_dir: None,
             log: stderr_log(),
         }
@@ -87,9 +93,58 @@ impl Settings {
             require_ane: flag("GGML_COREML_REQUIRE_ANE").unwrap_or(d.require_ane),
             speed_check: flag("GGML_COREML_SPEED_CHECK").unwrap_or(d.speed_check),
             probe: flag("GGML_COREML_PROBE").unwrap_or(d.probe),
+            surface_budget: default_surface_budget(),
             ..d
         }
     }
+}
+
+/// `GGML_COREML_SURFACE_BUDGET_MB`, else the platform's default (see [`Settings::surface_budget`]).
+fn default_surface_budget() -> u64 {
+    if let Some(mb) = std::env::var("GGML_COREML_SURFACE_BUDGET_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return mb.saturating_mul(1 << 20);
+    }
+    #[cfg(target_os = "ios")]
+    {
+        unsafe extern "C" {
+            fn os_proc_available_memory() -> usize;
+        }
+        // SAFETY: a libSystem query without arguments (iOS 13+).
+        let avail = unsafe { os_proc_available_memory() } as u64;
+        if avail > 0 {
+            return avail / 4;
+        }
+    }
+    u64::MAX
+}
+
+/// The bytes of program input `name` in a call's inputs.
+fn input_bytes<'a>(name: &str, inputs: ProgramInputs<'a>) -> Result<&'a [u8], String> {
+    Ok(match (name, inputs) {
+        (
+            "w",
+            ProgramInputs::I8I8 { w, .. }
+            | ProgramInputs::W8F16 { w, .. }
+            | ProgramInputs::I8I8O { w, .. },
+        ) => i8_bytes(w),
+        ("w", ProgramInputs::F16 { w, .. }) => f16_bytes(w),
+        ("x", ProgramInputs::I8I8 { x, .. } | ProgramInputs::I8I8O { x, .. }) => i8_bytes(x),
+        ("wo", ProgramInputs::I8I8O { wo, .. }) => i8_bytes(wo),
+        ("xo", ProgramInputs::I8I8O { xo, .. }) => f16_bytes(xo),
+        ("t", ProgramInputs::I8I8O { t, .. }) => f16_bytes(t),
+        ("x", ProgramInputs::W8F16 { x, .. } | ProgramInputs::F16 { x, .. }) => f16_bytes(x),
+        ("scales", ProgramInputs::W8F16 { scales, .. }) => f16_bytes(scales),
+        (
+            "offsets",
+            ProgramInputs::W8F16 {
+                offsets: Some(o), ..
+            },
+        ) => f16_bytes(o),
+        (name, _) => return Err(format!("no data for program input {name}")),
+    })
 }
 
 /// What happened to one program in this process.
@@ -122,6 +177,10 @@ pub struct CoreMlStats {
     /// Predictions where CoreML did not write into our output backing (output copied from its array).
     pub backing_ignored: u64,
     pub failed: u64,
+    /// Resident weight surfaces filled (first call of a weight part, or again after an eviction).
+    pub weight_fills: u64,
+    /// Resident weight surfaces or idle I/O sets dropped to stay under the surface budget.
+    pub surface_evictions: u64,
 }
 
 #[derive(Default)]
@@ -133,6 +192,7 @@ struct Counters {
     predictions: AtomicU64,
     backing_ignored: AtomicU64,
     failed: AtomicU64,
+    weight_fills: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -162,19 +222,12 @@ impl Refusal {
     }
 }
 
-/// Input and output surfaces for one call of a program.
-struct IoSet {
-    inputs: Vec<Surface>,
-    output: Surface,
-}
-
-/// A loaded program and its pool of surfaces.
+/// A loaded program. Its per-call I/O sets live in the executor's [`Store`], under the surface budget.
 struct Program {
     desc: ProgramDesc,
     model: Model,
     inputs: Vec<TensorSpec>,
     output: TensorSpec,
-    pool: Mutex<Vec<IoSet>>,
     /// Held around each synchronous prediction: one prediction per model at a time, until the device
     /// suite shows concurrent predictions on one `MLModel` are safe (docs/apple.md §3).
     predict_lock: Mutex<()>,
@@ -195,94 +248,78 @@ impl Program {
             model,
             inputs: input_specs(desc),
             output: output_spec(desc),
-            pool: Mutex::new(Vec::new()),
             predict_lock: Mutex::new(()),
             _entry: entry,
         }
     }
 
-    fn take_io(&self) -> Result<IoSet, String> {
-        if let Some(io) = self
-            .pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-        {
-            return Ok(io);
-        }
-        let inputs = self
-            .inputs
-            .iter()
-            .map(Surface::new)
-            .collect::<Result<Vec<_>, _>>()?;
+    fn new_io(&self) -> Result<IoSet, String> {
         Ok(IoSet {
-            inputs,
+            inputs: self.inputs.iter().map(|_| None).collect(),
             output: Surface::new(&self.output)?,
         })
     }
 
-    fn give_back(&self, io: IoSet) {
-        self.pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(io);
-    }
-
-    /// One call: copy in, predict, copy out. Surfaces come from the pool, so concurrent calls of the
-    /// same program use distinct buffers.
+    /// One call: copy in, predict, copy out. I/O sets come from the store's pool, so concurrent calls
+    /// of the same program use distinct buffers; with a nonzero `weight_key` the weight-side inputs
+    /// are bound from resident surfaces instead of copied.
     fn run(
         &self,
+        store: &Store,
+        weight_key: u64,
         inputs: ProgramInputs<'_>,
         out: &mut [f16],
         stats: &Counters,
     ) -> Result<(), String> {
-        let io = self.take_io()?;
-        let r = autoreleasepool(|_| self.run_with(&io, inputs, out, stats));
-        self.give_back(io);
+        let mut io = match store.take_io(&self.desc) {
+            Some(io) => io,
+            None => self.new_io()?,
+        };
+        let r = autoreleasepool(|_| self.run_with(store, weight_key, &mut io, inputs, out, stats));
+        store.give_back(&self.desc, io);
         r
     }
 
     fn run_with(
         &self,
-        io: &IoSet,
+        store: &Store,
+        weight_key: u64,
+        io: &mut IoSet,
         inputs: ProgramInputs<'_>,
         out: &mut [f16],
         stats: &Counters,
     ) -> Result<(), String> {
-        for s in &io.inputs {
-            let bytes = match (s.spec.name, inputs) {
-                (
-                    "w",
-                    ProgramInputs::I8I8 { w, .. }
-                    | ProgramInputs::W8F16 { w, .. }
-                    | ProgramInputs::I8I8O { w, .. },
-                ) => i8_bytes(w),
-                ("w", ProgramInputs::F16 { w, .. }) => f16_bytes(w),
-                ("x", ProgramInputs::I8I8 { x, .. } | ProgramInputs::I8I8O { x, .. }) => {
-                    i8_bytes(x)
-                }
-                ("wo", ProgramInputs::I8I8O { wo, .. }) => i8_bytes(wo),
-                ("xo", ProgramInputs::I8I8O { xo, .. }) => f16_bytes(xo),
-                ("t", ProgramInputs::I8I8O { t, .. }) => f16_bytes(t),
-                ("x", ProgramInputs::W8F16 { x, .. } | ProgramInputs::F16 { x, .. }) => {
-                    f16_bytes(x)
-                }
-                ("scales", ProgramInputs::W8F16 { scales, .. }) => f16_bytes(scales),
-                (
-                    "offsets",
-                    ProgramInputs::W8F16 {
-                        offsets: Some(o), ..
-                    },
-                ) => f16_bytes(o),
-                (name, _) => return Err(format!("no data for program input {name}")),
+        if io.inputs.len() != self.inputs.len() {
+            return Err(format!(
+                "I/O set has {} inputs, program {}",
+                io.inputs.len(),
+                self.inputs.len()
+            ));
+        }
+        // Resident surfaces bound by this call: held until the prediction returns, even if evicted.
+        let mut resident = Vec::new();
+        let mut arrays: Vec<(&str, Retained<MLMultiArray>)> = Vec::with_capacity(self.inputs.len());
+        for (spec, slot) in self.inputs.iter().zip(io.inputs.iter_mut()) {
+            let bytes = input_bytes(spec.name, inputs)?;
+            if weight_key != 0 && is_weight_input(spec.name) {
+                let key = ResidentKey::new(weight_key, &self.desc, spec);
+                let r = store.resident(key, || {
+                    bump(&stats.weight_fills);
+                    let s = Surface::new(spec)?;
+                    s.write(bytes)?;
+                    Ok(s)
+                })?;
+                arrays.push((spec.name, r.surface().array()?));
+                resident.push(r);
+                continue;
+            }
+            let s = match slot {
+                Some(s) => s,
+                None => slot.insert(Surface::new(spec)?),
             };
             s.write(bytes)?;
+            arrays.push((spec.name, s.array()?));
         }
-        let arrays = io
-            .inputs
-            .iter()
-            .map(|s| s.array().map(|a| (s.spec.name, a)))
-            .collect::<Result<Vec<(&str, Retained<MLMultiArray>)>, String>>()?;
         let backing = io.output.array()?;
         let output = {
             let _one = self
@@ -311,6 +348,8 @@ pub struct CoreMlExecutor {
     ready: ReadyPrograms<Ready>,
     reference: ReferenceExecutor,
     counters: Counters,
+    /// Resident weight surfaces and pooled I/O sets, under `settings.surface_budget`.
+    store: Store,
     /// Set when the startup probe's int8 program failed while its fp16 one passed: int8-input programs
     /// are refused for the process (their weights take the f16 program).
     int8_refused: Mutex<Option<String>>,
@@ -352,6 +391,7 @@ pub fn try_new_with(settings: Settings) -> Result<CoreMlExecutor, String> {
         // path this process takes, but not by a crash).
         sweep_work_dirs(dir);
     }
+    let store = Store::new(settings.surface_budget);
     let reference = ReferenceExecutor::new();
     reference.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
     Ok(CoreMlExecutor {
@@ -362,6 +402,7 @@ pub fn try_new_with(settings: Settings) -> Result<CoreMlExecutor, String> {
         ready: ReadyPrograms::new(),
         reference,
         counters: Counters::default(),
+        store,
         int8_refused: Mutex::new(None),
         probe_result: Mutex::new(None),
     })
@@ -406,6 +447,8 @@ impl CoreMlExecutor {
             predictions: l(&c.predictions),
             backing_ignored: l(&c.backing_ignored),
             failed: l(&c.failed),
+            weight_fills: l(&c.weight_fills),
+            surface_evictions: self.store.evictions(),
         }
     }
 
@@ -661,7 +704,7 @@ impl CoreMlExecutor {
         let inputs = OwnedInputs::random(desc, SELF_CHECK_SEED);
         let mut got = vec![f16::ZERO; desc.n * desc.m];
         program
-            .run(inputs.inputs(), &mut got, &self.counters)
+            .run(&self.store, 0, inputs.inputs(), &mut got, &self.counters)
             .map_err(SelfCheck::Failed)?;
         let (a, against) = if inputs.macs() <= FULL_CHECK_MAX_MACS {
             let mut want = vec![f16::ZERO; desc.n * desc.m];
@@ -698,12 +741,12 @@ impl CoreMlExecutor {
         let inputs = OwnedInputs::random(desc, SELF_CHECK_SEED);
         let mut out = vec![f16::ZERO; desc.n * desc.m];
         let mut time = |p: &Program| -> Result<f64, SelfCheck> {
-            p.run(inputs.inputs(), &mut out, &self.counters)
+            p.run(&self.store, 0, inputs.inputs(), &mut out, &self.counters)
                 .map_err(SelfCheck::Failed)?;
             let mut best = f64::INFINITY;
             for _ in 0..SPEED_CHECK_RUNS {
                 let t = Instant::now();
-                p.run(inputs.inputs(), &mut out, &self.counters)
+                p.run(&self.store, 0, inputs.inputs(), &mut out, &self.counters)
                     .map_err(SelfCheck::Failed)?;
                 best = best.min(t.elapsed().as_secs_f64() * 1e3);
             }
@@ -870,6 +913,10 @@ impl Executor for CoreMlExecutor {
         (!parts.is_empty()).then(|| parts.join("; "))
     }
 
+    fn surface_bytes(&self) -> SurfaceBytes {
+        self.store.bytes()
+    }
+
     fn needs_compile(&self, desc: &ProgramDesc) -> bool {
         self.unusable.is_none()
             && self.ready.get(desc).is_none()
@@ -927,11 +974,11 @@ impl Executor for CoreMlExecutor {
         &self,
         desc: &ProgramDesc,
         inputs: ProgramInputs<'_>,
-        _weight_key: u64,
+        weight_key: u64,
         out: &mut [f16],
     ) -> Result<(), ExecError> {
-        // Weights are copied in every call: the key names a whole weight, but split parts of one weight
-        // share it, so it cannot identify the bytes of one call (see docs/apple.md).
+        // A nonzero key names the bytes of one weight part (the driver mixes a split part's K/N offsets
+        // into it): its weight-side inputs are bound from resident surfaces, filled on first use.
         inputs.check(desc)?;
         if out.len() != desc.n * desc.m {
             return Err(ExecError::BadInputs(
@@ -944,9 +991,11 @@ impl Executor for CoreMlExecutor {
             Ready::Loaded(p, _) => p,
             Ready::Refused(r, _) => return Err(r.error(desc)),
         };
-        program.run(inputs, out, &self.counters).map_err(|e| {
-            bump(&self.counters.failed);
-            ExecError::Run(desc.key(), e)
-        })
+        program
+            .run(&self.store, weight_key, inputs, out, &self.counters)
+            .map_err(|e| {
+                bump(&self.counters.failed);
+                ExecError::Run(desc.key(), e)
+            })
     }
 }

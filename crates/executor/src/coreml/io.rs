@@ -106,6 +106,11 @@ impl Surface {
         Ok(s)
     }
 
+    /// Bytes of the buffer's plane (row pitch × rows), for the surface budget.
+    pub fn bytes(&self) -> u64 {
+        (CVPixelBufferGetBytesPerRow(&self.buf) * self.height) as u64
+    }
+
     /// Bytes of one packed row.
     fn row_bytes(&self) -> usize {
         self.width * self.spec.dtype.size()

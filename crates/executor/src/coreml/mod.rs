@@ -18,8 +18,10 @@
 //!
 //! In the backend the executor is wrapped in [`crate::background::BackgroundExecutor`]: the startup
 //! probe and every prepare run on a worker thread, never on ggml's compute thread.
-//! 3. `run`: inputs are copied into IOSurface-backed pixel buffers (reused per program shape), the
-//!    output comes back through `outputBackings` (identity-checked; copied from CoreML's own array when
+//! 3. `run`: activations are copied into IOSurface-backed pixel buffers (per-call I/O sets, pooled per
+//!    program); the weight-side inputs of a call with a nonzero weight key are filled once into
+//!    resident surfaces shared by every M bucket of that weight part (`surfaces`: one executor-wide
+//!    byte budget, `GGML_COREML_SURFACE_BUDGET_MB`, LRU eviction); the output comes back through `outputBackings` (identity-checked; copied from CoreML's own array when
 //!    it was not honoured).
 //!
 //! Every failure is an [`ExecError`](crate::ExecError): the backend then runs the op on the host.
@@ -34,6 +36,8 @@ mod executor;
 mod io;
 #[cfg(target_vendor = "apple")]
 mod runtime;
+#[cfg(target_vendor = "apple")]
+mod surfaces;
 
 #[cfg(target_vendor = "apple")]
 pub use executor::{
