@@ -16,6 +16,30 @@ use crate::Executor;
 use crate::background::BackgroundExecutor;
 use crate::reference::ReferenceExecutor;
 
+/// A memory budget in bytes: `var` in MiB when set, else the platform's default: on iOS, a quarter of
+/// what `os_proc_available_memory` says the app may still allocate; unbounded (`u64::MAX`) elsewhere.
+/// The resident-weight and executor-surface budgets both use it.
+pub fn memory_budget(var: &str) -> u64 {
+    if let Some(mb) = std::env::var(var)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return mb.saturating_mul(1 << 20);
+    }
+    #[cfg(target_os = "ios")]
+    {
+        unsafe extern "C" {
+            fn os_proc_available_memory() -> usize;
+        }
+        // SAFETY: a libSystem query without arguments (iOS 13+).
+        let avail = unsafe { os_proc_available_memory() } as u64;
+        if avail > 0 {
+            return avail / 4;
+        }
+    }
+    u64::MAX
+}
+
 /// The first OS major version whose CoreML takes int8 model inputs (every program uses spec 10).
 pub const INT8_IO_MAJOR: u64 = 26;
 

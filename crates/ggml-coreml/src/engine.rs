@@ -592,24 +592,7 @@ fn estimate_prepared_bytes(mode: Mode, n: usize, k: usize) -> u64 {
 /// `GGML_COREML_WEIGHT_BUDGET_MB`, else the platform's default: on iOS, a quarter of what
 /// `os_proc_available_memory` says the app may still allocate; unbounded elsewhere.
 fn default_weight_budget() -> u64 {
-    if let Some(mb) = std::env::var("GGML_COREML_WEIGHT_BUDGET_MB")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        return mb.saturating_mul(1 << 20);
-    }
-    #[cfg(target_os = "ios")]
-    {
-        unsafe extern "C" {
-            fn os_proc_available_memory() -> usize;
-        }
-        // SAFETY: a libSystem query without arguments (iOS 13+).
-        let avail = unsafe { os_proc_available_memory() } as u64;
-        if avail > 0 {
-            return avail / 4;
-        }
-    }
-    u64::MAX
+    platform::memory_budget("GGML_COREML_WEIGHT_BUDGET_MB")
 }
 
 /// Temp file + rename, so a reader never sees half a file. Errors are logged once per call, not fatal.

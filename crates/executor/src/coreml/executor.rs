@@ -101,24 +101,7 @@ impl Settings {
 
 /// `GGML_COREML_SURFACE_BUDGET_MB`, else the platform's default (see [`Settings::surface_budget`]).
 fn default_surface_budget() -> u64 {
-    if let Some(mb) = std::env::var("GGML_COREML_SURFACE_BUDGET_MB")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        return mb.saturating_mul(1 << 20);
-    }
-    #[cfg(target_os = "ios")]
-    {
-        unsafe extern "C" {
-            fn os_proc_available_memory() -> usize;
-        }
-        // SAFETY: a libSystem query without arguments (iOS 13+).
-        let avail = unsafe { os_proc_available_memory() } as u64;
-        if avail > 0 {
-            return avail / 4;
-        }
-    }
-    u64::MAX
+    crate::platform::memory_budget("GGML_COREML_SURFACE_BUDGET_MB")
 }
 
 /// The bytes of program input `name` in a call's inputs.
