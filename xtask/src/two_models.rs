@@ -94,6 +94,10 @@ struct Run {
     offloaded: u64,
     /// Weights prepared into a buffer's registry (kept while the buffer lives).
     prepared: u64,
+    /// The executor's weight-side inputs kept (per weight part) and let go with their prepared form,
+    /// at the last statistics write (the last context's free, its model still loaded).
+    weight_inputs: u64,
+    forgotten: u64,
 }
 
 /// Runs the helper over `models`; `face`: None = stock (no backend), Some("accel"|"hybrid").
@@ -152,11 +156,19 @@ fn run(exe: &Path, env: &Env, face: Option<&str>, models: &[&Path], tag: &str) -
         .ok()
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
     let count = |key: &str| stats.as_ref().and_then(|v| v[key].as_u64()).unwrap_or(0);
+    let memory = |key: &str| {
+        stats
+            .as_ref()
+            .and_then(|v| v["memory"][key].as_u64())
+            .unwrap_or(0)
+    };
     Ok(Run {
         tokens,
         logits,
         offloaded: count("ane_ops"),
         prepared: count("weights_prepared"),
+        weight_inputs: memory("executor_weight_inputs"),
+        forgotten: memory("executor_weight_inputs_forgotten"),
     })
 }
 
@@ -212,6 +224,24 @@ pub fn stage(env: &Env) -> Result<String> {
                 );
             }
         }
+        // Device copies of a weight go with its prepared form: when the last model's context is
+        // freed, the executor keeps that model's weight inputs only, and has let the first two go
+        // (the models have the same shapes, so each holds as many).
+        ensure!(
+            alone_a.weight_inputs > 0 && alone_a.forgotten == 0,
+            "{face}: the executor kept {} weight inputs for one model ({} forgotten)",
+            alone_a.weight_inputs,
+            alone_a.forgotten
+        );
+        ensure!(
+            seq.weight_inputs == alone_a.weight_inputs
+                && seq.forgotten == 2 * alone_a.weight_inputs,
+            "{face}: after A, B freed and A loaded again the executor holds {} weight inputs and \
+             let {} go (one model holds {}): device copies of dropped weights are kept",
+            seq.weight_inputs,
+            seq.forgotten,
+            alone_a.weight_inputs
+        );
         let (na, nb) = (
             nmse(&stock.logits[0], &seq.logits[0]),
             nmse(&stock.logits[1], &seq.logits[1]),
@@ -222,8 +252,9 @@ pub fn stage(env: &Env) -> Result<String> {
         );
         notes.push(format!(
             "{face}: A,B,A in one process bit-identical to each alone, {} MUL_MATs offloaded, \
-             {} weights prepared, logits NMSE vs stock A {na:.1e} B {nb:.1e}",
-            seq.offloaded, seq.prepared
+             {} weights prepared, executor weight inputs {} held / {} let go with their models, \
+             logits NMSE vs stock A {na:.1e} B {nb:.1e}",
+            seq.offloaded, seq.prepared, seq.weight_inputs, seq.forgotten
         ));
     }
     Ok(notes.join("; "))

@@ -402,6 +402,10 @@ impl Executor for BackgroundExecutor {
         self.shared.inner.surface_bytes()
     }
 
+    fn forget(&self, key: u64) {
+        self.shared.inner.forget(key);
+    }
+
     fn probe(&self) -> Result<(), String> {
         match self.probe_state() {
             ProbeState::Failed(why) => Err(why),
@@ -436,11 +440,11 @@ impl Executor for BackgroundExecutor {
         &self,
         desc: &ProgramDesc,
         inputs: ProgramInputs<'_>,
-        weight_key: u64,
+        weight: crate::WeightPart,
         out: &mut [f16],
     ) -> Result<(), ExecError> {
         self.ready(desc)?;
-        self.shared.inner.run(desc, inputs, weight_key, out)
+        self.shared.inner.run(desc, inputs, weight, out)
     }
 }
 

@@ -11,7 +11,7 @@ use half::f16;
 use ggml_coreml_bridge::{self as bridge, BridgeError, RowwiseInt8, WeightType};
 use ggml_coreml_program::{ProgramDesc, SplitPlan, Variant};
 
-use crate::{ExecError, Executor, ProgramInputs};
+use crate::{ExecError, Executor, ProgramInputs, WeightPart};
 
 /// How a matmul is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -432,7 +432,8 @@ impl PreparedWeight {
         let mut acc: Option<PreparedWeight> = None;
         for r0 in (0..n).step_by(chunk) {
             let rows = chunk.min(n - r0);
-            let part = PreparedWeight::prepare(mode, wtype, &rows_of(r0, rows), rows, k, key)?;
+            // Parts carry no key (nothing keeps device copies of them); the whole form gets one.
+            let mut part = PreparedWeight::prepare(mode, wtype, &rows_of(r0, rows), rows, k, 0)?;
             done(r0, rows);
             match &mut acc {
                 None => {
@@ -442,7 +443,8 @@ impl PreparedWeight {
                     acc = Some(first);
                 }
                 Some(a) => {
-                    if !a.form.append(part.form) {
+                    let form = std::mem::replace(&mut part.form, WeightForm::Half(Vec::new()));
+                    if !a.form.append(form) {
                         return Err(BridgeError::ByteLength {
                             what: "chunked weight form",
                             got: r0,
@@ -453,11 +455,13 @@ impl PreparedWeight {
             }
         }
         // n > chunk ≥ 1: at least one chunk ran.
-        acc.ok_or(BridgeError::ByteLength {
+        let mut w = acc.ok_or(BridgeError::ByteLength {
             what: "chunked weight rows",
             got: 0,
             want: n,
-        })
+        })?;
+        w.key = unique_key(key);
+        Ok(w)
     }
 
     /// True once the weight runs through its f16 fallback program.
@@ -524,6 +528,14 @@ impl PreparedWeight {
             WeightForm::Half(h) => h.len() * 2,
             WeightForm::Exact(e) => e.len() * 4,
         }
+    }
+}
+
+/// Executors that keep device copies of this form (the CoreML executor's resident surfaces) let
+/// them go with it: the key is unique to this form, so no later call can name them again.
+impl Drop for PreparedWeight {
+    fn drop(&mut self) {
+        crate::retire_weight(self.key);
     }
 }
 
@@ -808,10 +820,10 @@ fn run_part(
     let (mp, kp, np, k) = (d.m, d.k, d.n, w.k);
     s.y.resize(np * mp, f16::ZERO);
     // Each K/N part of a weight is its own weight for executors that keep device copies.
-    let key = if w.key == 0 || (k0 == 0 && n0 == 0 && kp == k && np == w.n) {
-        w.key
-    } else {
-        w.key ^ ((k0 as u64) << 40 | (n0 as u64) << 16 | 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    let key = WeightPart {
+        key: w.key,
+        k0: if w.key == 0 { 0 } else { k0 },
+        n0: if w.key == 0 { 0 } else { n0 },
     };
     let whole_k = kp == k;
     match form {
@@ -1234,8 +1246,13 @@ mod tests {
                         }
                     }
                     let wq: Vec<i8> = (0..np).flat_map(|i| r.q[rows(i)].to_vec()).collect();
-                    exec.run(&d, ProgramInputs::I8I8 { w: &wq, x: &xt }, 0, &mut y)
-                        .unwrap();
+                    exec.run(
+                        &d,
+                        ProgramInputs::I8I8 { w: &wq, x: &xt },
+                        WeightPart::NONE,
+                        &mut y,
+                    )
+                    .unwrap();
                 }
                 WeightForm::Half(h) => {
                     let mut xt = vec![f16::ZERO; kp * mp];
@@ -1245,8 +1262,13 @@ mod tests {
                         }
                     }
                     let wh: Vec<f16> = (0..np).flat_map(|i| h[rows(i)].to_vec()).collect();
-                    exec.run(&d, ProgramInputs::F16 { w: &wh, x: &xt }, 0, &mut y)
-                        .unwrap();
+                    exec.run(
+                        &d,
+                        ProgramInputs::F16 { w: &wh, x: &xt },
+                        WeightPart::NONE,
+                        &mut y,
+                    )
+                    .unwrap();
                 }
                 _ => unreachable!(),
             }
@@ -1536,7 +1558,7 @@ mod timings {
                 let t_t = time(reps, || transpose_i8_into(&xq, k, m, k, mp, &mut xt));
                 let t_x = time(reps, || {
                     let inputs = ProgramInputs::I8I8 { w: &r.q, x: &xt };
-                    exec.run(&d, inputs, 0, &mut y).unwrap();
+                    exec.run(&d, inputs, WeightPart::NONE, &mut y).unwrap();
                 });
                 let sx: Vec<f32> = xs.iter().map(|v| v * 3.0).collect();
                 let t_s = time(reps, || {

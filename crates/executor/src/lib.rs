@@ -12,6 +12,7 @@ pub mod coreml;
 pub mod driver;
 pub mod platform;
 pub mod reference;
+pub mod resident;
 
 use half::f16;
 
@@ -179,13 +180,46 @@ pub struct Capabilities {
     pub description: String,
 }
 
-/// Bytes held in executor-owned buffers between calls ([`Executor::surface_bytes`]).
+/// Which weight bytes a call's weight-side inputs are, for executors that keep device copies of
+/// weights between calls ([`Executor::run`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WeightPart {
+    /// The prepared form's key, unique to it (`driver::PreparedWeight::key`); 0: copy per call.
+    pub key: u64,
+    /// Offsets of the part when the driver splits one weight into K/N parts (0, 0 when whole).
+    pub k0: usize,
+    pub n0: usize,
+}
+
+impl WeightPart {
+    /// No device copy: the inputs are copied at this call.
+    pub const NONE: WeightPart = WeightPart {
+        key: 0,
+        k0: 0,
+        n0: 0,
+    };
+
+    pub fn is_none(&self) -> bool {
+        self.key == 0
+    }
+}
+
+/// Executor memory kept between calls ([`Executor::surface_bytes`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SurfaceBytes {
     /// Weight-side inputs filled once and kept for every call of that weight part.
     pub weights: u64,
     /// Idle per-call I/O buffers kept for reuse.
     pub io: u64,
+    /// Weight-side inputs held (one per part and input; the reference executor holds them with no
+    /// bytes, to keep the same bookkeeping as the CoreML executor).
+    pub weight_inputs: u64,
+    /// Weight-side inputs let go because their prepared form was dropped ([`Executor::forget`]).
+    pub forgotten: u64,
+    /// Weight-side inputs filled (first call of a part, or again after an eviction) and entries
+    /// dropped to stay under the budget, since the start.
+    pub fills: u64,
+    pub evictions: u64,
 }
 
 impl SurfaceBytes {
@@ -233,13 +267,51 @@ pub trait Executor: Send + Sync {
         SurfaceBytes::default()
     }
 
-    /// Runs one program call. `out` is `[N, Mp]` fp16. `weight_key` identifies the weight data for
-    /// executors that keep device copies of weights between calls (0 = do not cache).
+    /// Lets go of every device copy kept for the prepared form `key` (all its parts and programs):
+    /// the form was dropped (buffer freed or rewritten, model unloaded), so no call will name it again.
+    /// Reached through [`retire_weight`]; a no-op for executors that keep nothing.
+    fn forget(&self, _key: u64) {}
+
+    /// Runs one program call. `out` is `[N, Mp]` fp16. `weight` identifies the weight data for
+    /// executors that keep device copies of weights between calls ([`WeightPart::NONE`]: do not keep).
     fn run(
         &self,
         desc: &ProgramDesc,
         inputs: ProgramInputs<'_>,
-        weight_key: u64,
+        weight: WeightPart,
         out: &mut [f16],
     ) -> Result<(), ExecError>;
+}
+
+/// Executors told when a prepared form is dropped ([`watch_weights`], [`retire_weight`]).
+static WATCHERS: std::sync::Mutex<Vec<std::sync::Weak<dyn Executor>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Has `exec` told ([`Executor::forget`]) whenever a prepared weight with a nonzero key is dropped.
+/// Held weakly: a dropped executor leaves the list at the next retirement.
+pub fn watch_weights(exec: &std::sync::Arc<dyn Executor>) {
+    let mut w = WATCHERS.lock().unwrap_or_else(|e| e.into_inner());
+    w.retain(|x| x.strong_count() > 0);
+    if !w
+        .iter()
+        .any(|x| std::ptr::addr_eq(x.as_ptr(), std::sync::Arc::as_ptr(exec)))
+    {
+        w.push(std::sync::Arc::downgrade(exec));
+    }
+}
+
+/// Tells every watching executor that the prepared form `key` is gone (called when a
+/// `driver::PreparedWeight` is dropped). The list's lock is not held while they forget.
+pub fn retire_weight(key: u64) {
+    if key == 0 {
+        return;
+    }
+    let live: Vec<std::sync::Arc<dyn Executor>> = {
+        let mut w = WATCHERS.lock().unwrap_or_else(|e| e.into_inner());
+        w.retain(|x| x.strong_count() > 0);
+        w.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    for e in live {
+        e.forget(key);
+    }
 }

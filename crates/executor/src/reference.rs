@@ -10,7 +10,11 @@ use std::time::Duration;
 use ggml_coreml_program::{Interpreter, ProgramError, TensorRef, emit_model};
 use half::f16;
 
-use crate::{Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, Variant};
+use crate::resident::{Held, ResidentKey, Store};
+use crate::{
+    Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, SurfaceBytes, Variant,
+    WeightPart,
+};
 
 /// Interprets emitted programs on the CPU.
 #[derive(Debug)]
@@ -22,6 +26,18 @@ pub struct ReferenceExecutor {
     refuse_int8: AtomicBool,
     /// Test hook: each program's first build takes this long (a slow compiler).
     compile_delay_ms: AtomicU64,
+    /// The CoreML executor's resident-weight bookkeeping with zero-byte entries: the same keys,
+    /// parts and forgetting, so Linux tests the path (`memory.executor_weight_inputs` in the stats).
+    resident: Store<Marker, Marker>,
+}
+
+/// A resident input the reference executor does not copy (it reads the call's own slices).
+struct Marker;
+
+impl Held for Marker {
+    fn bytes(&self) -> u64 {
+        0
+    }
 }
 
 impl Default for ReferenceExecutor {
@@ -38,6 +54,7 @@ impl ReferenceExecutor {
             threads: AtomicUsize::new(1),
             refuse_int8: AtomicBool::new(false),
             compile_delay_ms: AtomicU64::new(0),
+            resident: Store::new(u64::MAX),
         }
     }
 
@@ -146,11 +163,19 @@ impl Executor for ReferenceExecutor {
         !self.is_prepared(desc)
     }
 
+    fn surface_bytes(&self) -> SurfaceBytes {
+        self.resident.bytes()
+    }
+
+    fn forget(&self, key: u64) {
+        self.resident.forget(key);
+    }
+
     fn run(
         &self,
         desc: &ProgramDesc,
         inputs: ProgramInputs<'_>,
-        _weight_key: u64,
+        weight: WeightPart,
         out: &mut [f16],
     ) -> Result<(), ExecError> {
         inputs.check(desc)?;
@@ -161,6 +186,14 @@ impl Executor for ReferenceExecutor {
             ));
         }
         let interp = self.interpreter(desc)?;
+        if !weight.is_none() {
+            for input in ["w", "scales", "offsets"] {
+                if has_input(&inputs, input) {
+                    let key = ResidentKey::new(weight, desc, input);
+                    let _ = self.resident.resident(key, || Ok(Marker));
+                }
+            }
+        }
         let named: Vec<(&str, TensorRef<'_>)> = match inputs {
             ProgramInputs::I8I8 { w, x } => {
                 vec![("w", TensorRef::Int8(w)), ("x", TensorRef::Int8(x))]
@@ -198,5 +231,15 @@ impl Executor for ReferenceExecutor {
                 ProgramError::BadInputs(m) => ExecError::BadInputs(desc.key(), m),
                 e => ExecError::Run(desc.key(), e.to_string()),
             })
+    }
+}
+
+/// Whether a call of this variant passes the weight-side input `name` (see `resident::is_weight_input`).
+fn has_input(inputs: &ProgramInputs<'_>, name: &str) -> bool {
+    match (inputs, name) {
+        (_, "w") => true,
+        (ProgramInputs::W8F16 { .. }, "scales") => true,
+        (ProgramInputs::W8F16 { offsets, .. }, "offsets") => offsets.is_some(),
+        _ => false,
     }
 }

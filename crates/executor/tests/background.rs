@@ -10,7 +10,8 @@ use ggml_coreml_executor::background::{BackgroundExecutor, ProbeState, private_b
 use ggml_coreml_executor::driver::{self, Activations, Mode, PreparedWeight, Scratch};
 use ggml_coreml_executor::reference::ReferenceExecutor;
 use ggml_coreml_executor::{
-    Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, Variant, is_not_ready_message,
+    Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, Variant, WeightPart,
+    is_not_ready_message,
 };
 use half::f16;
 
@@ -159,7 +160,7 @@ impl Executor for RefuseAll {
         &self,
         desc: &ProgramDesc,
         _: ProgramInputs<'_>,
-        _: u64,
+        _: WeightPart,
         _: &mut [f16],
     ) -> Result<(), ExecError> {
         self.prepare(desc)
@@ -269,7 +270,12 @@ fn call(exec: &dyn Executor, d: &ProgramDesc) -> Result<(), ExecError> {
     let w = vec![f16::ONE; d.n * d.k];
     let x = vec![f16::ONE; d.k * d.m];
     let mut out = vec![f16::ZERO; d.n * d.m];
-    exec.run(d, ProgramInputs::F16 { w: &w, x: &x }, 0, &mut out)
+    exec.run(
+        d,
+        ProgramInputs::F16 { w: &w, x: &x },
+        WeightPart::NONE,
+        &mut out,
+    )
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -348,7 +354,7 @@ impl Executor for Faulty {
         &self,
         desc: &ProgramDesc,
         inputs: ProgramInputs<'_>,
-        key: u64,
+        key: WeightPart,
         out: &mut [f16],
     ) -> Result<(), ExecError> {
         self.inner.run(desc, inputs, key, out)
@@ -421,4 +427,47 @@ fn health_names_the_probe_and_the_breaker() {
         "{h}"
     );
     assert_eq!(ReferenceExecutor::new().health(), None);
+}
+
+/// The resident-weight bookkeeping the CoreML executor keeps (one entry per weight part and
+/// weight-side input, shared by every M bucket) runs on the reference executor too; dropping a
+/// prepared form lets every entry of it go, through the background wrapper as well.
+#[test]
+fn dropped_weights_leave_the_executor() {
+    let inner: Arc<dyn Executor> = Arc::new(ReferenceExecutor::new());
+    let exec: Arc<dyn Executor> = Arc::new(BackgroundExecutor::new(inner, Duration::from_secs(60)));
+    ggml_coreml_executor::watch_weights(&exec);
+    // N past the ANE's largest dimension: two N parts.
+    let (k, n) = (64, ggml_coreml_program::ANE_MAX_DIM + 64);
+    let prep = |seed| {
+        PreparedWeight::prepare(
+            Mode::Program(Variant::W8F16),
+            WeightType::Q8_0,
+            &q8_0(n, k, seed),
+            n,
+            k,
+            0x1000,
+        )
+        .unwrap()
+    };
+    let (a, b) = (prep(1), prep(2));
+    assert_ne!(a.key, b.key, "one address, two forms, two keys");
+    let wait = |w: &PreparedWeight, m| loop {
+        match run(exec.as_ref(), w, &acts(m, k, 3), m) {
+            Err(e) if e.is_not_ready() => std::thread::sleep(Duration::from_millis(5)),
+            r => break r.unwrap(),
+        }
+    };
+    wait(&a, 4);
+    // Two parts × (w, scales); another M bucket binds the same entries.
+    assert_eq!(exec.surface_bytes().weight_inputs, 4);
+    wait(&a, 40);
+    assert_eq!(exec.surface_bytes().weight_inputs, 4);
+    wait(&b, 4);
+    assert_eq!(exec.surface_bytes().weight_inputs, 8);
+    drop(a);
+    let s = exec.surface_bytes();
+    assert_eq!((s.weight_inputs, s.forgotten), (4, 4));
+    drop(b);
+    assert_eq!(exec.surface_bytes().weight_inputs, 0);
 }

@@ -2,7 +2,7 @@
 //! and rejection of bad inputs.
 
 use ggml_coreml_executor::reference::ReferenceExecutor;
-use ggml_coreml_executor::{ExecError, Executor, ProgramDesc, ProgramInputs, Variant};
+use ggml_coreml_executor::{ExecError, Executor, ProgramDesc, ProgramInputs, Variant, WeightPart};
 use half::f16;
 
 /// Small deterministic generator (keeps the test free of extra dependencies).
@@ -153,7 +153,8 @@ fn every_variant_matches_f64_truth() {
         let data = Data::new(&desc, &mut rng);
         ex.prepare(&desc).unwrap();
         let mut out = vec![f16::ZERO; desc.n * desc.m];
-        ex.run(&desc, data.inputs(&desc), 0, &mut out).unwrap();
+        ex.run(&desc, data.inputs(&desc), WeightPart::NONE, &mut out)
+            .unwrap();
         let (y, tol) = data.truth(&desc);
         for i in 0..out.len() {
             let got = f64::from(out[i].to_f32());
@@ -167,7 +168,8 @@ fn every_variant_matches_f64_truth() {
         // More threads, same bits.
         ex.set_threads(3);
         let mut out3 = vec![f16::ZERO; out.len()];
-        ex.run(&desc, data.inputs(&desc), 0, &mut out3).unwrap();
+        ex.run(&desc, data.inputs(&desc), WeightPart::NONE, &mut out3)
+            .unwrap();
         assert_eq!(out, out3, "{desc}");
         ex.set_threads(1);
     }
@@ -180,7 +182,8 @@ fn i8i8_equals_the_scaled_integer_product() {
     let desc = d(Variant::I8I8, 64, 512, 6, 0, false);
     let data = Data::new(&desc, &mut Lcg(9));
     let mut out = vec![f16::ZERO; desc.n * desc.m];
-    ex.run(&desc, data.inputs(&desc), 0, &mut out).unwrap();
+    ex.run(&desc, data.inputs(&desc), WeightPart::NONE, &mut out)
+        .unwrap();
     let s = f64::from(desc.i8_scale().to_f32());
     for r in 0..desc.n {
         for c in 0..desc.m {
@@ -209,7 +212,7 @@ fn bad_inputs_are_rejected() {
             offsets: Some(&data.offsets),
             x: &data.xf
         },
-        0,
+        WeightPart::NONE,
         &mut out
     )));
     assert!(bad(ex.run(
@@ -220,7 +223,7 @@ fn bad_inputs_are_rejected() {
             offsets: None,
             x: &data.xf
         },
-        0,
+        WeightPart::NONE,
         &mut out
     )));
     assert!(bad(ex.run(
@@ -229,12 +232,20 @@ fn bad_inputs_are_rejected() {
             w: &data.wq,
             x: &data.xq
         },
-        0,
+        WeightPart::NONE,
         &mut out
     )));
     let mut short_out = vec![f16::ZERO; 3];
-    assert!(bad(ex.run(&desc, data.inputs(&desc), 0, &mut short_out)));
-    assert!(ex.run(&desc, data.inputs(&desc), 0, &mut out).is_ok());
+    assert!(bad(ex.run(
+        &desc,
+        data.inputs(&desc),
+        WeightPart::NONE,
+        &mut short_out
+    )));
+    assert!(
+        ex.run(&desc, data.inputs(&desc), WeightPart::NONE, &mut out)
+            .is_ok()
+    );
 }
 
 #[test]

@@ -97,6 +97,8 @@ pub fn engine() -> &'static Engine {
 impl Engine {
     fn from_env() -> Engine {
         let (executor, why) = platform::best_executor();
+        // Device copies of a weight (resident surfaces) go when its prepared form is dropped.
+        ggml_coreml_executor::watch_weights(&executor);
         let caps = executor.capabilities();
         let (policy, warning) = Policy::from_env(caps.accelerated);
         if let Some(w) = warning {

@@ -224,7 +224,8 @@ impl Stats {
     /// JSON snapshot (no serde in the cdylib: the format is small and fixed).
     /// `surfaces`: what the executor keeps in its own buffers between calls
     /// ([`ggml_coreml_executor::Executor::surface_bytes`]), as `memory.executor_surfaces_mib` (with its
-    /// weight and I/O shares).
+    /// weight and I/O shares), and the weight-side inputs it keeps (`executor_weight_inputs`) or let go
+    /// when their prepared form was dropped (`executor_weight_inputs_forgotten`).
     pub fn to_json(
         &self,
         policy: &str,
@@ -240,7 +241,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"raw_released_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{},\"sliced_calls\":{},\"slice_peak_mib\":{:.2},\"executor_surfaces_mib\":{:.1},\"executor_weight_surfaces_mib\":{:.1},\"executor_io_surfaces_mib\":{:.1}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"raw_released_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{},\"sliced_calls\":{},\"slice_peak_mib\":{:.2},\"executor_surfaces_mib\":{:.1},\"executor_weight_surfaces_mib\":{:.1},\"executor_io_surfaces_mib\":{:.1},\"executor_weight_inputs\":{},\"executor_weight_inputs_forgotten\":{},\"executor_weight_fills\":{},\"executor_surface_evictions\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
              \"router\":{{\"hybrid_graphs\":{},\"hybrid_unsplit\":{},\"walk_us_per_graph\":{:.3}}},\
              \"split_profile\":{{\"nodes\":{},\"wall_ms\":{:.3},\"inner_alone_ms\":{:.3},\"executor_alone_ms\":{:.3},\
              \"executor_inline_ms\":{:.3},\"launch_ms\":{:.3},\"wait_ms\":{:.3},\"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}},\
@@ -265,6 +266,10 @@ impl Stats {
             surfaces.total() as f64 / (1024.0 * 1024.0),
             surfaces.weights as f64 / (1024.0 * 1024.0),
             surfaces.io as f64 / (1024.0 * 1024.0),
+            surfaces.weight_inputs,
+            surfaces.forgotten,
+            surfaces.fills,
+            surfaces.evictions,
             g(&self.split_nodes),
             self.variants_json(),
             self.int8_share(),

@@ -447,7 +447,8 @@ mod tests {
         ] {
             let o = OwnedInputs::random(&d, 9);
             let mut y = vec![f16::ZERO; d.n * d.m];
-            exec.run(&d, o.inputs(), 0, &mut y).unwrap();
+            exec.run(&d, o.inputs(), crate::WeightPart::NONE, &mut y)
+                .unwrap();
             let ideal: Vec<f16> = (0..d.n * d.m)
                 .map(|i| f16::from_f64(o.ideal(i / d.m, i % d.m)))
                 .collect();

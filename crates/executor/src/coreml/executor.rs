@@ -24,11 +24,14 @@ use super::check::{
 };
 use super::io::{Surface, f16_bytes, f16_bytes_mut, i8_bytes};
 use super::runtime::{self, CompileError, Model, Output, Units};
-use super::surfaces::{IoSet, ResidentKey, Store, is_weight_input};
+use super::surfaces::{IoSet, Resident, ResidentKey, Store, is_weight_input};
 use crate::background::CircuitBreaker;
 use crate::platform::{self, PlatformFacts};
 use crate::reference::ReferenceExecutor;
-use crate::{Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, SurfaceBytes, Variant};
+use crate::{
+    Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, SurfaceBytes, Variant,
+    WeightPart,
+};
 
 /// The compiled model inside a program's cache entry.
 const MODEL_DIR: &str = "model.mlmodelc";
@@ -164,6 +167,9 @@ pub struct CoreMlStats {
     pub weight_fills: u64,
     /// Resident weight surfaces or idle I/O sets dropped to stay under the surface budget.
     pub surface_evictions: u64,
+    /// Memory-pressure events from the OS (process-wide) and the bytes they made the stores let go.
+    pub pressure_events: u64,
+    pub pressure_relieved: u64,
 }
 
 #[derive(Default)]
@@ -244,12 +250,12 @@ impl Program {
     }
 
     /// One call: copy in, predict, copy out. I/O sets come from the store's pool, so concurrent calls
-    /// of the same program use distinct buffers; with a nonzero `weight_key` the weight-side inputs
+    /// of the same program use distinct buffers; with a `weight` part named, the weight-side inputs
     /// are bound from resident surfaces instead of copied.
     fn run(
         &self,
         store: &Store,
-        weight_key: u64,
+        weight: WeightPart,
         inputs: ProgramInputs<'_>,
         out: &mut [f16],
         stats: &Counters,
@@ -258,7 +264,7 @@ impl Program {
             Some(io) => io,
             None => self.new_io()?,
         };
-        let r = autoreleasepool(|_| self.run_with(store, weight_key, &mut io, inputs, out, stats));
+        let r = autoreleasepool(|_| self.run_with(store, weight, &mut io, inputs, out, stats));
         store.give_back(&self.desc, io);
         r
     }
@@ -266,7 +272,7 @@ impl Program {
     fn run_with(
         &self,
         store: &Store,
-        weight_key: u64,
+        weight: WeightPart,
         io: &mut IoSet,
         inputs: ProgramInputs<'_>,
         out: &mut [f16],
@@ -284,13 +290,13 @@ impl Program {
         let mut arrays: Vec<(&str, Retained<MLMultiArray>)> = Vec::with_capacity(self.inputs.len());
         for (spec, slot) in self.inputs.iter().zip(io.inputs.iter_mut()) {
             let bytes = input_bytes(spec.name, inputs)?;
-            if weight_key != 0 && is_weight_input(spec.name) {
-                let key = ResidentKey::new(weight_key, &self.desc, spec);
+            if !weight.is_none() && is_weight_input(spec.name) {
+                let key = ResidentKey::new(weight, &self.desc, spec.name);
                 let r = store.resident(key, || {
                     bump(&stats.weight_fills);
                     let s = Surface::new(spec)?;
                     s.write(bytes)?;
-                    Ok(s)
+                    Ok(Resident::new(s))
                 })?;
                 arrays.push((spec.name, r.surface().array()?));
                 resident.push(r);
@@ -331,8 +337,9 @@ pub struct CoreMlExecutor {
     ready: ReadyPrograms<Ready>,
     reference: ReferenceExecutor,
     counters: Counters,
-    /// Resident weight surfaces and pooled I/O sets, under `settings.surface_budget`.
-    store: Store,
+    /// Resident weight surfaces and pooled I/O sets, under `settings.surface_budget`; relieved on
+    /// memory pressure (`pressure`).
+    store: Arc<Store>,
     /// Set when the startup probe's int8 program failed while its fp16 one passed: int8-input programs
     /// are refused for the process (their weights take the f16 program).
     int8_refused: Mutex<Option<String>>,
@@ -374,7 +381,8 @@ pub fn try_new_with(settings: Settings) -> Result<CoreMlExecutor, String> {
         // path this process takes, but not by a crash).
         sweep_work_dirs(dir);
     }
-    let store = Store::new(settings.surface_budget);
+    let store = Arc::new(Store::new(settings.surface_budget));
+    super::pressure::watch(&store);
     let reference = ReferenceExecutor::new();
     reference.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
     Ok(CoreMlExecutor {
@@ -432,6 +440,8 @@ impl CoreMlExecutor {
             failed: l(&c.failed),
             weight_fills: l(&c.weight_fills),
             surface_evictions: self.store.evictions(),
+            pressure_events: super::pressure::EVENTS.load(Ordering::Relaxed),
+            pressure_relieved: super::pressure::RELIEVED.load(Ordering::Relaxed),
         }
     }
 
@@ -687,12 +697,18 @@ impl CoreMlExecutor {
         let inputs = OwnedInputs::random(desc, SELF_CHECK_SEED);
         let mut got = vec![f16::ZERO; desc.n * desc.m];
         program
-            .run(&self.store, 0, inputs.inputs(), &mut got, &self.counters)
+            .run(
+                &self.store,
+                WeightPart::NONE,
+                inputs.inputs(),
+                &mut got,
+                &self.counters,
+            )
             .map_err(SelfCheck::Failed)?;
         let (a, against) = if inputs.macs() <= FULL_CHECK_MAX_MACS {
             let mut want = vec![f16::ZERO; desc.n * desc.m];
             self.reference
-                .run(desc, inputs.inputs(), 0, &mut want)
+                .run(desc, inputs.inputs(), WeightPart::NONE, &mut want)
                 .map_err(|e| SelfCheck::Failed(format!("reference executor: {e}")))?;
             (compare_outputs(&want, &got), "reference executor")
         } else {
@@ -724,13 +740,25 @@ impl CoreMlExecutor {
         let inputs = OwnedInputs::random(desc, SELF_CHECK_SEED);
         let mut out = vec![f16::ZERO; desc.n * desc.m];
         let mut time = |p: &Program| -> Result<f64, SelfCheck> {
-            p.run(&self.store, 0, inputs.inputs(), &mut out, &self.counters)
-                .map_err(SelfCheck::Failed)?;
+            p.run(
+                &self.store,
+                WeightPart::NONE,
+                inputs.inputs(),
+                &mut out,
+                &self.counters,
+            )
+            .map_err(SelfCheck::Failed)?;
             let mut best = f64::INFINITY;
             for _ in 0..SPEED_CHECK_RUNS {
                 let t = Instant::now();
-                p.run(&self.store, 0, inputs.inputs(), &mut out, &self.counters)
-                    .map_err(SelfCheck::Failed)?;
+                p.run(
+                    &self.store,
+                    WeightPart::NONE,
+                    inputs.inputs(),
+                    &mut out,
+                    &self.counters,
+                )
+                .map_err(SelfCheck::Failed)?;
                 best = best.min(t.elapsed().as_secs_f64() * 1e3);
             }
             Ok(best)
@@ -953,15 +981,19 @@ impl Executor for CoreMlExecutor {
         }
     }
 
+    fn forget(&self, key: u64) {
+        self.store.forget(key);
+    }
+
     fn run(
         &self,
         desc: &ProgramDesc,
         inputs: ProgramInputs<'_>,
-        weight_key: u64,
+        weight: WeightPart,
         out: &mut [f16],
     ) -> Result<(), ExecError> {
-        // A nonzero key names the bytes of one weight part (the driver mixes a split part's K/N offsets
-        // into it): its weight-side inputs are bound from resident surfaces, filled on first use.
+        // A named part is the bytes of one weight part: its weight-side inputs are bound from
+        // resident surfaces, filled on first use.
         inputs.check(desc)?;
         if out.len() != desc.n * desc.m {
             return Err(ExecError::BadInputs(
@@ -975,7 +1007,7 @@ impl Executor for CoreMlExecutor {
             Ready::Refused(r, _) => return Err(r.error(desc)),
         };
         program
-            .run(&self.store, weight_key, inputs, out, &self.counters)
+            .run(&self.store, weight, inputs, out, &self.counters)
             .map_err(|e| {
                 bump(&self.counters.failed);
                 ExecError::Run(desc.key(), e)

@@ -35,6 +35,8 @@ mod executor;
 #[cfg(target_vendor = "apple")]
 mod io;
 #[cfg(target_vendor = "apple")]
+mod pressure;
+#[cfg(target_vendor = "apple")]
 mod runtime;
 #[cfg(target_vendor = "apple")]
 mod surfaces;

@@ -12,7 +12,7 @@ use std::time::Instant;
 use ggml_coreml_executor::coreml::check::{
     Agreement, DEVICE_MAX_NMSE, OwnedInputs, compare_ideal, compare_outputs,
 };
-use ggml_coreml_executor::{ExecError, Executor, ProgramDesc, ProgramInputs, Variant};
+use ggml_coreml_executor::{ExecError, Executor, ProgramDesc, ProgramInputs, Variant, WeightPart};
 use half::f16;
 
 pub fn desc(
@@ -112,7 +112,7 @@ pub fn check_shape(
     for i in 0..runs.max(1) {
         let mut out = vec![f16::ZERO; d.n * d.m];
         let t = Instant::now();
-        exec.run(d, inputs.inputs(), 0, &mut out)
+        exec.run(d, inputs.inputs(), WeightPart::NONE, &mut out)
             .unwrap_or_else(|e| panic!("{}: run {d}: {e}", exec.name()));
         times.push(ms(t));
         if i == 0 {
@@ -147,7 +147,7 @@ pub fn compare_executors(a: &dyn Executor, b: &dyn Executor, d: &ProgramDesc) ->
     let inputs = OwnedInputs::random(d, 77);
     let run = |e: &dyn Executor| {
         let mut out = vec![f16::ZERO; d.n * d.m];
-        e.run(d, inputs.inputs(), 0, &mut out)
+        e.run(d, inputs.inputs(), WeightPart::NONE, &mut out)
             .unwrap_or_else(|err| panic!("{}: {d}: {err}", e.name()));
         out
     };
@@ -170,7 +170,7 @@ pub fn check_bad_inputs(exec: &dyn Executor) {
                 w: &good.w_i8[1..],
                 x: &good.x_i8,
             },
-            0,
+            WeightPart::NONE,
             &mut out,
         ),
         "short w",
@@ -182,7 +182,7 @@ pub fn check_bad_inputs(exec: &dyn Executor) {
                 w: &good.w_i8,
                 x: &good.x_i8[..10],
             },
-            0,
+            WeightPart::NONE,
             &mut out,
         ),
         "short x",
@@ -194,7 +194,7 @@ pub fn check_bad_inputs(exec: &dyn Executor) {
                 w: &good.w_i8,
                 x: &good.x_i8,
             },
-            0,
+            WeightPart::NONE,
             &mut out[1..],
         ),
         "short out",
@@ -202,7 +202,12 @@ pub fn check_bad_inputs(exec: &dyn Executor) {
     let xf = vec![f16::ZERO; d.k * d.m];
     let wf = vec![f16::ZERO; d.n * d.k];
     bad(
-        exec.run(&d, ProgramInputs::F16 { w: &wf, x: &xf }, 0, &mut out),
+        exec.run(
+            &d,
+            ProgramInputs::F16 { w: &wf, x: &xf },
+            WeightPart::NONE,
+            &mut out,
+        ),
         "wrong variant",
     );
 
@@ -214,14 +219,20 @@ pub fn check_bad_inputs(exec: &dyn Executor) {
         offsets: None,
         x: &g.x_f16,
     };
-    bad(exec.run(&dw, no_offsets, 0, &mut out), "missing offsets");
+    bad(
+        exec.run(&dw, no_offsets, WeightPart::NONE, &mut out),
+        "missing offsets",
+    );
     let short_scales = ProgramInputs::W8F16 {
         w: &g.w_i8,
         scales: &g.scales[1..],
         offsets: g.offsets.as_deref(),
         x: &g.x_f16,
     };
-    bad(exec.run(&dw, short_scales, 0, &mut out), "short scales");
+    bad(
+        exec.run(&dw, short_scales, WeightPart::NONE, &mut out),
+        "short scales",
+    );
 
     // Invalid descriptions: refused, not run.
     for d in [
@@ -267,7 +278,8 @@ pub fn check_concurrent(exec: &dyn Executor) {
                 for i in 0..3u64 {
                     let inputs = OwnedInputs::random(&d, t * 100 + i);
                     let mut out = vec![f16::ZERO; d.n * d.m];
-                    exec.run(&d, inputs.inputs(), 0, &mut out).unwrap();
+                    exec.run(&d, inputs.inputs(), WeightPart::NONE, &mut out)
+                        .unwrap();
                     let a = compare_ideal(&inputs, &out, None, 0);
                     assert!(
                         a.within(DEVICE_MAX_NMSE),
