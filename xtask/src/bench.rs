@@ -660,13 +660,11 @@ fn bench_once(
         Some((ops, p)) => (Some(ops), Some(p)),
         None => (None, None),
     };
-    let memory = |key: &str| {
-        policy.and_then(|_| {
-            let v: serde_json::Value = serde_json::from_slice(&fs::read(&stats).ok()?).ok()?;
-            v.get("memory")?.get(key)?.as_f64()
-        })
-    };
-    let (prepared_mib, released_mib) = (memory("prepared_mib"), memory("raw_released_mib"));
+    let memory = policy.and_then(|_| face::read_memory(&stats));
+    let (prepared_mib, released_mib) = (
+        memory.as_ref().and_then(|m| m.prepared_mib),
+        memory.as_ref().and_then(|m| m.raw_released_mib),
+    );
     let hybrid_graphs = (policy.is_some() && mx.face == Face::Hybrid)
         .then(|| hybrid_graphs(&stderr))
         .flatten();
@@ -759,18 +757,28 @@ pub fn parse_bench_json(stdout: &str) -> Result<(Vec<TestResult>, String)> {
     Ok((tests, backends))
 }
 
-/// Peak RSS from `/usr/bin/time -v` (kbytes, GNU) or `-l` (bytes, BSD/macOS), in MiB.
+/// Peak RSS in MiB from `/usr/bin/time` on stderr: GNU `-v` (KiB) or macOS `-l` (bytes).
 pub fn parse_peak_rss(stderr: &str) -> Option<f64> {
     for l in stderr.lines() {
-        let l = l.trim();
-        if let Some(v) = l.strip_prefix("Maximum resident set size (kbytes):") {
+        if let Some(v) = l.trim().strip_prefix("Maximum resident set size (kbytes):") {
             return v.trim().parse::<f64>().ok().map(|kb| kb / 1024.0);
         }
-        if let Some(v) = l.strip_suffix("maximum resident set size") {
-            return v.trim().parse::<f64>().ok().map(|b| b / 1048576.0);
-        }
     }
-    None
+    time_l_mib(stderr, "maximum resident set size")
+}
+
+/// macOS `/usr/bin/time -l`'s "peak memory footprint" in MiB: what jetsam counts (compressed and
+/// GPU-shared memory included, clean file pages not); recent macOS only, else `None`.
+pub fn parse_peak_footprint(stderr: &str) -> Option<f64> {
+    time_l_mib(stderr, "peak memory footprint")
+}
+
+/// A `time -l` line `<bytes>  <label>`, in MiB.
+fn time_l_mib(stderr: &str, label: &str) -> Option<f64> {
+    stderr
+        .lines()
+        .find_map(|l| l.trim().strip_suffix(label)?.trim().parse::<f64>().ok())
+        .map(|b| b / 1048576.0)
 }
 
 /// The platform's meters: `/usr/bin/time` for peak RSS, RAPL for energy, thermal zones.
@@ -1746,6 +1754,50 @@ mod tests {
             Some(150.0)
         );
         assert_eq!(parse_peak_rss("nothing"), None);
+    }
+
+    /// `/usr/bin/time -l` on macOS 15 after a llama-bench run (stderr tail).
+    const TIME_L: &str = "\
+        3.41 real         6.02 user         0.88 sys
+           123456789  maximum resident set size
+                   0  average shared memory size
+                   0  average unshared data size
+                   0  average unshared stack size
+               30142  page reclaims
+                  12  page faults
+                   0  swaps
+                   0  block input operations
+                   0  block output operations
+                   0  messages sent
+                   0  messages received
+                   0  signals received
+                  57  voluntary context switches
+                1873  involuntary context switches
+         25473018349  instructions retired
+          9817266601  cycles elapsed
+            98765432  peak memory footprint
+";
+
+    #[test]
+    fn parses_time_l_output() {
+        let rss = parse_peak_rss(TIME_L).unwrap();
+        assert!((rss - 123456789.0 / 1048576.0).abs() < 1e-9);
+        let fp = parse_peak_footprint(TIME_L).unwrap();
+        assert!((fp - 98765432.0 / 1048576.0).abs() < 1e-9);
+        // Older macOS prints no footprint line; GNU time neither.
+        assert_eq!(
+            parse_peak_footprint("  157286400  maximum resident set size\n"),
+            None
+        );
+        assert_eq!(
+            parse_peak_footprint("\tMaximum resident set size (kbytes): 148988\n"),
+            None
+        );
+        // A mangled number is n/a, not a wrong value.
+        assert_eq!(
+            parse_peak_footprint("  12x4  peak memory footprint\n"),
+            None
+        );
     }
 
     #[test]

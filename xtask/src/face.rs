@@ -101,3 +101,135 @@ pub fn read_stats(path: &std::path::Path) -> Option<(u64, String)> {
             .to_string(),
     ))
 }
+
+/// The `memory` section of a `GGML_COREML_STATS_FILE` (crates/ggml-coreml/src/stats.rs): the library's
+/// accounted bytes. Every field is optional so an older library, or a counter it does not write, reads as
+/// "n/a" rather than failing a report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub raw_owned_mib: Option<f64>,
+    pub raw_borrowed_mib: Option<f64>,
+    pub raw_released_mib: Option<f64>,
+    pub prepared_mib: Option<f64>,
+    pub prepared_per_call: Option<u64>,
+    pub sliced_calls: Option<u64>,
+    pub slice_peak_mib: Option<f64>,
+    pub executor_surfaces_mib: Option<f64>,
+    pub executor_weight_surfaces_mib: Option<f64>,
+    pub executor_io_surfaces_mib: Option<f64>,
+    /// CoreML executor counters (`CoreMlStats`), read if the library writes them.
+    pub weight_fills: Option<u64>,
+    pub surface_evictions: Option<u64>,
+    /// Numeric keys of the section this reader does not name yet, kept for report.json.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub other: std::collections::BTreeMap<String, f64>,
+}
+
+impl Memory {
+    /// From the whole statistics JSON; `None` without a `memory` object.
+    pub fn from_stats(v: &serde_json::Value) -> Option<Memory> {
+        let m = v.get("memory")?.as_object()?;
+        let f = |k: &str| m.get(k).and_then(|x| x.as_f64());
+        let u = |k: &str| m.get(k).and_then(|x| x.as_u64());
+        // Executor counters: in `memory` or, if a library puts them there, at the top or under `coreml`.
+        let counter = |k: &str| {
+            u(k).or_else(|| v.get(k).and_then(|x| x.as_u64()))
+                .or_else(|| v.get("coreml")?.get(k)?.as_u64())
+        };
+        const NAMED: [&str; 12] = [
+            "raw_owned_mib",
+            "raw_borrowed_mib",
+            "raw_released_mib",
+            "prepared_mib",
+            "prepared_per_call",
+            "sliced_calls",
+            "slice_peak_mib",
+            "executor_surfaces_mib",
+            "executor_weight_surfaces_mib",
+            "executor_io_surfaces_mib",
+            "weight_fills",
+            "surface_evictions",
+        ];
+        Some(Memory {
+            raw_owned_mib: f("raw_owned_mib"),
+            raw_borrowed_mib: f("raw_borrowed_mib"),
+            raw_released_mib: f("raw_released_mib"),
+            prepared_mib: f("prepared_mib"),
+            prepared_per_call: u("prepared_per_call"),
+            sliced_calls: u("sliced_calls"),
+            slice_peak_mib: f("slice_peak_mib"),
+            executor_surfaces_mib: f("executor_surfaces_mib"),
+            executor_weight_surfaces_mib: f("executor_weight_surfaces_mib"),
+            executor_io_surfaces_mib: f("executor_io_surfaces_mib"),
+            weight_fills: counter("weight_fills"),
+            surface_evictions: counter("surface_evictions"),
+            other: m
+                .iter()
+                .filter(|(k, _)| !NAMED.contains(&k.as_str()))
+                .filter_map(|(k, x)| Some((k.clone(), x.as_f64()?)))
+                .collect(),
+        })
+    }
+}
+
+/// The `memory` section of a statistics file; `None` if the file is missing, not JSON or has no section.
+pub fn read_memory(path: &std::path::Path) -> Option<Memory> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    Memory::from_stats(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A statistics file as the library writes it (stats.rs `to_json`, trimmed to what matters here).
+    const STATS: &str = r#"{"policy":"always","executor":"coreml","ane_ops":1512,"ane_ms":812.402,
+        "memory":{"raw_owned_mib":0.0,"raw_borrowed_mib":161.2,"raw_released_mib":158.9,"prepared_mib":301.5,
+        "prepared_per_call":0,"sliced_calls":0,"slice_peak_mib":0.00,"executor_surfaces_mib":322.7,
+        "executor_weight_surfaces_mib":301.5,"executor_io_surfaces_mib":21.2},"split_nodes":0}"#;
+
+    #[test]
+    fn reads_the_memory_section() {
+        let v: serde_json::Value = serde_json::from_str(STATS).unwrap();
+        let m = Memory::from_stats(&v).unwrap();
+        assert_eq!(m.prepared_mib, Some(301.5));
+        assert_eq!(m.raw_released_mib, Some(158.9));
+        assert_eq!(m.raw_borrowed_mib, Some(161.2));
+        assert_eq!(m.executor_surfaces_mib, Some(322.7));
+        assert_eq!(m.executor_weight_surfaces_mib, Some(301.5));
+        assert_eq!(m.executor_io_surfaces_mib, Some(21.2));
+        assert_eq!((m.prepared_per_call, m.sliced_calls), (Some(0), Some(0)));
+        // Not written by this library: n/a, not an error.
+        assert_eq!((m.weight_fills, m.surface_evictions), (None, None));
+        assert!(m.other.is_empty());
+    }
+
+    #[test]
+    fn reads_counters_and_unknown_keys_where_present() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"memory":{"prepared_mib":64.0,"weight_fills":40,"future_mib":1.5},
+                "coreml":{"surface_evictions":7}}"#,
+        )
+        .unwrap();
+        let m = Memory::from_stats(&v).unwrap();
+        assert_eq!((m.weight_fills, m.surface_evictions), (Some(40), Some(7)));
+        assert_eq!(m.other.get("future_mib"), Some(&1.5));
+        assert_eq!(m.executor_surfaces_mib, None);
+    }
+
+    #[test]
+    fn missing_or_broken_statistics_are_none() {
+        let v: serde_json::Value = serde_json::from_str(r#"{"ane_ops":3}"#).unwrap();
+        assert_eq!(Memory::from_stats(&v), None);
+        let dir = std::env::temp_dir().join(format!("xtask-face-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(read_memory(&dir.join("absent.json")), None);
+        let broken = dir.join("broken.json");
+        std::fs::write(&broken, "{\"memory\":{").unwrap();
+        assert_eq!(read_memory(&broken), None);
+        let good = dir.join("good.json");
+        std::fs::write(&good, STATS).unwrap();
+        assert_eq!(read_memory(&good).unwrap().prepared_mib, Some(301.5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
