@@ -117,7 +117,10 @@ pub struct Memory {
     pub executor_surfaces_mib: Option<f64>,
     pub executor_weight_surfaces_mib: Option<f64>,
     pub executor_io_surfaces_mib: Option<f64>,
-    /// CoreML executor counters (`CoreMlStats`), read if the library writes them.
+    /// Executor counters: weight-side inputs kept and let go with their prepared form, fills and
+    /// budget evictions (`Executor::surface_bytes`).
+    pub executor_weight_inputs: Option<u64>,
+    pub executor_weight_inputs_forgotten: Option<u64>,
     pub weight_fills: Option<u64>,
     pub surface_evictions: Option<u64>,
     /// Numeric keys of the section this reader does not name yet, kept for report.json.
@@ -131,12 +134,7 @@ impl Memory {
         let m = v.get("memory")?.as_object()?;
         let f = |k: &str| m.get(k).and_then(|x| x.as_f64());
         let u = |k: &str| m.get(k).and_then(|x| x.as_u64());
-        // Executor counters: in `memory` or, if a library puts them there, at the top or under `coreml`.
-        let counter = |k: &str| {
-            u(k).or_else(|| v.get(k).and_then(|x| x.as_u64()))
-                .or_else(|| v.get("coreml")?.get(k)?.as_u64())
-        };
-        const NAMED: [&str; 12] = [
+        const NAMED: [&str; 14] = [
             "raw_owned_mib",
             "raw_borrowed_mib",
             "raw_released_mib",
@@ -147,8 +145,10 @@ impl Memory {
             "executor_surfaces_mib",
             "executor_weight_surfaces_mib",
             "executor_io_surfaces_mib",
-            "weight_fills",
-            "surface_evictions",
+            "executor_weight_inputs",
+            "executor_weight_inputs_forgotten",
+            "executor_weight_fills",
+            "executor_surface_evictions",
         ];
         Some(Memory {
             raw_owned_mib: f("raw_owned_mib"),
@@ -161,8 +161,10 @@ impl Memory {
             executor_surfaces_mib: f("executor_surfaces_mib"),
             executor_weight_surfaces_mib: f("executor_weight_surfaces_mib"),
             executor_io_surfaces_mib: f("executor_io_surfaces_mib"),
-            weight_fills: counter("weight_fills"),
-            surface_evictions: counter("surface_evictions"),
+            executor_weight_inputs: u("executor_weight_inputs"),
+            executor_weight_inputs_forgotten: u("executor_weight_inputs_forgotten"),
+            weight_fills: u("executor_weight_fills"),
+            surface_evictions: u("executor_surface_evictions"),
             other: m
                 .iter()
                 .filter(|(k, _)| !NAMED.contains(&k.as_str()))
@@ -199,7 +201,7 @@ mod tests {
         assert_eq!(m.executor_weight_surfaces_mib, Some(301.5));
         assert_eq!(m.executor_io_surfaces_mib, Some(21.2));
         assert_eq!((m.prepared_per_call, m.sliced_calls), (Some(0), Some(0)));
-        // Not written by this library: n/a, not an error.
+        // Not written by an older library: n/a, not an error.
         assert_eq!((m.weight_fills, m.surface_evictions), (None, None));
         assert!(m.other.is_empty());
     }
@@ -207,12 +209,13 @@ mod tests {
     #[test]
     fn reads_counters_and_unknown_keys_where_present() {
         let v: serde_json::Value = serde_json::from_str(
-            r#"{"memory":{"prepared_mib":64.0,"weight_fills":40,"future_mib":1.5},
-                "coreml":{"surface_evictions":7}}"#,
+            r#"{"memory":{"prepared_mib":64.0,"executor_weight_fills":40,"future_mib":1.5,
+                "executor_surface_evictions":7,"executor_weight_inputs":12}}"#,
         )
         .unwrap();
         let m = Memory::from_stats(&v).unwrap();
         assert_eq!((m.weight_fills, m.surface_evictions), (Some(40), Some(7)));
+        assert_eq!(m.executor_weight_inputs, Some(12));
         assert_eq!(m.other.get("future_mib"), Some(&1.5));
         assert_eq!(m.executor_surfaces_mib, None);
     }
