@@ -72,11 +72,28 @@ struct RunOut {
     prompt_tps: Option<f64>,
     eval_tps: Option<f64>,
     summary: Option<String>,
+    /// The statistics' `memory` section (ours only).
+    memory: Option<crate::face::Memory>,
+    /// From `/usr/bin/time` where installed.
+    peak_rss_mib: Option<f64>,
     loaded: bool,
 }
 
 fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Result<RunOut> {
-    let mut c = Command::new(env.bin.join("llama-completion"));
+    // Peak RSS of both runs when /usr/bin/time is there (GNU `-v`, macOS `-l`).
+    let time = std::path::Path::new("/usr/bin/time").is_file();
+    let mut c = if time {
+        let mut c = Command::new("/usr/bin/time");
+        c.arg(if cfg!(target_os = "macos") {
+            "-l"
+        } else {
+            "-v"
+        })
+        .arg(env.bin.join("llama-completion"));
+        c
+    } else {
+        Command::new(env.bin.join("llama-completion"))
+    };
     c.arg("-m")
         .arg(model)
         .args([
@@ -150,6 +167,10 @@ fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Resul
     // llama-completion's logger hides ggml's info lines; the statistics file proves the backend ran.
     let stats_json = std::fs::read_to_string(&stats).ok();
     let summary_present = stats_json.is_some();
+    let memory = stats_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        .and_then(|v| crate::face::Memory::from_stats(&v));
     Ok(RunOut {
         text: stdout.trim().to_string(),
         prompt_tps: tps("prompt eval time"),
@@ -158,6 +179,8 @@ fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Resul
             let _ = std::fs::remove_file(&stats);
             summarize_stats(&j)
         }),
+        memory,
+        peak_rss_mib: crate::bench::parse_peak_rss(&stderr),
         loaded: stderr.contains("loaded CoreML backend") || summary_present,
     })
 }
@@ -267,6 +290,7 @@ pub fn main(args: &[String]) -> Result<()> {
             );
         }
     }
+    println!("  memory   {}", memory_line(&stock, &ours));
     println!("  prompt   {:?}", a.prompt);
     println!("  stock    {}", one_line(&stock.text));
     println!("  coreml   {}", one_line(&ours.text));
@@ -348,6 +372,37 @@ fn summarize_stats(json: &str) -> String {
         },
         v["faults"]
     )
+}
+
+/// Peak RSS of both runs and what the library accounts for (docs/memory.md).
+fn memory_line(stock: &RunOut, ours: &RunOut) -> String {
+    let mib = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.0} MiB"));
+    let mut s = format!(
+        "peak RSS stock {}, coreml {}",
+        mib(stock.peak_rss_mib),
+        mib(ours.peak_rss_mib)
+    );
+    if let Some(m) = &ours.memory {
+        let f = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.1}"));
+        let _ = std::fmt::Write::write_fmt(
+            &mut s,
+            format_args!(
+                "; accounted: {} MiB prepared, {} MiB borrowed from the mapping ({} MiB of its pages \
+                 released), {} MiB of our own buffers (compute, and weight copies without mmap), executor {} MiB ({} weight inputs kept, {} let \
+                 go with their weights)",
+                f(m.prepared_mib),
+                f(m.raw_borrowed_mib),
+                f(m.raw_released_mib),
+                f(m.raw_owned_mib),
+                f(m.executor_surfaces_mib),
+                m.executor_weight_inputs
+                    .map_or("n/a".into(), |n| n.to_string()),
+                m.executor_weight_inputs_forgotten
+                    .map_or("n/a".into(), |n| n.to_string()),
+            ),
+        );
+    }
+    s
 }
 
 fn one_line(s: &str) -> String {

@@ -295,8 +295,8 @@ impl Stats {
         )
     }
 
-    /// One human line for the log.
-    pub fn summary(&self) -> String {
+    /// One human line for the log; `surfaces` as in [`Stats::to_json`].
+    pub fn summary(&self, surfaces: ggml_coreml_executor::SurfaceBytes) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let reasons = self.host_reasons.lock().unwrap_or_else(|e| e.into_inner());
         let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -305,7 +305,8 @@ impl Stats {
              weights prepared {} ({:.1} MiB held, {:.1} ms), variants {} (int8 × int8 {:.1} % of offloaded FLOPs), \
              copies to/from the inner device {} in {} nodes (at most {} per node); memory: {:.1} MiB of weights \
              copied into our buffers, {:.1} MiB borrowed from the model mapping ({:.1} MiB of its pages released), \
-             {:.1} MiB prepared, {} weights prepared per call ({} in row slices)",
+             {:.1} MiB prepared, {} weights prepared per call ({} in row slices), executor {:.1} MiB kept \
+             ({} weight inputs, {} let go with their weights)",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -347,6 +348,9 @@ impl Stats {
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepared_per_call),
             g(&self.sliced_calls),
+            surfaces.total() as f64 / (1024.0 * 1024.0),
+            surfaces.weight_inputs,
+            surfaces.forgotten,
         )
     }
 }

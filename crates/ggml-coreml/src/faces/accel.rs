@@ -207,7 +207,10 @@ unsafe extern "C" fn backend_free(b: *mut GgmlBackend) {
         drop(unsafe { Box::from_raw(backend.context.cast::<BackendCtx>()) });
         let eng = engine();
         eng.write_files(true);
-        log::info(&format!("summary: {}", eng.stats.summary()));
+        log::info(&format!(
+            "summary: {}",
+            eng.stats.summary(eng.executor.surface_bytes())
+        ));
     })
 }
 

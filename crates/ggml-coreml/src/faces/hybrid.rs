@@ -564,7 +564,7 @@ unsafe extern "C" fn backend_free(b: *mut GgmlBackend) {
             ctx.router.host.name,
             ctx.router.split_graphs,
             ctx.router.oversplit_graphs,
-            engine().stats.summary()
+            engine().stats.summary(engine().executor.surface_bytes())
         ));
     })
 }
