@@ -123,6 +123,7 @@ pub struct Memory {
     pub executor_weight_inputs_forgotten: Option<u64>,
     pub weight_fills: Option<u64>,
     pub surface_evictions: Option<u64>,
+    pub programs_in_memory: Option<u64>,
     /// Numeric keys of the section this reader does not name yet, kept for report.json.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub other: std::collections::BTreeMap<String, f64>,
@@ -134,7 +135,7 @@ impl Memory {
         let m = v.get("memory")?.as_object()?;
         let f = |k: &str| m.get(k).and_then(|x| x.as_f64());
         let u = |k: &str| m.get(k).and_then(|x| x.as_u64());
-        const NAMED: [&str; 14] = [
+        const NAMED: [&str; 15] = [
             "raw_owned_mib",
             "raw_borrowed_mib",
             "raw_released_mib",
@@ -149,6 +150,7 @@ impl Memory {
             "executor_weight_inputs_forgotten",
             "executor_weight_fills",
             "executor_surface_evictions",
+            "programs_in_memory",
         ];
         Some(Memory {
             raw_owned_mib: f("raw_owned_mib"),
@@ -165,6 +167,7 @@ impl Memory {
             executor_weight_inputs_forgotten: u("executor_weight_inputs_forgotten"),
             weight_fills: u("executor_weight_fills"),
             surface_evictions: u("executor_surface_evictions"),
+            programs_in_memory: u("programs_in_memory"),
             other: m
                 .iter()
                 .filter(|(k, _)| !NAMED.contains(&k.as_str()))

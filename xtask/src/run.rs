@@ -389,7 +389,7 @@ fn memory_line(stock: &RunOut, ours: &RunOut) -> String {
             format_args!(
                 "; accounted: {} MiB prepared, {} MiB borrowed from the mapping ({} MiB of its pages \
                  released), {} MiB of our own buffers (compute, and weight copies without mmap), executor {} MiB ({} weight inputs kept, {} let \
-                 go with their weights)",
+                 go with their weights), {} programs in memory",
                 f(m.prepared_mib),
                 f(m.raw_borrowed_mib),
                 f(m.raw_released_mib),
@@ -399,6 +399,7 @@ fn memory_line(stock: &RunOut, ours: &RunOut) -> String {
                     .map_or("n/a".into(), |n| n.to_string()),
                 m.executor_weight_inputs_forgotten
                     .map_or("n/a".into(), |n| n.to_string()),
+                m.programs_in_memory.map_or("n/a".into(), |n| n.to_string()),
             ),
         );
     }

@@ -220,6 +220,9 @@ pub struct SurfaceBytes {
     /// dropped to stay under the budget, since the start.
     pub fills: u64,
     pub evictions: u64,
+    /// Programs held in memory (CoreML: loaded models, or refusals remembered; reference:
+    /// interpreters). Filled by the executor, not by the store.
+    pub programs: u64,
 }
 
 impl SurfaceBytes {

@@ -164,7 +164,11 @@ impl Executor for ReferenceExecutor {
     }
 
     fn surface_bytes(&self) -> SurfaceBytes {
-        self.resident.bytes()
+        let programs = self.prepared() as u64;
+        SurfaceBytes {
+            programs,
+            ..self.resident.bytes()
+        }
     }
 
     fn forget(&self, key: u64) {

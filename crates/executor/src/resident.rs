@@ -285,6 +285,7 @@ impl<W: Held, Io: Held> Store<W, Io> {
             forgotten: st.forgotten,
             fills: st.fills,
             evictions: st.evictions,
+            programs: 0,
         }
     }
 

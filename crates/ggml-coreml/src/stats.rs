@@ -241,7 +241,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"raw_released_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{},\"sliced_calls\":{},\"slice_peak_mib\":{:.2},\"executor_surfaces_mib\":{:.1},\"executor_weight_surfaces_mib\":{:.1},\"executor_io_surfaces_mib\":{:.1},\"executor_weight_inputs\":{},\"executor_weight_inputs_forgotten\":{},\"executor_weight_fills\":{},\"executor_surface_evictions\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"raw_released_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{},\"sliced_calls\":{},\"slice_peak_mib\":{:.2},\"executor_surfaces_mib\":{:.1},\"executor_weight_surfaces_mib\":{:.1},\"executor_io_surfaces_mib\":{:.1},\"executor_weight_inputs\":{},\"executor_weight_inputs_forgotten\":{},\"executor_weight_fills\":{},\"executor_surface_evictions\":{},\"programs_in_memory\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
              \"router\":{{\"hybrid_graphs\":{},\"hybrid_unsplit\":{},\"walk_us_per_graph\":{:.3}}},\
              \"split_profile\":{{\"nodes\":{},\"wall_ms\":{:.3},\"inner_alone_ms\":{:.3},\"executor_alone_ms\":{:.3},\
              \"executor_inline_ms\":{:.3},\"launch_ms\":{:.3},\"wait_ms\":{:.3},\"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}},\
@@ -270,6 +270,7 @@ impl Stats {
             surfaces.forgotten,
             surfaces.fills,
             surfaces.evictions,
+            surfaces.programs,
             g(&self.split_nodes),
             self.variants_json(),
             self.int8_share(),
@@ -306,7 +307,7 @@ impl Stats {
              copies to/from the inner device {} in {} nodes (at most {} per node); memory: {:.1} MiB of weights \
              copied into our buffers, {:.1} MiB borrowed from the model mapping ({:.1} MiB of its pages released), \
              {:.1} MiB prepared, {} weights prepared per call ({} in row slices), executor {:.1} MiB kept \
-             ({} weight inputs, {} let go with their weights)",
+             ({} weight inputs, {} let go with their weights), {} programs in memory",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -351,6 +352,7 @@ impl Stats {
             surfaces.total() as f64 / (1024.0 * 1024.0),
             surfaces.weight_inputs,
             surfaces.forgotten,
+            surfaces.programs,
         )
     }
 }

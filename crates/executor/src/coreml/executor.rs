@@ -920,7 +920,10 @@ impl Executor for CoreMlExecutor {
     }
 
     fn surface_bytes(&self) -> SurfaceBytes {
-        self.store.bytes()
+        SurfaceBytes {
+            programs: self.ready.len() as u64,
+            ..self.store.bytes()
+        }
     }
 
     fn needs_compile(&self, desc: &ProgramDesc) -> bool {
