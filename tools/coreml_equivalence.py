@@ -3,11 +3,11 @@
 
 For each package (written by `write_mlpackage`; `cargo xtask test --only coreml-equivalence` writes
 them), the program's description is read back from its `ggml-coreml.program` metadata key
-(`i8i8-m64-k256-n96`, `w8f16-g32o-m64-k256-n96`, `f16-…`). The same function is then built with
-coremltools' MIL builder from the listings in docs/programs.md (not from our Rust code) and
-converted with `ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=<our spec
-version>)`, coremltools' default pass pipeline included (no model load, no prediction). Both
-`Model` protos are then compared:
+(`i8i8-m64-k256-n96`, `w8f16-g32o-m64-k256-n96`, `i8i8o-c32-m64-k256-n96`, `f16-…`). The same
+function is then built with coremltools' MIL builder from the listings in docs/programs.md (not from
+our Rust code) and converted with `ct.convert(prog, convert_to="mlprogram",
+minimum_deployment_target=<our spec version>)`, coremltools' default pass pipeline included (no model
+load, no prediction). Both `Model` protos are then compared:
 
 - model: specification version, `isUpdatable`, description inputs/outputs (name, type, order),
   metadata and the program's attributes;
@@ -23,7 +23,7 @@ of the "Known differences from coremltools" table in docs/programs.md with a jus
 that no program shows fails too, so the table and the programs cannot drift apart.
 
 Output: one line per program (`OK` or `FAIL`, with its failing differences below it), one line per
-allowed difference id, the self-test's line (see `self_test`), then
+allowed difference id, the self-test's lines (i8i8, and i8i8o when present; see `self_test`), then
 
     summary: <P> programs (<v> variant configurations, <s> shapes), <O> ops compared (<n> ops,
     <c> consts), differences: <A> allowed (<ids> kinds), <F> failing
@@ -92,21 +92,22 @@ def read_allowed(doc_path):
 
 # --- program descriptions ------------------------------------------------------------------------
 
-KEY_RE = re.compile(r"(i8i8|f16|w8f16-g(\d+)(o?))-m(\d+)-k(\d+)-n(\d+)")
+KEY_RE = re.compile(r"(i8i8|f16|w8f16-g(\d+)(o?)|i8i8o-c(\d+))-m(\d+)-k(\d+)-n(\d+)")
 
 
 def parse_key(key):
+    """A program key as a description; `group` is w8f16's block length or i8i8o's outlier count c."""
     m = KEY_RE.fullmatch(key)
     if not m:
         raise ValueError(f"unknown program key {key!r}")
     variant = m.group(1).split("-")[0]
     return {
         "variant": variant,
-        "group": int(m.group(2) or 0),
+        "group": int(m.group(2) or m.group(4) or 0),
         "offsets": m.group(3) == "o",
-        "m": int(m.group(4)),
-        "k": int(m.group(5)),
-        "n": int(m.group(6)),
+        "m": int(m.group(5)),
+        "k": int(m.group(6)),
+        "n": int(m.group(7)),
     }
 
 
@@ -138,6 +139,33 @@ def reference_program(d, target):
             return matmul(wh, xh)
 
         return prog, ["w", "x"]
+
+    if d["variant"] == "i8i8o":
+        c = d["group"]
+        specs = [
+            spec(types.int8, n, k),
+            spec(types.int8, k, m),
+            spec(types.int8, n, c),
+            spec(types.fp16, c, m),
+            spec(types.fp16, 1, m),
+        ]
+
+        @mb.program(input_specs=specs, opset_version=target)
+        def prog(w, x, wo, xo, t):
+            # docs/programs.md's listing: one fp16(1/sqrt(K)) const for the three dequantizes, and
+            # one pair of transpose flags for both matmuls.
+            scale = mb.const(val=np.float16(1.0 / np.sqrt(np.float64(k))), name="scale")
+            wh = mb.dequantize(input=w, scale=scale, name="wh")
+            xh = mb.dequantize(input=x, scale=scale, name="xh")
+            tx = mb.const(val=False, name="transpose_x")
+            ty = mb.const(val=False, name="transpose_y")
+            p = mb.matmul(x=wh, y=xh, transpose_x=tx, transpose_y=ty, name="p")
+            pt = mb.mul(x=p, y=t, name="pt")
+            woh = mb.dequantize(input=wo, scale=scale, name="woh")
+            o = mb.matmul(x=woh, y=xo, transpose_x=tx, transpose_y=ty, name="o")
+            return mb.add(x=pt, y=o, name="y")
+
+        return prog, ["w", "x", "wo", "xo", "t"]
 
     if d["variant"] == "f16":
 
@@ -498,10 +526,11 @@ def compare(ours, theirs):
 # --- self-test: the comparison sees what matters and ignores names -----------------------------
 
 
-def self_test(spec, weights_dir):
-    """Mutations of an i8i8 program: each must show its difference ids; renaming must show none.
+def self_test(spec, weights_dir, variant="i8i8"):
+    """Mutations of an i8i8 program (or, with `variant="i8i8o"`, of an i8i8o program): each must
+    show its difference ids; renaming must show none.
 
-    Returns a list of failure messages (empty when the comparison behaves)."""
+    Returns (number of cases, list of failure messages: empty when the comparison behaves)."""
     from coremltools.proto import MIL_pb2
 
     def block_of(s):
@@ -537,26 +566,43 @@ def self_test(spec, weights_dir):
     def op_type(s):
         op_of(s, "dequantize", 1).type = "cast"
 
-    def own_scale(s):
-        # The second dequantize gets its own copy of the shared scale const.
+    def unshare(s, type_, nth, arg):
+        # Op `type_` #nth gets its own copy of the const it shares at argument `arg`, placed before it.
         ops = block_of(s).operations
-        dq = op_of(s, "dequantize", 1)
-        scale = dq.inputs["scale"].arguments[0].name
-        orig = next(o for o in ops if o.type == "const" and o.outputs[0].name == scale)
+        user = op_of(s, type_, nth)
+        shared = user.inputs[arg].arguments[0].name
+        orig = next(o for o in ops if o.type == "const" and o.outputs[0].name == shared)
         dup = MIL_pb2.Operation()
         dup.CopyFrom(orig)
         dup.outputs[0].name = orig.outputs[0].name + "_copy"
         dup.attributes["name"].immediateValue.tensor.strings.values[0] = dup.outputs[0].name
-        dq.inputs["scale"].arguments[0].name = dup.outputs[0].name
+        user.inputs[arg].arguments[0].name = dup.outputs[0].name
         rebuilt = []
         for o in ops:
-            if o.type == "dequantize" and o.inputs["scale"].arguments[0].name == dup.outputs[0].name:
+            if o.type == type_ and o.inputs[arg].arguments[0].name == dup.outputs[0].name:
                 rebuilt.append(dup)
             c = MIL_pb2.Operation()
             c.CopyFrom(o)
             rebuilt.append(c)
         del ops[:]
         ops.extend(rebuilt)
+
+    def own_scale(s):
+        # The second dequantize gets its own copy of the shared scale const.
+        unshare(s, "dequantize", 1, "scale")
+
+    def rebind(type_, nth, arg, to):
+        # Op `type_` #nth's argument `arg` reads variable `to(s)` instead.
+        def mutate(s):
+            op_of(s, type_, nth).inputs[arg].arguments[0].name = to(s)
+
+        return mutate
+
+    def input_name(i):
+        return lambda s: s.mlProgram.functions["main"].inputs[i].name
+
+    def output_of(type_, nth=0):
+        return lambda s: op_of(s, type_, nth).outputs[0].name
 
     def rename_all(s):
         # Every variable that is not part of the interface gets another name.
@@ -575,6 +621,26 @@ def self_test(spec, weights_dir):
                 for b in arg.arguments:
                     b.name = new.get(b.name, b.name)
 
+    outlier_cases = [
+        # The outliers' weight columns dequantized with their own copy of the scale.
+        ("outlier scale not shared", lambda s: unshare(s, "dequantize", 2, "scale"), {"const-count"}),
+        # The outlier matmul with its own transpose flags.
+        (
+            "transpose flags not shared",
+            lambda s: unshare(s, "matmul", 1, "transpose_x"),
+            {"const-count"},
+        ),
+        # The per-token factor t read from xo (input #3) instead of t (input #4).
+        ("token factor input", rebind("mul", 0, "y", input_name(3)), {"op-binding:mul.y"}),
+        # The sum reads the int8 product p before its per-token factor.
+        ("sum skips the token factor", rebind("add", 0, "x", output_of("matmul")), {"op-binding:add.x"}),
+        # The outlier product reads the int8 activations' dequantize instead of xo.
+        (
+            "outlier activations",
+            rebind("matmul", 1, "y", output_of("dequantize", 1)),
+            {"op-binding:matmul.y"},
+        ),
+    ]
     cases = [
         ("scale value", flip_scale, {"op-binding:dequantize.scale"}),
         ("matmul operands swapped", swap_operands, {"op-binding:matmul.x", "op-binding:matmul.y"}),
@@ -585,6 +651,8 @@ def self_test(spec, weights_dir):
         ("const not shared", own_scale, {"const-count"}),
         ("every variable renamed", rename_all, set()),
     ]
+    if variant == "i8i8o":
+        cases = cases[:1] + outlier_cases + cases[-1:]
     failures = []
     base = Side(spec, weights_dir)
     for label, mutate, want in cases:
@@ -652,7 +720,7 @@ def main(argv):
     n_ops = n_consts = 0
     variants = set()
     shapes = set()
-    self_spec = self_key = None
+    self_specs = {}  # variant -> (spec, weights dir, key) of its first program, for the self-test
     with tempfile.TemporaryDirectory(prefix="coreml-equivalence-") as tmp:
         for path in paths:
             try:
@@ -687,8 +755,8 @@ def main(argv):
                 msg = str(e).replace("\n", " ")
                 print(f"FAIL {os.path.basename(path)} {type(e).__name__}: {msg}", flush=True)
                 continue
-            if self_spec is None and d["variant"] == "i8i8":
-                self_spec, self_key = (spec, mine.weights_dir), key
+            if d["variant"] in ("i8i8", "i8i8o") and d["variant"] not in self_specs:
+                self_specs[d["variant"]] = (spec, mine.weights_dir, key)
             n_ops += len(ours.ops)
             n_consts += len(ours.consts)
             ok = [x for x in diffs if x[0] in allowed]
@@ -702,16 +770,19 @@ def main(argv):
             print(f"{head} {key}: {counts}", flush=True)
             for id_, detail in bad:
                 print(f"     {id_}: {detail}", flush=True)
-    if self_spec is None:
+    if "i8i8" not in self_specs:
         failing += 1
         print("FAIL self-test: no i8i8 program among the packages", flush=True)
-    else:
-        cases, failures = self_test(*self_spec)
+    for variant in ("i8i8", "i8i8o"):
+        if variant not in self_specs:
+            continue
+        spec, weights_dir, key = self_specs[variant]
+        cases, failures = self_test(spec, weights_dir, variant)
         failing += len(failures)
         for f in failures:
             print(f"FAIL self-test: {f}", flush=True)
         seen_ok = cases - len(failures)
-        print(f"self-test: {seen_ok}/{cases} mutations of {self_key} seen as expected", flush=True)
+        print(f"self-test: {seen_ok}/{cases} mutations of {key} seen as expected", flush=True)
     for id_ in sorted(seen):
         print(f"allowed: {id_} ({seen[id_]} programs)", flush=True)
     stale = sorted(set(allowed) - set(seen))

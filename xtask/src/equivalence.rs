@@ -2,11 +2,12 @@
 //! functions (issue #16 item 6).
 //!
 //! Every program variant (`i8i8`, which `i8i8r` runs too; `w8f16` with G 32 and 16, with and without
-//! offsets; `f16`) is written at a set of shapes with the emitter the executors use
-//! (`ggml_coreml_program::write_mlpackage`). `tools/coreml_equivalence.py` then builds each function
-//! with coremltools' MIL builder from docs/programs.md's listings, converts it with `ct.convert` at our
-//! spec version, and compares the two `Model` protos op by op. A difference fails unless it is a row of
-//! docs/programs.md's "Known differences from coremltools" table, which the script reads.
+//! offsets; `f16`; `i8i8o` with c = min(32, K/8) outlier channels) is written at a set of shapes with
+//! the emitter the executors use (`ggml_coreml_program::write_mlpackage`).
+//! `tools/coreml_equivalence.py` then builds each function with coremltools' MIL builder from
+//! docs/programs.md's listings, converts it with `ct.convert` at our spec version, and compares the two
+//! `Model` protos op by op. A difference fails unless it is a row of docs/programs.md's "Known
+//! differences from coremltools" table, which the script reads.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -33,6 +34,10 @@ pub const UNBLOCKED_SHAPES: &[(usize, usize, usize)] = &[(64, 100, 3)];
 
 /// `w8f16` block configurations: (G, offsets).
 pub const W8F16_CONFIGS: &[(usize, bool)] = &[(32, false), (32, true), (16, false), (16, true)];
+
+/// `i8i8o`'s outlier channel budget C, the driver's default (`driver::DEFAULT_OUTLIERS` in
+/// ggml-coreml-executor, `GGML_COREML_OUTLIERS`): c = min(C, K/8), as `driver::outlier_channels`.
+pub const I8I8O_OUTLIERS: usize = 32;
 
 /// Every program the stage compares, in a fixed order.
 pub fn descs() -> Vec<ProgramDesc> {
@@ -61,9 +66,16 @@ pub fn descs() -> Vec<ProgramDesc> {
                     push(variant, s, 0, false);
                 }
             }
-            // Not yet built on coremltools' side (tools/coreml_equivalence.py); the i8i8o program is
-            // loaded and validated by coremltools in `cargo test -p ggml-coreml-program`.
-            Variant::I8I8O => {}
+            // The outlier split takes one K part (K ≤ 16384, every shape here) and the driver's
+            // c = min(32, K/8) outlier channels, K ≥ 8; no block scales, so the unblocked shape too.
+            Variant::I8I8O => {
+                for &s in SHAPES.iter().chain(UNBLOCKED_SHAPES) {
+                    let k = s.1;
+                    if k >= 8 {
+                        push(variant, s, I8I8O_OUTLIERS.min(k / 8), false);
+                    }
+                }
+            }
         }
     }
     v
@@ -156,5 +168,8 @@ mod tests {
         keys.dedup();
         assert_eq!(keys.len(), d.len());
         assert!(d.iter().any(|x| x.k % 64 != 0 && x.n % 64 != 0));
+        for v in Variant::ALL {
+            assert!(d.iter().any(|x| x.variant == v), "{v} is not compared");
+        }
     }
 }
