@@ -375,7 +375,16 @@ pub unsafe fn compute(
     let mut ane_nodes = 0usize;
     let mut pending: Vec<*mut GgmlTensor> = Vec::new();
     let mut pending_reason: Vec<&'static str> = Vec::new();
-    for &p in nodes {
+    // Bounded mode: the first slice of the next per-call weight is prepared while earlier nodes run. The
+    // split mode prepares other row counts (its share), so it takes no part.
+    let want_prefetch =
+        eng.prefetch && eng.bounded() && !(face == Face::Hybrid && split_mode().is_some());
+    let mut prefetch: Option<Prefetch> = None;
+    // The later MUL_MATs that may take a form prepared ahead (found at the first offloaded node), and
+    // how far into them prefetching has gone.
+    let mut ahead: Option<Vec<(usize, Eligible)>> = None;
+    let mut cursor = 0usize;
+    for (idx, &p) in nodes.iter().enumerate() {
         // SAFETY: ggml hands us live graph nodes.
         let Some(node) = (unsafe { TensorRef::from_ptr(p) }) else {
             continue;
@@ -415,10 +424,17 @@ pub unsafe fn compute(
                 let variant = eng.variant_for(e.wtype, e.kind_route);
                 // The ANE node reads what the inner device computed: wait for it (a no-op on the CPU).
                 ctx.host.synchronize();
+                let mine = prefetch.take_if(|pf| pf.node == idx);
+                if want_prefetch && prefetch.is_none() {
+                    let cands = ahead.get_or_insert_with(|| {
+                        ahead_candidates(nodes, face, ctx.host_kind, registry_of)
+                    });
+                    prefetch = start_prefetch(api, nodes, idx, cands, &mut cursor, registry_of);
+                }
                 // A panic inside one node (executor, driver, bridge) sends that node to the host; it
                 // never fails the graph.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_ane(ctx, &node, e, face, registry_of)
+                    run_ane(ctx, &node, idx, e, face, registry_of, mine)
                 }))
                 .unwrap_or_else(|payload| {
                     Err(format!(
@@ -475,13 +491,128 @@ pub unsafe fn compute(
                 }
             }
         }
+        // Prepared ahead for a node that did not take it (it went to the host).
+        if prefetch.as_ref().is_some_and(|pf| pf.node <= idx) {
+            prefetch = None;
+        }
     }
     let st = flush(ctx, &mut pending, &mut pending_reason);
+    drop(prefetch);
     if face == Face::Hybrid && ctx.last_host_calls > ane_nodes + 1 {
         ctx.oversplit_graphs += 1;
     }
     eng.write_files(false);
     st
+}
+
+/// Offloaded MUL_MATs of the graph whose weight could be prepared ahead: one 2-D weight in host memory.
+fn ahead_candidates(
+    nodes: &[*mut GgmlTensor],
+    face: Face,
+    host: HostKind,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> Vec<(usize, Eligible)> {
+    let mut v = Vec::new();
+    for (j, &p) in nodes.iter().enumerate() {
+        // SAFETY: live graph nodes.
+        let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else {
+            continue;
+        };
+        if n.op() != GGML_OP_MUL_MAT || n.flags() & GGML_TENSOR_FLAG_COMPUTE == 0 {
+            continue;
+        }
+        let Route::Ane(e) = route(&n, face, host, registry_of) else {
+            continue;
+        };
+        if let Some(w) = n.src(0)
+            && w.ne()[2] * w.ne()[3] == 1
+            && !w.data().is_null()
+            && host_visible(&w, face)
+        {
+            v.push((j, e));
+        }
+    }
+    v
+}
+
+/// Starts preparing, on a second thread, the first slice of the next candidate after node `idx`
+/// whose weight will be prepared per call (not resident, and no registry or over the budget: the
+/// test of `run_ane`), unless a node before it writes into those bytes.
+fn start_prefetch(
+    api: &GgmlApi,
+    nodes: &[*mut GgmlTensor],
+    idx: usize,
+    cands: &[(usize, Eligible)],
+    cursor: &mut usize,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> Option<Prefetch> {
+    let eng = engine();
+    while let Some(&(j, e)) = cands.get(*cursor) {
+        *cursor += 1;
+        if j <= idx {
+            continue;
+        }
+        // SAFETY: a live graph node (a candidate was one).
+        let Some(node) = (unsafe { TensorRef::from_ptr(nodes[j]) }) else {
+            continue;
+        };
+        let Some(w) = node.src(0) else { continue };
+        // SAFETY: eligible() checked the weight's layout; (0, 0) is its only 2-D slice.
+        let (addr, stride) = unsafe { w.slice2d_addr(0, 0) };
+        let mode = eng.mode_for(e.wtype, e.kind_route);
+        let registry = registry_of(&w);
+        let cached = registry
+            .as_ref()
+            .is_some_and(|r| r.get(addr, mode, stride, e.n).is_some());
+        if cached || registry.is_some() && !eng.over_budget(mode, e.n, e.k) {
+            continue;
+        }
+        let rows = eng.slice_rows(mode, e.n, e.k);
+        let Ok(row) = e.wtype.row_bytes(e.k) else {
+            continue;
+        };
+        if written_between(api, &nodes[idx..j], addr, stride * (rows - 1) + row) {
+            continue;
+        }
+        // SAFETY: as above; the first `rows` rows lie within the weight. Copied: the thread owns them.
+        let raw = unsafe { w.slice2d_row_range(0, 0, row, 0, rows) }.into_owned();
+        let key = AheadKey {
+            addr,
+            stride,
+            wtype: e.wtype,
+            mode,
+            rows,
+            k: e.k,
+        };
+        let (wtype, k, kind_route) = (e.wtype, e.k, e.kind_route);
+        return Prefetch::spawn(j, key, raw, move |b| {
+            engine().prepare_slice(wtype, b, rows, k, kind_route)
+        });
+    }
+    None
+}
+
+/// Does any of `nodes` write into `[addr, addr + len)`? (Then bytes copied now would be stale later.)
+fn written_between(api: &GgmlApi, nodes: &[*mut GgmlTensor], addr: usize, len: usize) -> bool {
+    nodes.iter().any(|&p| {
+        // SAFETY: live graph nodes.
+        let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else {
+            return false;
+        };
+        match n.op() {
+            GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => {
+                return false;
+            }
+            _ => {}
+        }
+        let d = n.data() as usize;
+        if d == 0 {
+            return false;
+        }
+        // SAFETY: an allocated node of the live graph.
+        let nbytes = unsafe { (api.nbytes)(p) };
+        d < addr + len && addr < d + nbytes
+    })
 }
 
 /// Is `t`'s memory plain host memory? Always for the ACCEL face (our buffer type, CPU buffers); for the
@@ -577,12 +708,18 @@ fn flush(
 ///
 /// Operands in host-visible memory (our buffers, CPU buffers) are read in place; others (e.g. Metal
 /// buffers) are copied through `ggml_backend_tensor_get` / `_set`.
+///
+/// `ahead`: a form prepared ahead for node `idx` of the graph ([`Prefetch`]), used if it is this node's
+/// weight and the node prepares it for this call.
+#[allow(clippy::too_many_arguments)]
 fn run_ane(
     ctx: &mut RouterCtx,
     node: &TensorRef<'_>,
+    idx: usize,
     e: Eligible,
     face: Face,
     registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+    mut ahead: Option<Prefetch>,
 ) -> Result<usize, String> {
     let eng = engine();
     let api = api().ok_or("ggml not bound")?;
@@ -648,18 +785,42 @@ fn run_ane(
             let cached = registry
                 .as_ref()
                 .and_then(|reg| reg.get(addr, mode, stride, e.n));
-            // Not kept (no registry, or past the resident budget) and larger than one slice: prepared
-            // per call in row slices, each run for its columns of the output (bounded mode).
-            let sliced = cached.is_none()
-                && (registry.is_none() || eng.over_budget(mode, e.n, e.k))
-                && eng.slice_rows(mode, e.n, e.k) < e.n;
+            // Not kept (no registry, or past the resident budget): prepared per call; larger than one
+            // slice, in row slices, each run for its columns of the output (bounded mode).
+            let per_call = cached.is_none() && (registry.is_none() || eng.over_budget(mode, e.n, e.k));
+            let step = eng.slice_rows(mode, e.n, e.k);
+            let sliced = per_call && step < e.n;
+            // The first slice (or whole form) prepared ahead, if it is this weight's.
+            let key = AheadKey {
+                addr,
+                stride,
+                wtype: e.wtype,
+                mode,
+                rows: step,
+                k: e.k,
+            };
+            let mut first = match ahead.take() {
+                Some(a) => a.claim(idx, &key, per_call).transpose()?,
+                None => None,
+            };
             let gathered = (sliced && !w_host).then(|| {
                 let whole = w_copy.get_or_insert_with(|| read_whole(api, &w, &mut xfer));
                 slice_rows(whole, w.ne(), w.nb(), i02, i03, row)
             });
+            // A whole form prepared ahead lives (and is counted) until this batch is done.
+            let mut whole_ahead = None;
             let pw = match cached {
                 Some(pw) => Some(pw),
                 None if sliced => None,
+                None if first.is_some() => {
+                    let (w, alive) = first.take().expect("checked");
+                    whole_ahead = Some(alive);
+                    // As `Engine::prepared` counts a form made for one call because the budget was full.
+                    if registry.is_some() {
+                        eng.stats.prepared_per_call.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(std::sync::Arc::new(w))
+                }
                 None => Some({
                     let bytes = if w_host {
                         // SAFETY: as above.
@@ -722,8 +883,9 @@ fn run_ane(
                 Some(pw) => {
                     driver::matmul(exec, pw, &act, out, stride, scratch).map_err(|e| e.to_string())
                 }
-                None => run_sliced(&e, &rows_of, &act, out, stride, scratch),
+                None => run_sliced(&e, &rows_of, &act, out, stride, scratch, first.take()),
             })?;
+            drop(whole_ahead);
             if copy_back && d_host {
                 // SAFETY: as above.
                 unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
@@ -754,9 +916,11 @@ fn run_ane(
 
 /// Bounded mode: runs `x · wᵀ` for a weight that is not kept, preparing it per call in row slices of
 /// [`crate::engine::SLICE_BYTES`] at most, each run through the executor for its columns of `out`.
-/// At most two slices are alive at once: on accelerated executors the next slice is prepared on a
-/// second thread while the executor runs the current one; the reference executor's GEMM already uses
-/// every core, so there the slices are prepared in turn. `rows_of(r0, rows)` gives a slice's raw bytes.
+/// With `Engine::prefetch` (accelerated executors, or `GGML_COREML_PREFETCH=1`) the next slice is
+/// prepared on a second thread while the executor runs the current one; otherwise (the reference
+/// executor's GEMM already uses every core) the slices are prepared in turn. At most two of this
+/// weight's slices are alive at once (a third, the next matmul's first slice, may be on its way:
+/// [`Prefetch`]). `rows_of(r0, rows)` gives a slice's raw bytes; `first`, the first slice prepared ahead.
 fn run_sliced<'b>(
     e: &Eligible,
     rows_of: &dyn Fn(usize, usize) -> std::borrow::Cow<'b, [u8]>,
@@ -764,6 +928,7 @@ fn run_sliced<'b>(
     out: &mut [f32],
     out_stride: usize,
     scratch: &mut Scratch,
+    first: Option<Counted>,
 ) -> Result<(), String> {
     let eng = engine();
     let exec = eng.executor.as_ref();
@@ -771,27 +936,26 @@ fn run_sliced<'b>(
     let step = eng.slice_rows(mode, e.n, e.k);
     eng.stats.prepared_per_call.fetch_add(1, Ordering::Relaxed);
     eng.stats.sliced_calls.fetch_add(1, Ordering::Relaxed);
-    let prep = |r0: usize, bytes: &[u8]| {
-        eng.prepare_slice(e.wtype, bytes, step.min(e.n - r0), e.k, e.kind_route)
+    let prep = |r0: usize, bytes: &[u8]| -> Result<Counted, String> {
+        let w = eng.prepare_slice(e.wtype, bytes, step.min(e.n - r0), e.k, e.kind_route)?;
+        let alive = Alive::new(&w);
+        Ok((w, alive))
     };
-    let peak = |a: &PreparedWeight, b: Option<&PreparedWeight>| {
-        let n = a.bytes_held() + b.map_or(0, |b| b.bytes_held());
-        eng.stats
-            .slice_bytes_peak
-            .fetch_max(n as u64, Ordering::Relaxed);
+    let mut cur = match first {
+        Some(f) if f.0.n == step.min(e.n) => f,
+        _ => prep(0, &rows_of(0, step))?,
     };
-    let mut cur = prep(0, &rows_of(0, step))?;
     let mut r0 = 0;
     loop {
-        let next_r0 = r0 + cur.n;
+        let next_r0 = r0 + cur.0.n;
         let more = next_r0 < e.n;
         let next_bytes = more.then(|| rows_of(next_r0, step));
-        let next = if eng.accelerated {
+        let next = if eng.prefetch {
             std::thread::scope(|s| {
                 let h = next_bytes
                     .as_deref()
                     .map(|b| s.spawn(move || prep(next_r0, b)));
-                let ran = driver::matmul(exec, &cur, act, &mut out[r0..], out_stride, scratch)
+                let ran = driver::matmul(exec, &cur.0, act, &mut out[r0..], out_stride, scratch)
                     .map_err(|err| err.to_string());
                 let next = h.map(|h| {
                     h.join()
@@ -800,21 +964,116 @@ fn run_sliced<'b>(
                 ran.map(|()| next)
             })?
         } else {
-            driver::matmul(exec, &cur, act, &mut out[r0..], out_stride, scratch)
+            driver::matmul(exec, &cur.0, act, &mut out[r0..], out_stride, scratch)
                 .map_err(|err| err.to_string())?;
             next_bytes.as_deref().map(|b| prep(next_r0, b))
         };
         match next {
-            None => {
-                peak(&cur, None);
-                return Ok(());
-            }
+            None => return Ok(()),
             Some(n) => {
-                let n = n?;
-                peak(&cur, Some(&n));
-                cur = n;
+                cur = n?;
                 r0 = next_r0;
             }
+        }
+    }
+}
+
+/// Bytes of one per-call prepared form, counted in `slice_bytes_alive` (and its peak) while it lives.
+struct Alive(u64);
+
+impl Alive {
+    fn new(w: &PreparedWeight) -> Alive {
+        let n = w.bytes_held() as u64;
+        let st = &engine().stats;
+        let now = st.slice_bytes_alive.fetch_add(n, Ordering::Relaxed) + n;
+        st.slice_bytes_peak.fetch_max(now, Ordering::Relaxed);
+        Alive(n)
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        engine()
+            .stats
+            .slice_bytes_alive
+            .fetch_sub(self.0, Ordering::Relaxed);
+    }
+}
+
+/// A per-call prepared form with its count in the stats.
+type Counted = (PreparedWeight, Alive);
+
+/// Which weight part a form prepared ahead is: its first `rows` rows at `addr` (row stride `stride`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AheadKey {
+    addr: usize,
+    stride: usize,
+    wtype: WeightType,
+    mode: driver::Mode,
+    rows: usize,
+    k: usize,
+}
+
+/// Bounded mode: the first slice (or the whole form, when smaller than a slice) of a later node's
+/// per-call weight, prepared on a second thread while the nodes before it run. The thread owns a copy
+/// of the raw rows, so nothing it reads can go away with the graph. Dropped unclaimed, it is joined and
+/// counted as wasted.
+struct Prefetch {
+    /// Index of the node in the graph.
+    node: usize,
+    key: AheadKey,
+    handle: Option<std::thread::JoinHandle<Result<Counted, String>>>,
+}
+
+impl Prefetch {
+    /// Starts preparing `raw` with `prep` on a new thread; None when no thread could be started.
+    fn spawn(
+        node: usize,
+        key: AheadKey,
+        raw: Vec<u8>,
+        prep: impl FnOnce(&[u8]) -> Result<PreparedWeight, String> + Send + 'static,
+    ) -> Option<Prefetch> {
+        let handle = std::thread::Builder::new()
+            .name("coreml-prefetch".into())
+            .spawn(move || {
+                let w = prep(&raw)?;
+                drop(raw);
+                let alive = Alive::new(&w);
+                Ok((w, alive))
+            })
+            .ok()?;
+        engine().stats.prefetched.fetch_add(1, Ordering::Relaxed);
+        Some(Prefetch {
+            node,
+            key,
+            handle: Some(handle),
+        })
+    }
+
+    /// The form for node `node` over weight part `key`, if this is it and the node prepares that
+    /// weight for this call (`usable`); otherwise None (dropped, counted as wasted). Waits for the
+    /// thread; a panic there comes back as an error (the node then runs on the host).
+    fn claim(mut self, node: usize, key: &AheadKey, usable: bool) -> Option<Result<Counted, String>> {
+        if self.node != node || self.key != *key || !usable {
+            return None;
+        }
+        let h = self.handle.take()?;
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err("prepared-ahead repack panicked".into()));
+        if r.is_err() {
+            engine().stats.prefetch_wasted.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(r)
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            // Joined so that its memory is gone when the graph is done; a panic there is dropped with it.
+            let _ = h.join();
+            engine().stats.prefetch_wasted.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
