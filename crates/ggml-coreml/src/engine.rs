@@ -573,7 +573,11 @@ const LOAD_CHUNK_BYTES: usize = 16 << 20;
 /// `GGML_COREML_PREFETCH`: `0` off, `1` on (even on the reference executor, whose GEMM already uses
 /// every core: for tests), otherwise on only for accelerated executors.
 fn prefetch_knob(accelerated: bool) -> bool {
-    match std::env::var("GGML_COREML_PREFETCH").ok().as_deref().map(str::trim) {
+    match std::env::var("GGML_COREML_PREFETCH")
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
         None | Some("") => accelerated,
         Some("0") => false,
         Some("1") => true,

@@ -787,7 +787,8 @@ fn run_ane(
                 .and_then(|reg| reg.get(addr, mode, stride, e.n));
             // Not kept (no registry, or past the resident budget): prepared per call; larger than one
             // slice, in row slices, each run for its columns of the output (bounded mode).
-            let per_call = cached.is_none() && (registry.is_none() || eng.over_budget(mode, e.n, e.k));
+            let per_call =
+                cached.is_none() && (registry.is_none() || eng.over_budget(mode, e.n, e.k));
             let step = eng.slice_rows(mode, e.n, e.k);
             let sliced = per_call && step < e.n;
             // The first slice (or whole form) prepared ahead, if it is this weight's.
@@ -1053,7 +1054,12 @@ impl Prefetch {
     /// The form for node `node` over weight part `key`, if this is it and the node prepares that
     /// weight for this call (`usable`); otherwise None (dropped, counted as wasted). Waits for the
     /// thread; a panic there comes back as an error (the node then runs on the host).
-    fn claim(mut self, node: usize, key: &AheadKey, usable: bool) -> Option<Result<Counted, String>> {
+    fn claim(
+        mut self,
+        node: usize,
+        key: &AheadKey,
+        usable: bool,
+    ) -> Option<Result<Counted, String>> {
         if self.node != node || self.key != *key || !usable {
             return None;
         }
@@ -1062,7 +1068,10 @@ impl Prefetch {
             .join()
             .unwrap_or_else(|_| Err("prepared-ahead repack panicked".into()));
         if r.is_err() {
-            engine().stats.prefetch_wasted.fetch_add(1, Ordering::Relaxed);
+            engine()
+                .stats
+                .prefetch_wasted
+                .fetch_add(1, Ordering::Relaxed);
         }
         Some(r)
     }
@@ -1073,7 +1082,10 @@ impl Drop for Prefetch {
         if let Some(h) = self.handle.take() {
             // Joined so that its memory is gone when the graph is done; a panic there is dropped with it.
             let _ = h.join();
-            engine().stats.prefetch_wasted.fetch_add(1, Ordering::Relaxed);
+            engine()
+                .stats
+                .prefetch_wasted
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -1323,32 +1335,45 @@ fn run_split(
     let mode = eng.mode_for(e.wtype, e.kind_route);
     let registry = registry_of(&w);
     let mut xfer = Transfers::default();
-    let mut prepared_now = false;
-    let pw = match registry
+    let cached = registry
         .as_ref()
-        .and_then(|r| r.get(addr, mode, stride, n_ane))
-    {
-        Some(pw) => pw,
+        .and_then(|r| r.get(addr, mode, stride, n_ane));
+    let prepared_now = cached.is_none();
+    // Bounded mode: the executor's rows of a weight that is not kept, larger than one slice, are
+    // prepared in row slices as in `run_ane`.
+    let e_ane = Eligible { n: n_ane, ..e };
+    let sliced = prepared_now
+        && (registry.is_none() || eng.over_budget(mode, n_ane, e.k))
+        && eng.slice_rows(mode, n_ane, e.k) < n_ane;
+    // Non-host weights: the executor's rows in one read, compacted.
+    let gathered = (prepared_now && !host_visible(&w, Face::Hybrid)).then(|| {
+        let span = wnb[1] * (n_ane - 1) + row;
+        let mut raw = vec![0u8; span];
+        // SAFETY: the first n_ane rows lie within the tensor; tensor_get checks bounds.
+        unsafe { (api.tensor_get)(wp, raw.as_mut_ptr().cast(), 0, span) };
+        xfer.add(span);
+        slice_rows(&raw, [e.k as i64, n_ane as i64, 1, 1], wnb, 0, 0, row)
+    });
+    // Rows r0 .. r0 + rows of the executor's part (clamped to n_ane).
+    let rows_of = |r0: usize, rows: usize| -> std::borrow::Cow<'_, [u8]> {
+        let rows = rows.min(n_ane.saturating_sub(r0));
+        match &gathered {
+            Some(g) => std::borrow::Cow::Borrowed(&g[r0 * row..(r0 + rows) * row]),
+            // SAFETY: as above; rows within the first n_ane.
+            None => unsafe { w.slice2d_row_range(0, 0, row, r0, rows) },
+        }
+    };
+    let pw = match cached {
+        Some(pw) => Some(pw),
+        None if sliced => None,
         None => {
-            prepared_now = true;
-            let bytes: Vec<u8> = if host_visible(&w, Face::Hybrid) {
-                // SAFETY: as above.
-                let all = unsafe { w.slice2d_rows(0, 0, row) };
-                all[..n_ane * row].to_vec()
-            } else {
-                let span = wnb[1] * (n_ane - 1) + row;
-                let mut raw = vec![0u8; span];
-                // SAFETY: the first n_ane rows lie within the tensor; tensor_get checks bounds.
-                unsafe { (api.tensor_get)(wp, raw.as_mut_ptr().cast(), 0, span) };
-                xfer.add(span);
-                slice_rows(&raw, [e.k as i64, n_ane as i64, 1, 1], wnb, 0, 0, row)
-            };
-            match &registry {
+            let bytes = rows_of(0, n_ane);
+            Some(match &registry {
                 Some(reg) => {
                     eng.prepared(reg, addr, stride, e.wtype, &bytes, n_ane, e.k, e.kind_route)?
                 }
                 None => eng.prepared_uncached(e.wtype, &bytes, n_ane, e.k, e.kind_route)?,
-            }
+            })
         }
     };
     let x_host = host_visible(&x, Face::Hybrid);
@@ -1367,10 +1392,19 @@ fn run_split(
     ctx.out.resize(e.m * n_ane, 0.0);
     let pool = ctx.host.pool();
     let (exec, scratch) = (eng.executor.as_ref(), &mut ctx.scratch);
-    let ran = ggml_coreml_program::pool::with_pool(pool.clone(), || {
-        driver::matmul(exec, &pw, &act, &mut ctx.out[..], n_ane, scratch)
-    })
-    .map_err(|err| err.to_string());
+    let ran = ggml_coreml_program::pool::with_pool(pool.clone(), || match &pw {
+        Some(pw) => driver::matmul(exec, pw, &act, &mut ctx.out[..], n_ane, scratch)
+            .map_err(|err| err.to_string()),
+        None => run_sliced(
+            &e_ane,
+            &rows_of,
+            &act,
+            &mut ctx.out[..],
+            n_ane,
+            scratch,
+            None,
+        ),
+    });
     let exec_done = t0.elapsed();
     // Join: the inner device's part is done before dst is touched or the graph freed.
     ctx.host.synchronize();
@@ -1402,7 +1436,10 @@ fn run_split(
     eng.stats.transfers(xfer.calls, xfer.bytes);
     // Profiling (not on by default): each part again alone, to compare with the overlapped wall time.
     // Nodes that prepared their weight this call are left out (the parts alone would not include it).
-    if split_profile() && !prepared_now {
+    if split_profile()
+        && !prepared_now
+        && let Some(pw) = &pw
+    {
         let wall = t0.elapsed();
         let t = Instant::now();
         // SAFETY: the same two-node graph, its context and scratch still alive; it rewrites the same
@@ -1412,7 +1449,7 @@ fn run_split(
         let inner = t.elapsed();
         let t = Instant::now();
         let again = ggml_coreml_program::pool::with_pool(pool, || {
-            driver::matmul(exec, &pw, &act, &mut ctx.out[..], n_ane, &mut ctx.scratch)
+            driver::matmul(exec, pw, &act, &mut ctx.out[..], n_ane, &mut ctx.scratch)
         });
         let alone = t.elapsed();
         if st == GGML_STATUS_SUCCESS && again.is_ok() {
@@ -1544,6 +1581,133 @@ mod tests {
             exec_s: exec,
             wait_s: wait,
             prepared: false,
+        }
+    }
+
+    /// Q8_0 rows with small scales and pseudo-random values (no NaN, no infinity).
+    fn q8_0(n: usize, k: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed;
+        let mut out = Vec::with_capacity(n * (k / 32) * 34);
+        for _ in 0..n * (k / 32) {
+            out.extend_from_slice(&0x2c00u16.to_le_bytes()); // fp16 0.0625
+            for _ in 0..32 {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                out.push((x >> 16) as u8);
+            }
+        }
+        out
+    }
+
+    fn key(rows: usize, k: usize) -> AheadKey {
+        AheadKey {
+            addr: 0x1000,
+            stride: WeightType::Q8_0.row_bytes(k).unwrap(),
+            wtype: WeightType::Q8_0,
+            mode: engine().mode_for(WeightType::Q8_0, driver::KindRoute::default()),
+            rows,
+            k,
+        }
+    }
+
+    fn prep(rows: usize, k: usize) -> impl FnOnce(&[u8]) -> Result<PreparedWeight, String> + Send {
+        move |b| engine().prepare_slice(WeightType::Q8_0, b, rows, k, driver::KindRoute::default())
+    }
+
+    #[test]
+    fn prefetch_is_claimed_only_by_its_node_and_weight() {
+        let st = &engine().stats;
+        let (rows, k) = (32, 64);
+        let wasted = || st.prefetch_wasted.load(Ordering::Relaxed);
+        let spawn = || Prefetch::spawn(7, key(rows, k), q8_0(rows, k, 1), prep(rows, k)).unwrap();
+        // Its node and weight, prepared for this call: the form, counted while alive.
+        let (w, alive) = spawn().claim(7, &key(rows, k), true).unwrap().unwrap();
+        assert_eq!((w.n, w.k), (rows, k));
+        assert!(st.slice_bytes_alive.load(Ordering::Relaxed) >= w.bytes_held() as u64);
+        assert!(st.slice_bytes_peak.load(Ordering::Relaxed) >= w.bytes_held() as u64);
+        drop((w, alive));
+        // Another node, another weight part (address, rows), or a node that keeps its weight: dropped
+        // and counted as wasted (other tests may count too, hence `>=`).
+        let mut other = key(rows, k);
+        other.addr += 64;
+        let mut fewer = key(rows, k);
+        fewer.rows = 16;
+        for (node, key, usable) in [
+            (8, key(rows, k), true),
+            (7, other, true),
+            (7, fewer, true),
+            (7, key(rows, k), false),
+        ] {
+            let before = wasted();
+            assert!(spawn().claim(node, &key, usable).is_none());
+            assert!(wasted() > before);
+        }
+        // Never claimed (the graph ended first): joined and counted at drop.
+        let before = wasted();
+        drop(spawn());
+        assert!(wasted() > before);
+    }
+
+    #[test]
+    fn prefetch_panic_becomes_an_error_for_its_node() {
+        let (rows, k) = (32, 64);
+        let p = Prefetch::spawn(3, key(rows, k), q8_0(rows, k, 2), |_: &[u8]| {
+            panic!("test panic in a prefetch thread")
+        })
+        .unwrap();
+        let r = p.claim(3, &key(rows, k), true).unwrap();
+        assert!(r.is_err_and(|e| e.contains("panicked")));
+    }
+
+    #[test]
+    fn sliced_run_with_a_first_slice_prepared_ahead_equals_the_whole_product() {
+        let eng = engine();
+        let k = 256;
+        let mode = eng.mode_for(WeightType::Q8_0, driver::KindRoute::default());
+        // One slice and a half, so there is a second (shorter) slice.
+        let step = eng.slice_rows(mode, usize::MAX, k);
+        let (n, m) = (step + step / 2, 3);
+        let row = WeightType::Q8_0.row_bytes(k).unwrap();
+        let bytes = q8_0(n, k, 3);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let act = Activations {
+            x: &x,
+            m,
+            x_stride: k,
+        };
+        let e = Eligible {
+            wtype: WeightType::Q8_0,
+            kind_route: driver::KindRoute::default(),
+            k,
+            n,
+            m,
+        };
+        let exec = eng.executor.as_ref();
+        let mut scratch = Scratch::default();
+        let whole = eng
+            .prepare_slice(WeightType::Q8_0, &bytes, n, k, e.kind_route)
+            .unwrap();
+        let mut want = vec![0f32; m * n];
+        driver::matmul(exec, &whole, &act, &mut want, n, &mut scratch).unwrap();
+        let rows_of = |r0: usize, rows: usize| {
+            let rows = rows.min(n - r0);
+            std::borrow::Cow::Borrowed(&bytes[r0 * row..(r0 + rows) * row])
+        };
+        for ahead in [false, true] {
+            let first = ahead.then(|| {
+                let w = prep(step, k)(&bytes[..step * row]).unwrap();
+                let alive = Alive::new(&w);
+                (w, alive)
+            });
+            let mut got = vec![0f32; m * n];
+            run_sliced(&e, &rows_of, &act, &mut got, n, &mut scratch, first).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "prepared ahead: {ahead}"
+            );
         }
     }
 
