@@ -5,7 +5,9 @@
 //! has the same shape, so the second model's buffers are allocated at the first one's freed addresses,
 //! which is where prepared weights of the first model were once served for the second. Each model's
 //! logits in the sequence A, B, A must be bit-identical to the same model loaded alone in a fresh
-//! process, and close to stock's (NMSE < 1e-3; stale weights give NMSE near 1).
+//! process, and close to stock's (NMSE < 1e-3; stale weights give NMSE near 1). Model A once more in
+//! bounded mode (every weight per call, in row slices, the next matmul's weight prepared ahead) must
+//! be bit-identical to it too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -98,10 +100,29 @@ struct Run {
     /// at the last statistics write (the last context's free, its model still loaded).
     weight_inputs: u64,
     forgotten: u64,
+    /// Bounded mode: weights prepared per call in row slices, and first slices prepared ahead.
+    sliced: u64,
+    prefetched: u64,
 }
 
-/// Runs the helper over `models`; `face`: None = stock (no backend), Some("accel"|"hybrid").
-fn run(exe: &Path, env: &Env, face: Option<&str>, models: &[&Path], tag: &str) -> Result<Run> {
+/// Bounded mode with every weight per call, in 1 MiB slices, the next matmul's weight prepared ahead
+/// even on the reference executor: must give the same logits bit for bit.
+const BOUNDED: &[(&str, &str)] = &[
+    ("GGML_COREML_WEIGHT_BUDGET_MB", "0"),
+    ("GGML_COREML_SLICE_MB", "1"),
+    ("GGML_COREML_PREFETCH", "1"),
+];
+
+/// Runs the helper over `models`; `face`: None = stock (no backend), Some("accel"|"hybrid"); `vars`:
+/// more environment for the backend.
+fn run(
+    exe: &Path,
+    env: &Env,
+    face: Option<&str>,
+    models: &[&Path],
+    tag: &str,
+    vars: &[(&str, &str)],
+) -> Result<Run> {
     let dir = std::env::temp_dir().join(format!("ggml-coreml-two-models-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let prefix = dir.join(tag);
@@ -116,7 +137,8 @@ fn run(exe: &Path, env: &Env, face: Option<&str>, models: &[&Path], tag: &str) -
     if face.is_some() {
         c.env("GGML_BACKEND_PATH", &env.lib)
             .env("GGML_COREML_POLICY", "always")
-            .env("GGML_COREML_STATS_FILE", &stats);
+            .env("GGML_COREML_STATS_FILE", &stats)
+            .envs(vars.iter().copied());
     }
     c.arg(&prefix)
         .args(models)
@@ -169,6 +191,8 @@ fn run(exe: &Path, env: &Env, face: Option<&str>, models: &[&Path], tag: &str) -
         prepared: count("weights_prepared"),
         weight_inputs: memory("executor_weight_inputs"),
         forgotten: memory("executor_weight_inputs_forgotten"),
+        sliced: memory("sliced_calls"),
+        prefetched: memory("prefetched"),
     })
 }
 
@@ -185,16 +209,46 @@ pub fn stage(env: &Env) -> Result<String> {
     let exe = helper(env)?;
     let a = crate::models::model_path(&env.models, Model::Qwen3Tiny, "Q8_0");
     let b = second_model(env)?;
-    let stock = run(&exe, env, None, &[&a, &b], "stock")?;
+    let stock = run(&exe, env, None, &[&a, &b], "stock", &[])?;
     ensure!(
         nmse(&stock.logits[0], &stock.logits[1]) > 0.1,
         "the two models give the same logits: the test would not see stale weights"
     );
     let mut notes = Vec::new();
     for face in ["hybrid", "accel"] {
-        let seq = run(&exe, env, Some(face), &[&a, &b, &a], &format!("{face}-seq"))?;
-        let alone_a = run(&exe, env, Some(face), &[&a], &format!("{face}-a"))?;
-        let alone_b = run(&exe, env, Some(face), &[&b], &format!("{face}-b"))?;
+        let seq = run(
+            &exe,
+            env,
+            Some(face),
+            &[&a, &b, &a],
+            &format!("{face}-seq"),
+            &[],
+        )?;
+        let alone_a = run(&exe, env, Some(face), &[&a], &format!("{face}-a"), &[])?;
+        let alone_b = run(&exe, env, Some(face), &[&b], &format!("{face}-b"), &[])?;
+        let bounded = run(
+            &exe,
+            env,
+            Some(face),
+            &[&a],
+            &format!("{face}-bounded"),
+            BOUNDED,
+        )?;
+        ensure!(
+            bounded.sliced > 0 && bounded.prefetched > 0,
+            "{face}: bounded mode sliced {} weights and prepared {} ahead: the test would prove nothing",
+            bounded.sliced,
+            bounded.prefetched
+        );
+        if bounded.logits[0] != alone_a.logits[0] || bounded.tokens[0] != alone_a.tokens[0] {
+            bail!(
+                "{face}: bounded mode (per-call slices, prepared ahead) differs from resident weights \
+                 (NMSE {:.3e}; tokens {} vs {})",
+                nmse(&alone_a.logits[0], &bounded.logits[0]),
+                bounded.tokens[0],
+                alone_a.tokens[0]
+            );
+        }
         ensure!(
             seq.offloaded > 0,
             "{face}: nothing went through the executor"
@@ -253,8 +307,14 @@ pub fn stage(env: &Env) -> Result<String> {
         notes.push(format!(
             "{face}: A,B,A in one process bit-identical to each alone, {} MUL_MATs offloaded, \
              {} weights prepared, executor weight inputs {} held / {} let go with their models, \
-             logits NMSE vs stock A {na:.1e} B {nb:.1e}",
-            seq.offloaded, seq.prepared, seq.weight_inputs, seq.forgotten
+             logits NMSE vs stock A {na:.1e} B {nb:.1e}; bounded mode ({} weights in slices, {} \
+             prepared ahead) bit-identical",
+            seq.offloaded,
+            seq.prepared,
+            seq.weight_inputs,
+            seq.forgotten,
+            bounded.sliced,
+            bounded.prefetched
         ));
     }
     Ok(notes.join("; "))

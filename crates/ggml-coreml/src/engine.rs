@@ -81,6 +81,10 @@ pub struct Engine {
     /// The executor is real accelerator hardware: per-call weight slices are prepared on a second
     /// thread while it runs the previous one (the reference executor's GEMM already uses every core).
     pub accelerated: bool,
+    /// Bounded mode prepares per-call weights ahead on a second thread: the next row slice of the
+    /// running weight, and the first slice of the next matmul's weight (`GGML_COREML_PREFETCH`: `0` off,
+    /// `1` on; default on when `accelerated`).
+    pub prefetch: bool,
     /// Per-device disk cache for the policy's measurements (accelerated executors only: reference
     /// timings say nothing about a device).
     measurements: Option<ggml_coreml_cache::Cache>,
@@ -204,6 +208,7 @@ impl Engine {
             fault_panics,
             weight_budget: AtomicU64::new(default_weight_budget()),
             accelerated: caps.accelerated,
+            prefetch: prefetch_knob(caps.accelerated),
             calls: AtomicU64::new(0),
             measurements,
         }
@@ -557,14 +562,36 @@ pub(crate) fn int8_route() -> bool {
     *V.get_or_init(|| std::env::var("GGML_COREML_INT8_ROUTE").map_or(true, |v| v != "0"))
 }
 
-/// Most bytes of prepared form in one row slice of a weight prepared per call (bounded mode); two
-/// slices are alive at once at most (the one the executor runs, the next one being prepared).
+/// Most bytes of prepared form in one row slice of a weight prepared per call (bounded mode); three
+/// slices are alive at once at most (the one the executor runs, its next one being prepared, and the
+/// first slice of the next matmul's weight, prepared ahead: `router::Prefetch`).
 /// `GGML_COREML_SLICE_MB` overrides it (experiments).
 pub const SLICE_BYTES: usize = 4 << 20;
 
 /// Prepared bytes per chunk when a weight over lent memory is prepared to be kept (its raw pages go
 /// chunk by chunk); large enough for the repack to use every core.
 const LOAD_CHUNK_BYTES: usize = 16 << 20;
+
+/// `GGML_COREML_PREFETCH`: `0` off, `1` on (even on the reference executor, whose GEMM already uses
+/// every core: for tests), otherwise on only for accelerated executors.
+fn prefetch_knob(accelerated: bool) -> bool {
+    match std::env::var("GGML_COREML_PREFETCH")
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("") => accelerated,
+        Some("0") => false,
+        Some("1") => true,
+        Some(other) => {
+            log::warn(&format!(
+                "GGML_COREML_PREFETCH={other} is not 0|1; using the default ({})",
+                if accelerated { "on" } else { "off" }
+            ));
+            accelerated
+        }
+    }
+}
 
 fn slice_bytes() -> usize {
     static V: OnceLock<usize> = OnceLock::new();

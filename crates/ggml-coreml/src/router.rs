@@ -375,7 +375,16 @@ pub unsafe fn compute(
     let mut ane_nodes = 0usize;
     let mut pending: Vec<*mut GgmlTensor> = Vec::new();
     let mut pending_reason: Vec<&'static str> = Vec::new();
-    for &p in nodes {
+    // Bounded mode: the first slice of the next per-call weight is prepared while earlier nodes run. The
+    // split mode prepares other row counts (its share), so it takes no part.
+    let want_prefetch =
+        eng.prefetch && eng.bounded() && !(face == Face::Hybrid && split_mode().is_some());
+    let mut prefetch: Option<Prefetch> = None;
+    // The later MUL_MATs that may take a form prepared ahead (found at the first offloaded node), and
+    // how far into them prefetching has gone.
+    let mut ahead: Option<Vec<(usize, Eligible)>> = None;
+    let mut cursor = 0usize;
+    for (idx, &p) in nodes.iter().enumerate() {
         // SAFETY: ggml hands us live graph nodes.
         let Some(node) = (unsafe { TensorRef::from_ptr(p) }) else {
             continue;
@@ -415,10 +424,17 @@ pub unsafe fn compute(
                 let variant = eng.variant_for(e.wtype, e.kind_route);
                 // The ANE node reads what the inner device computed: wait for it (a no-op on the CPU).
                 ctx.host.synchronize();
+                let mine = prefetch.take_if(|pf| pf.node == idx);
+                if want_prefetch && prefetch.is_none() {
+                    let cands = ahead.get_or_insert_with(|| {
+                        ahead_candidates(nodes, face, ctx.host_kind, registry_of)
+                    });
+                    prefetch = start_prefetch(api, nodes, idx, cands, &mut cursor, registry_of);
+                }
                 // A panic inside one node (executor, driver, bridge) sends that node to the host; it
                 // never fails the graph.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_ane(ctx, &node, e, face, registry_of)
+                    run_ane(ctx, &node, idx, e, face, registry_of, mine)
                 }))
                 .unwrap_or_else(|payload| {
                     Err(format!(
@@ -475,13 +491,128 @@ pub unsafe fn compute(
                 }
             }
         }
+        // Prepared ahead for a node that did not take it (it went to the host).
+        if prefetch.as_ref().is_some_and(|pf| pf.node <= idx) {
+            prefetch = None;
+        }
     }
     let st = flush(ctx, &mut pending, &mut pending_reason);
+    drop(prefetch);
     if face == Face::Hybrid && ctx.last_host_calls > ane_nodes + 1 {
         ctx.oversplit_graphs += 1;
     }
     eng.write_files(false);
     st
+}
+
+/// Offloaded MUL_MATs of the graph whose weight could be prepared ahead: one 2-D weight in host memory.
+fn ahead_candidates(
+    nodes: &[*mut GgmlTensor],
+    face: Face,
+    host: HostKind,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> Vec<(usize, Eligible)> {
+    let mut v = Vec::new();
+    for (j, &p) in nodes.iter().enumerate() {
+        // SAFETY: live graph nodes.
+        let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else {
+            continue;
+        };
+        if n.op() != GGML_OP_MUL_MAT || n.flags() & GGML_TENSOR_FLAG_COMPUTE == 0 {
+            continue;
+        }
+        let Route::Ane(e) = route(&n, face, host, registry_of) else {
+            continue;
+        };
+        if let Some(w) = n.src(0)
+            && w.ne()[2] * w.ne()[3] == 1
+            && !w.data().is_null()
+            && host_visible(&w, face)
+        {
+            v.push((j, e));
+        }
+    }
+    v
+}
+
+/// Starts preparing, on a second thread, the first slice of the next candidate after node `idx`
+/// whose weight will be prepared per call (not resident, and no registry or over the budget: the
+/// test of `run_ane`), unless a node before it writes into those bytes.
+fn start_prefetch(
+    api: &GgmlApi,
+    nodes: &[*mut GgmlTensor],
+    idx: usize,
+    cands: &[(usize, Eligible)],
+    cursor: &mut usize,
+    registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+) -> Option<Prefetch> {
+    let eng = engine();
+    while let Some(&(j, e)) = cands.get(*cursor) {
+        *cursor += 1;
+        if j <= idx {
+            continue;
+        }
+        // SAFETY: a live graph node (a candidate was one).
+        let Some(node) = (unsafe { TensorRef::from_ptr(nodes[j]) }) else {
+            continue;
+        };
+        let Some(w) = node.src(0) else { continue };
+        // SAFETY: eligible() checked the weight's layout; (0, 0) is its only 2-D slice.
+        let (addr, stride) = unsafe { w.slice2d_addr(0, 0) };
+        let mode = eng.mode_for(e.wtype, e.kind_route);
+        let registry = registry_of(&w);
+        let cached = registry
+            .as_ref()
+            .is_some_and(|r| r.get(addr, mode, stride, e.n).is_some());
+        if cached || registry.is_some() && !eng.over_budget(mode, e.n, e.k) {
+            continue;
+        }
+        let rows = eng.slice_rows(mode, e.n, e.k);
+        let Ok(row) = e.wtype.row_bytes(e.k) else {
+            continue;
+        };
+        if written_between(api, &nodes[idx..j], addr, stride * (rows - 1) + row) {
+            continue;
+        }
+        // SAFETY: as above; the first `rows` rows lie within the weight. Copied: the thread owns them.
+        let raw = unsafe { w.slice2d_row_range(0, 0, row, 0, rows) }.into_owned();
+        let key = AheadKey {
+            addr,
+            stride,
+            wtype: e.wtype,
+            mode,
+            rows,
+            k: e.k,
+        };
+        let (wtype, k, kind_route) = (e.wtype, e.k, e.kind_route);
+        return Prefetch::spawn(j, key, raw, move |b| {
+            engine().prepare_slice(wtype, b, rows, k, kind_route)
+        });
+    }
+    None
+}
+
+/// Does any of `nodes` write into `[addr, addr + len)`? (Then bytes copied now would be stale later.)
+fn written_between(api: &GgmlApi, nodes: &[*mut GgmlTensor], addr: usize, len: usize) -> bool {
+    nodes.iter().any(|&p| {
+        // SAFETY: live graph nodes.
+        let Some(n) = (unsafe { TensorRef::from_ptr(p) }) else {
+            return false;
+        };
+        match n.op() {
+            GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE => {
+                return false;
+            }
+            _ => {}
+        }
+        let d = n.data() as usize;
+        if d == 0 {
+            return false;
+        }
+        // SAFETY: an allocated node of the live graph.
+        let nbytes = unsafe { (api.nbytes)(p) };
+        d < addr + len && addr < d + nbytes
+    })
 }
 
 /// Is `t`'s memory plain host memory? Always for the ACCEL face (our buffer type, CPU buffers); for the
@@ -577,12 +708,18 @@ fn flush(
 ///
 /// Operands in host-visible memory (our buffers, CPU buffers) are read in place; others (e.g. Metal
 /// buffers) are copied through `ggml_backend_tensor_get` / `_set`.
+///
+/// `ahead`: a form prepared ahead for node `idx` of the graph ([`Prefetch`]), used if it is this node's
+/// weight and the node prepares it for this call.
+#[allow(clippy::too_many_arguments)]
 fn run_ane(
     ctx: &mut RouterCtx,
     node: &TensorRef<'_>,
+    idx: usize,
     e: Eligible,
     face: Face,
     registry_of: &dyn for<'t> Fn(&TensorRef<'t>) -> Option<RegistryRef<'t>>,
+    mut ahead: Option<Prefetch>,
 ) -> Result<usize, String> {
     let eng = engine();
     let api = api().ok_or("ggml not bound")?;
@@ -648,18 +785,43 @@ fn run_ane(
             let cached = registry
                 .as_ref()
                 .and_then(|reg| reg.get(addr, mode, stride, e.n));
-            // Not kept (no registry, or past the resident budget) and larger than one slice: prepared
-            // per call in row slices, each run for its columns of the output (bounded mode).
-            let sliced = cached.is_none()
-                && (registry.is_none() || eng.over_budget(mode, e.n, e.k))
-                && eng.slice_rows(mode, e.n, e.k) < e.n;
+            // Not kept (no registry, or past the resident budget): prepared per call; larger than one
+            // slice, in row slices, each run for its columns of the output (bounded mode).
+            let per_call =
+                cached.is_none() && (registry.is_none() || eng.over_budget(mode, e.n, e.k));
+            let step = eng.slice_rows(mode, e.n, e.k);
+            let sliced = per_call && step < e.n;
+            // The first slice (or whole form) prepared ahead, if it is this weight's.
+            let key = AheadKey {
+                addr,
+                stride,
+                wtype: e.wtype,
+                mode,
+                rows: step,
+                k: e.k,
+            };
+            let mut first = match ahead.take() {
+                Some(a) => a.claim(idx, &key, per_call).transpose()?,
+                None => None,
+            };
             let gathered = (sliced && !w_host).then(|| {
                 let whole = w_copy.get_or_insert_with(|| read_whole(api, &w, &mut xfer));
                 slice_rows(whole, w.ne(), w.nb(), i02, i03, row)
             });
+            // A whole form prepared ahead lives (and is counted) until this batch is done.
+            let mut whole_ahead = None;
             let pw = match cached {
                 Some(pw) => Some(pw),
                 None if sliced => None,
+                None if first.is_some() => {
+                    let (w, alive) = first.take().expect("checked");
+                    whole_ahead = Some(alive);
+                    // As `Engine::prepared` counts a form made for one call because the budget was full.
+                    if registry.is_some() {
+                        eng.stats.prepared_per_call.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(std::sync::Arc::new(w))
+                }
                 None => Some({
                     let bytes = if w_host {
                         // SAFETY: as above.
@@ -722,8 +884,9 @@ fn run_ane(
                 Some(pw) => {
                     driver::matmul(exec, pw, &act, out, stride, scratch).map_err(|e| e.to_string())
                 }
-                None => run_sliced(&e, &rows_of, &act, out, stride, scratch),
+                None => run_sliced(&e, &rows_of, &act, out, stride, scratch, first.take()),
             })?;
+            drop(whole_ahead);
             if copy_back && d_host {
                 // SAFETY: as above.
                 unsafe { node.write_f32_rows(i12, i13, &ctx.out, e.n) };
@@ -754,9 +917,11 @@ fn run_ane(
 
 /// Bounded mode: runs `x · wᵀ` for a weight that is not kept, preparing it per call in row slices of
 /// [`crate::engine::SLICE_BYTES`] at most, each run through the executor for its columns of `out`.
-/// At most two slices are alive at once: on accelerated executors the next slice is prepared on a
-/// second thread while the executor runs the current one; the reference executor's GEMM already uses
-/// every core, so there the slices are prepared in turn. `rows_of(r0, rows)` gives a slice's raw bytes.
+/// With `Engine::prefetch` (accelerated executors, or `GGML_COREML_PREFETCH=1`) the next slice is
+/// prepared on a second thread while the executor runs the current one; otherwise (the reference
+/// executor's GEMM already uses every core) the slices are prepared in turn. At most two of this
+/// weight's slices are alive at once (a third, the next matmul's first slice, may be on its way:
+/// [`Prefetch`]). `rows_of(r0, rows)` gives a slice's raw bytes; `first`, the first slice prepared ahead.
 fn run_sliced<'b>(
     e: &Eligible,
     rows_of: &dyn Fn(usize, usize) -> std::borrow::Cow<'b, [u8]>,
@@ -764,6 +929,7 @@ fn run_sliced<'b>(
     out: &mut [f32],
     out_stride: usize,
     scratch: &mut Scratch,
+    first: Option<Counted>,
 ) -> Result<(), String> {
     let eng = engine();
     let exec = eng.executor.as_ref();
@@ -771,27 +937,26 @@ fn run_sliced<'b>(
     let step = eng.slice_rows(mode, e.n, e.k);
     eng.stats.prepared_per_call.fetch_add(1, Ordering::Relaxed);
     eng.stats.sliced_calls.fetch_add(1, Ordering::Relaxed);
-    let prep = |r0: usize, bytes: &[u8]| {
-        eng.prepare_slice(e.wtype, bytes, step.min(e.n - r0), e.k, e.kind_route)
+    let prep = |r0: usize, bytes: &[u8]| -> Result<Counted, String> {
+        let w = eng.prepare_slice(e.wtype, bytes, step.min(e.n - r0), e.k, e.kind_route)?;
+        let alive = Alive::new(&w);
+        Ok((w, alive))
     };
-    let peak = |a: &PreparedWeight, b: Option<&PreparedWeight>| {
-        let n = a.bytes_held() + b.map_or(0, |b| b.bytes_held());
-        eng.stats
-            .slice_bytes_peak
-            .fetch_max(n as u64, Ordering::Relaxed);
+    let mut cur = match first {
+        Some(f) if f.0.n == step.min(e.n) => f,
+        _ => prep(0, &rows_of(0, step))?,
     };
-    let mut cur = prep(0, &rows_of(0, step))?;
     let mut r0 = 0;
     loop {
-        let next_r0 = r0 + cur.n;
+        let next_r0 = r0 + cur.0.n;
         let more = next_r0 < e.n;
         let next_bytes = more.then(|| rows_of(next_r0, step));
-        let next = if eng.accelerated {
+        let next = if eng.prefetch {
             std::thread::scope(|s| {
                 let h = next_bytes
                     .as_deref()
                     .map(|b| s.spawn(move || prep(next_r0, b)));
-                let ran = driver::matmul(exec, &cur, act, &mut out[r0..], out_stride, scratch)
+                let ran = driver::matmul(exec, &cur.0, act, &mut out[r0..], out_stride, scratch)
                     .map_err(|err| err.to_string());
                 let next = h.map(|h| {
                     h.join()
@@ -800,21 +965,127 @@ fn run_sliced<'b>(
                 ran.map(|()| next)
             })?
         } else {
-            driver::matmul(exec, &cur, act, &mut out[r0..], out_stride, scratch)
+            driver::matmul(exec, &cur.0, act, &mut out[r0..], out_stride, scratch)
                 .map_err(|err| err.to_string())?;
             next_bytes.as_deref().map(|b| prep(next_r0, b))
         };
         match next {
-            None => {
-                peak(&cur, None);
-                return Ok(());
-            }
+            None => return Ok(()),
             Some(n) => {
-                let n = n?;
-                peak(&cur, Some(&n));
-                cur = n;
+                cur = n?;
                 r0 = next_r0;
             }
+        }
+    }
+}
+
+/// Bytes of one per-call prepared form, counted in `slice_bytes_alive` (and its peak) while it lives.
+struct Alive(u64);
+
+impl Alive {
+    fn new(w: &PreparedWeight) -> Alive {
+        let n = w.bytes_held() as u64;
+        let st = &engine().stats;
+        let now = st.slice_bytes_alive.fetch_add(n, Ordering::Relaxed) + n;
+        st.slice_bytes_peak.fetch_max(now, Ordering::Relaxed);
+        Alive(n)
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        engine()
+            .stats
+            .slice_bytes_alive
+            .fetch_sub(self.0, Ordering::Relaxed);
+    }
+}
+
+/// A per-call prepared form with its count in the stats.
+type Counted = (PreparedWeight, Alive);
+
+/// Which weight part a form prepared ahead is: its first `rows` rows at `addr` (row stride `stride`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AheadKey {
+    addr: usize,
+    stride: usize,
+    wtype: WeightType,
+    mode: driver::Mode,
+    rows: usize,
+    k: usize,
+}
+
+/// Bounded mode: the first slice (or the whole form, when smaller than a slice) of a later node's
+/// per-call weight, prepared on a second thread while the nodes before it run. The thread owns a copy
+/// of the raw rows, so nothing it reads can go away with the graph. Dropped unclaimed, it is joined and
+/// counted as wasted.
+struct Prefetch {
+    /// Index of the node in the graph.
+    node: usize,
+    key: AheadKey,
+    handle: Option<std::thread::JoinHandle<Result<Counted, String>>>,
+}
+
+impl Prefetch {
+    /// Starts preparing `raw` with `prep` on a new thread; None when no thread could be started.
+    fn spawn(
+        node: usize,
+        key: AheadKey,
+        raw: Vec<u8>,
+        prep: impl FnOnce(&[u8]) -> Result<PreparedWeight, String> + Send + 'static,
+    ) -> Option<Prefetch> {
+        let handle = std::thread::Builder::new()
+            .name("coreml-prefetch".into())
+            .spawn(move || {
+                let w = prep(&raw)?;
+                drop(raw);
+                let alive = Alive::new(&w);
+                Ok((w, alive))
+            })
+            .ok()?;
+        engine().stats.prefetched.fetch_add(1, Ordering::Relaxed);
+        Some(Prefetch {
+            node,
+            key,
+            handle: Some(handle),
+        })
+    }
+
+    /// The form for node `node` over weight part `key`, if this is it and the node prepares that
+    /// weight for this call (`usable`); otherwise None (dropped, counted as wasted). Waits for the
+    /// thread; a panic there comes back as an error (the node then runs on the host).
+    fn claim(
+        mut self,
+        node: usize,
+        key: &AheadKey,
+        usable: bool,
+    ) -> Option<Result<Counted, String>> {
+        if self.node != node || self.key != *key || !usable {
+            return None;
+        }
+        let h = self.handle.take()?;
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err("prepared-ahead repack panicked".into()));
+        if r.is_err() {
+            engine()
+                .stats
+                .prefetch_wasted
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Some(r)
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            // Joined so that its memory is gone when the graph is done; a panic there is dropped with it.
+            let _ = h.join();
+            engine()
+                .stats
+                .prefetch_wasted
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -1064,32 +1335,45 @@ fn run_split(
     let mode = eng.mode_for(e.wtype, e.kind_route);
     let registry = registry_of(&w);
     let mut xfer = Transfers::default();
-    let mut prepared_now = false;
-    let pw = match registry
+    let cached = registry
         .as_ref()
-        .and_then(|r| r.get(addr, mode, stride, n_ane))
-    {
-        Some(pw) => pw,
+        .and_then(|r| r.get(addr, mode, stride, n_ane));
+    let prepared_now = cached.is_none();
+    // Bounded mode: the executor's rows of a weight that is not kept, larger than one slice, are
+    // prepared in row slices as in `run_ane`.
+    let e_ane = Eligible { n: n_ane, ..e };
+    let sliced = prepared_now
+        && (registry.is_none() || eng.over_budget(mode, n_ane, e.k))
+        && eng.slice_rows(mode, n_ane, e.k) < n_ane;
+    // Non-host weights: the executor's rows in one read, compacted.
+    let gathered = (prepared_now && !host_visible(&w, Face::Hybrid)).then(|| {
+        let span = wnb[1] * (n_ane - 1) + row;
+        let mut raw = vec![0u8; span];
+        // SAFETY: the first n_ane rows lie within the tensor; tensor_get checks bounds.
+        unsafe { (api.tensor_get)(wp, raw.as_mut_ptr().cast(), 0, span) };
+        xfer.add(span);
+        slice_rows(&raw, [e.k as i64, n_ane as i64, 1, 1], wnb, 0, 0, row)
+    });
+    // Rows r0 .. r0 + rows of the executor's part (clamped to n_ane).
+    let rows_of = |r0: usize, rows: usize| -> std::borrow::Cow<'_, [u8]> {
+        let rows = rows.min(n_ane.saturating_sub(r0));
+        match &gathered {
+            Some(g) => std::borrow::Cow::Borrowed(&g[r0 * row..(r0 + rows) * row]),
+            // SAFETY: as above; rows within the first n_ane.
+            None => unsafe { w.slice2d_row_range(0, 0, row, r0, rows) },
+        }
+    };
+    let pw = match cached {
+        Some(pw) => Some(pw),
+        None if sliced => None,
         None => {
-            prepared_now = true;
-            let bytes: Vec<u8> = if host_visible(&w, Face::Hybrid) {
-                // SAFETY: as above.
-                let all = unsafe { w.slice2d_rows(0, 0, row) };
-                all[..n_ane * row].to_vec()
-            } else {
-                let span = wnb[1] * (n_ane - 1) + row;
-                let mut raw = vec![0u8; span];
-                // SAFETY: the first n_ane rows lie within the tensor; tensor_get checks bounds.
-                unsafe { (api.tensor_get)(wp, raw.as_mut_ptr().cast(), 0, span) };
-                xfer.add(span);
-                slice_rows(&raw, [e.k as i64, n_ane as i64, 1, 1], wnb, 0, 0, row)
-            };
-            match &registry {
+            let bytes = rows_of(0, n_ane);
+            Some(match &registry {
                 Some(reg) => {
                     eng.prepared(reg, addr, stride, e.wtype, &bytes, n_ane, e.k, e.kind_route)?
                 }
                 None => eng.prepared_uncached(e.wtype, &bytes, n_ane, e.k, e.kind_route)?,
-            }
+            })
         }
     };
     let x_host = host_visible(&x, Face::Hybrid);
@@ -1108,10 +1392,19 @@ fn run_split(
     ctx.out.resize(e.m * n_ane, 0.0);
     let pool = ctx.host.pool();
     let (exec, scratch) = (eng.executor.as_ref(), &mut ctx.scratch);
-    let ran = ggml_coreml_program::pool::with_pool(pool.clone(), || {
-        driver::matmul(exec, &pw, &act, &mut ctx.out[..], n_ane, scratch)
-    })
-    .map_err(|err| err.to_string());
+    let ran = ggml_coreml_program::pool::with_pool(pool.clone(), || match &pw {
+        Some(pw) => driver::matmul(exec, pw, &act, &mut ctx.out[..], n_ane, scratch)
+            .map_err(|err| err.to_string()),
+        None => run_sliced(
+            &e_ane,
+            &rows_of,
+            &act,
+            &mut ctx.out[..],
+            n_ane,
+            scratch,
+            None,
+        ),
+    });
     let exec_done = t0.elapsed();
     // Join: the inner device's part is done before dst is touched or the graph freed.
     ctx.host.synchronize();
@@ -1143,7 +1436,10 @@ fn run_split(
     eng.stats.transfers(xfer.calls, xfer.bytes);
     // Profiling (not on by default): each part again alone, to compare with the overlapped wall time.
     // Nodes that prepared their weight this call are left out (the parts alone would not include it).
-    if split_profile() && !prepared_now {
+    if split_profile()
+        && !prepared_now
+        && let Some(pw) = &pw
+    {
         let wall = t0.elapsed();
         let t = Instant::now();
         // SAFETY: the same two-node graph, its context and scratch still alive; it rewrites the same
@@ -1153,7 +1449,7 @@ fn run_split(
         let inner = t.elapsed();
         let t = Instant::now();
         let again = ggml_coreml_program::pool::with_pool(pool, || {
-            driver::matmul(exec, &pw, &act, &mut ctx.out[..], n_ane, &mut ctx.scratch)
+            driver::matmul(exec, pw, &act, &mut ctx.out[..], n_ane, &mut ctx.scratch)
         });
         let alone = t.elapsed();
         if st == GGML_STATUS_SUCCESS && again.is_ok() {
@@ -1285,6 +1581,133 @@ mod tests {
             exec_s: exec,
             wait_s: wait,
             prepared: false,
+        }
+    }
+
+    /// Q8_0 rows with small scales and pseudo-random values (no NaN, no infinity).
+    fn q8_0(n: usize, k: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed;
+        let mut out = Vec::with_capacity(n * (k / 32) * 34);
+        for _ in 0..n * (k / 32) {
+            out.extend_from_slice(&0x2c00u16.to_le_bytes()); // fp16 0.0625
+            for _ in 0..32 {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                out.push((x >> 16) as u8);
+            }
+        }
+        out
+    }
+
+    fn key(rows: usize, k: usize) -> AheadKey {
+        AheadKey {
+            addr: 0x1000,
+            stride: WeightType::Q8_0.row_bytes(k).unwrap(),
+            wtype: WeightType::Q8_0,
+            mode: engine().mode_for(WeightType::Q8_0, driver::KindRoute::default()),
+            rows,
+            k,
+        }
+    }
+
+    fn prep(rows: usize, k: usize) -> impl FnOnce(&[u8]) -> Result<PreparedWeight, String> + Send {
+        move |b| engine().prepare_slice(WeightType::Q8_0, b, rows, k, driver::KindRoute::default())
+    }
+
+    #[test]
+    fn prefetch_is_claimed_only_by_its_node_and_weight() {
+        let st = &engine().stats;
+        let (rows, k) = (32, 64);
+        let wasted = || st.prefetch_wasted.load(Ordering::Relaxed);
+        let spawn = || Prefetch::spawn(7, key(rows, k), q8_0(rows, k, 1), prep(rows, k)).unwrap();
+        // Its node and weight, prepared for this call: the form, counted while alive.
+        let (w, alive) = spawn().claim(7, &key(rows, k), true).unwrap().unwrap();
+        assert_eq!((w.n, w.k), (rows, k));
+        assert!(st.slice_bytes_alive.load(Ordering::Relaxed) >= w.bytes_held() as u64);
+        assert!(st.slice_bytes_peak.load(Ordering::Relaxed) >= w.bytes_held() as u64);
+        drop((w, alive));
+        // Another node, another weight part (address, rows), or a node that keeps its weight: dropped
+        // and counted as wasted (other tests may count too, hence `>=`).
+        let mut other = key(rows, k);
+        other.addr += 64;
+        let mut fewer = key(rows, k);
+        fewer.rows = 16;
+        for (node, key, usable) in [
+            (8, key(rows, k), true),
+            (7, other, true),
+            (7, fewer, true),
+            (7, key(rows, k), false),
+        ] {
+            let before = wasted();
+            assert!(spawn().claim(node, &key, usable).is_none());
+            assert!(wasted() > before);
+        }
+        // Never claimed (the graph ended first): joined and counted at drop.
+        let before = wasted();
+        drop(spawn());
+        assert!(wasted() > before);
+    }
+
+    #[test]
+    fn prefetch_panic_becomes_an_error_for_its_node() {
+        let (rows, k) = (32, 64);
+        let p = Prefetch::spawn(3, key(rows, k), q8_0(rows, k, 2), |_: &[u8]| {
+            panic!("test panic in a prefetch thread")
+        })
+        .unwrap();
+        let r = p.claim(3, &key(rows, k), true).unwrap();
+        assert!(r.is_err_and(|e| e.contains("panicked")));
+    }
+
+    #[test]
+    fn sliced_run_with_a_first_slice_prepared_ahead_equals_the_whole_product() {
+        let eng = engine();
+        let k = 256;
+        let mode = eng.mode_for(WeightType::Q8_0, driver::KindRoute::default());
+        // One slice and a half, so there is a second (shorter) slice.
+        let step = eng.slice_rows(mode, usize::MAX, k);
+        let (n, m) = (step + step / 2, 3);
+        let row = WeightType::Q8_0.row_bytes(k).unwrap();
+        let bytes = q8_0(n, k, 3);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let act = Activations {
+            x: &x,
+            m,
+            x_stride: k,
+        };
+        let e = Eligible {
+            wtype: WeightType::Q8_0,
+            kind_route: driver::KindRoute::default(),
+            k,
+            n,
+            m,
+        };
+        let exec = eng.executor.as_ref();
+        let mut scratch = Scratch::default();
+        let whole = eng
+            .prepare_slice(WeightType::Q8_0, &bytes, n, k, e.kind_route)
+            .unwrap();
+        let mut want = vec![0f32; m * n];
+        driver::matmul(exec, &whole, &act, &mut want, n, &mut scratch).unwrap();
+        let rows_of = |r0: usize, rows: usize| {
+            let rows = rows.min(n - r0);
+            std::borrow::Cow::Borrowed(&bytes[r0 * row..(r0 + rows) * row])
+        };
+        for ahead in [false, true] {
+            let first = ahead.then(|| {
+                let w = prep(step, k)(&bytes[..step * row]).unwrap();
+                let alive = Alive::new(&w);
+                (w, alive)
+            });
+            let mut got = vec![0f32; m * n];
+            run_sliced(&e, &rows_of, &act, &mut got, n, &mut scratch, first).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "prepared ahead: {ahead}"
+            );
         }
     }
 

@@ -28,6 +28,14 @@ pub struct Stats {
     /// slices alive at once.
     pub sliced_calls: AtomicU64,
     pub slice_bytes_peak: AtomicU64,
+    /// Bytes of per-call slices (and forms prepared ahead) alive now, process-wide
+    /// (`router::Alive`); `slice_bytes_peak` is its maximum.
+    pub slice_bytes_alive: AtomicU64,
+    /// Per-call weights whose first slice (or whole form, when smaller) was prepared ahead on a second
+    /// thread while an earlier matmul ran, and those of them not used (the node went elsewhere or its
+    /// weight had become resident).
+    pub prefetched: AtomicU64,
+    pub prefetch_wasted: AtomicU64,
     /// Weights prepared for one call only because the resident budget was full.
     pub prepared_per_call: AtomicU64,
     /// MUL_MATs split between the executor and the inner device (`GGML_COREML_SPLIT`).
@@ -241,7 +249,7 @@ impl Stats {
         format!(
             "{{\"policy\":\"{policy}\",\"executor\":\"{executor}\",\"ane_ops\":{},\"ane_ms\":{:.3},\"ane_gflop\":{:.3},\
              \"host_ops\":{},\"host_ms\":{:.3},\"host_reasons\":{{{}}},\"faults\":{},\"weights_prepared\":{},\
-             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"raw_released_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{},\"sliced_calls\":{},\"slice_peak_mib\":{:.2},\"executor_surfaces_mib\":{:.1},\"executor_weight_surfaces_mib\":{:.1},\"executor_io_surfaces_mib\":{:.1},\"executor_weight_inputs\":{},\"executor_weight_inputs_forgotten\":{},\"executor_weight_fills\":{},\"executor_surface_evictions\":{},\"programs_in_memory\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
+             \"weight_mib_held\":{:.1},\"prepare_ms\":{:.3},\"memory\":{{\"raw_owned_mib\":{:.1},\"raw_borrowed_mib\":{:.1},\"raw_released_mib\":{:.1},\"prepared_mib\":{:.1},\"prepared_per_call\":{},\"sliced_calls\":{},\"slice_peak_mib\":{:.2},\"prefetched\":{},\"prefetch_wasted\":{},\"executor_surfaces_mib\":{:.1},\"executor_weight_surfaces_mib\":{:.1},\"executor_io_surfaces_mib\":{:.1},\"executor_weight_inputs\":{},\"executor_weight_inputs_forgotten\":{},\"executor_weight_fills\":{},\"executor_surface_evictions\":{},\"programs_in_memory\":{}}},\"split_nodes\":{},\"variants\":{{{}}},\"int8_flop_share\":{:.4},\"transfers\":{{\"nodes\":{},\"calls\":{},\"max_per_node\":{},\"mib\":{:.3}}},\
              \"router\":{{\"hybrid_graphs\":{},\"hybrid_unsplit\":{},\"walk_us_per_graph\":{:.3}}},\
              \"split_profile\":{{\"nodes\":{},\"wall_ms\":{:.3},\"inner_alone_ms\":{:.3},\"executor_alone_ms\":{:.3},\
              \"executor_inline_ms\":{:.3},\"launch_ms\":{:.3},\"wait_ms\":{:.3},\"longer_part_ms\":{:.3},\"wall_over_longer\":{:.4},\"worst_node\":{:.4}}},\
@@ -263,6 +271,8 @@ impl Stats {
             g(&self.prepared_per_call),
             g(&self.sliced_calls),
             g(&self.slice_bytes_peak) as f64 / (1024.0 * 1024.0),
+            g(&self.prefetched),
+            g(&self.prefetch_wasted),
             surfaces.total() as f64 / (1024.0 * 1024.0),
             surfaces.weights as f64 / (1024.0 * 1024.0),
             surfaces.io as f64 / (1024.0 * 1024.0),
@@ -306,8 +316,8 @@ impl Stats {
              weights prepared {} ({:.1} MiB held, {:.1} ms), variants {} (int8 × int8 {:.1} % of offloaded FLOPs), \
              copies to/from the inner device {} in {} nodes (at most {} per node); memory: {:.1} MiB of weights \
              copied into our buffers, {:.1} MiB borrowed from the model mapping ({:.1} MiB of its pages released), \
-             {:.1} MiB prepared, {} weights prepared per call ({} in row slices), executor {:.1} MiB kept \
-             ({} weight inputs, {} let go with their weights), {} programs in memory",
+             {:.1} MiB prepared, {} weights prepared per call ({} in row slices, {} prepared ahead, {} of them unused), \
+             executor {:.1} MiB kept ({} weight inputs, {} let go with their weights), {} programs in memory",
             g(&self.ane_ops),
             g(&self.ane_ns) as f64 / 1e6,
             g(&self.ane_flops) as f64 / 1e9,
@@ -349,6 +359,8 @@ impl Stats {
             g(&self.weight_bytes_held) as f64 / (1024.0 * 1024.0),
             g(&self.prepared_per_call),
             g(&self.sliced_calls),
+            g(&self.prefetched),
+            g(&self.prefetch_wasted),
             surfaces.total() as f64 / (1024.0 * 1024.0),
             surfaces.weight_inputs,
             surfaces.forgotten,
