@@ -568,13 +568,9 @@ fn bench_once(
     let tag = format!("{}-{q}-{}-r{rep}", m.name(), policy.unwrap_or("stock"));
     let stats = out.join("logs").join(format!("{tag}.stats.json"));
     let tool = bin.join("llama-bench");
-    let mut c = match &meter.time {
-        Some((time, flag)) => {
-            let mut c = Command::new(time);
-            c.arg(flag).arg(&tool);
-            c
-        }
-        None => Command::new(&tool),
+    let mut c = match meter.time {
+        true => timed(&tool).unwrap_or_else(|| Command::new(&tool)),
+        false => Command::new(&tool),
     };
     let prompts: Vec<String> = mx.prompts.iter().map(|p| p.to_string()).collect();
     c.arg("-m").arg(model).args([
@@ -757,6 +753,24 @@ pub fn parse_bench_json(stdout: &str) -> Result<(Vec<TestResult>, String)> {
     Ok((tests, backends))
 }
 
+/// `program` under `/usr/bin/time` (GNU `-v`, macOS `-l`: peak RSS on stderr, read by
+/// [`parse_peak_rss`]); `None` where it is not installed.
+pub fn timed(program: &Path) -> Option<Command> {
+    Path::new(TIME).is_file().then(|| {
+        let mut c = Command::new(TIME);
+        c.arg(TIME_FLAG).arg(program);
+        c
+    })
+}
+
+pub const TIME: &str = "/usr/bin/time";
+/// The flag that makes `/usr/bin/time` print the peak RSS: BSD/macOS `-l`, GNU `-v`.
+pub const TIME_FLAG: &str = if cfg!(target_os = "macos") {
+    "-l"
+} else {
+    "-v"
+};
+
 /// Peak RSS in MiB from `/usr/bin/time` on stderr: GNU `-v` (KiB) or macOS `-l` (bytes).
 pub fn parse_peak_rss(stderr: &str) -> Option<f64> {
     for l in stderr.lines() {
@@ -783,7 +797,8 @@ fn time_l_mib(stderr: &str, label: &str) -> Option<f64> {
 
 /// The platform's meters: `/usr/bin/time` for peak RSS, RAPL for energy, thermal zones.
 struct Meters {
-    time: Option<(PathBuf, &'static str)>,
+    /// `/usr/bin/time` is installed ([`timed`]).
+    time: bool,
     /// Top-level RAPL package domains: (energy_uj path, max_energy_range_uj).
     rapl: Vec<(PathBuf, u64)>,
     thermal: Vec<PathBuf>,
@@ -791,16 +806,7 @@ struct Meters {
 
 impl Meters {
     fn probe() -> Meters {
-        let time = Path::new("/usr/bin/time").is_file().then(|| {
-            (
-                PathBuf::from("/usr/bin/time"),
-                if cfg!(target_os = "macos") {
-                    "-l"
-                } else {
-                    "-v"
-                },
-            )
-        });
+        let time = Path::new(TIME).is_file();
         let mut rapl = Vec::new();
         if let Ok(rd) = fs::read_dir("/sys/class/powercap") {
             for e in rd.flatten() {
@@ -907,12 +913,12 @@ impl Meters {
     }
 
     fn rss_source(&self) -> String {
-        match &self.time {
-            Some((p, f)) => format!(
-                "`{} {f}` around each llama-bench process (peak of the whole process)",
-                p.display()
-            ),
-            None => "n/a: /usr/bin/time not installed".into(),
+        if self.time {
+            format!(
+                "`{TIME} {TIME_FLAG}` around each llama-bench process (peak of the whole process)"
+            )
+        } else {
+            "n/a: /usr/bin/time not installed".into()
         }
     }
 }

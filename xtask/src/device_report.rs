@@ -36,8 +36,6 @@ const BENCH_REPS: &str = "3";
 /// these budgets, MiB.
 const BOUNDED_REPS: &str = "1";
 const BOUNDED_BUDGET_MB: &str = "64";
-/// macOS `time -l` prints peak RSS and (recent macOS) peak memory footprint, in bytes.
-const TIME: &str = "/usr/bin/time";
 
 #[derive(clap::Args, Debug)]
 pub struct DeviceReportArgs {
@@ -89,7 +87,7 @@ impl Step {
             .file_name()
             .map_or(self.program.clone(), |f| f.to_string_lossy().into_owned());
         if self.timed {
-            let _ = write!(s, "{TIME} -l ");
+            let _ = write!(s, "{} -l ", crate::bench::TIME);
         }
         s.push_str(&prog);
         for a in &self.args {
@@ -377,12 +375,11 @@ fn run_step(step: Step, log_path: &Path) -> StepResult {
     if let Some(f) = &step.stats_file {
         let _ = fs::remove_file(f);
     }
-    let mut c = if step.timed && Path::new(TIME).is_file() {
-        let mut c = Command::new(TIME);
-        c.arg("-l").arg(&step.program);
-        c
-    } else {
-        Command::new(&step.program)
+    // macOS `time -l` prints peak RSS and (recent macOS) peak memory footprint, in bytes.
+    let program = Path::new(&step.program);
+    let mut c = match step.timed {
+        true => crate::bench::timed(program).unwrap_or_else(|| Command::new(program)),
+        false => Command::new(program),
     };
     c.args(&step.args)
         .current_dir(paths::workspace_root())

@@ -80,20 +80,9 @@ struct RunOut {
 }
 
 fn completion(env: &Env, model: &PathBuf, a: &Args, with_backend: bool) -> Result<RunOut> {
-    // Peak RSS of both runs when /usr/bin/time is there (GNU `-v`, macOS `-l`).
-    let time = std::path::Path::new("/usr/bin/time").is_file();
-    let mut c = if time {
-        let mut c = Command::new("/usr/bin/time");
-        c.arg(if cfg!(target_os = "macos") {
-            "-l"
-        } else {
-            "-v"
-        })
-        .arg(env.bin.join("llama-completion"));
-        c
-    } else {
-        Command::new(env.bin.join("llama-completion"))
-    };
+    // Peak RSS of both runs when /usr/bin/time is there.
+    let tool = env.bin.join("llama-completion");
+    let mut c = crate::bench::timed(&tool).unwrap_or_else(|| Command::new(&tool));
     c.arg("-m")
         .arg(model)
         .args([

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ggml_coreml_program::{Interpreter, ProgramError, TensorRef, emit_model};
 use half::f16;
 
-use crate::resident::{Held, ResidentKey, Store};
+use crate::resident::{Held, ResidentKey, Store, is_weight_input};
 use crate::{
     Capabilities, ExecError, Executor, ProgramDesc, ProgramInputs, SurfaceBytes, Variant,
     WeightPart,
@@ -190,14 +190,6 @@ impl Executor for ReferenceExecutor {
             ));
         }
         let interp = self.interpreter(desc)?;
-        if !weight.is_none() {
-            for input in ["w", "scales", "offsets"] {
-                if has_input(&inputs, input) {
-                    let key = ResidentKey::new(weight, desc, input);
-                    let _ = self.resident.resident(key, || Ok(Marker));
-                }
-            }
-        }
         let named: Vec<(&str, TensorRef<'_>)> = match inputs {
             ProgramInputs::I8I8 { w, x } => {
                 vec![("w", TensorRef::Int8(w)), ("x", TensorRef::Int8(x))]
@@ -229,21 +221,17 @@ impl Executor for ReferenceExecutor {
                 ("t", TensorRef::Float16(t)),
             ],
         };
+        if !weight.is_none() {
+            for &(input, _) in named.iter().filter(|(n, _)| is_weight_input(n)) {
+                let key = ResidentKey::new(weight, desc, input);
+                let _ = self.resident.resident(key, || Ok(Marker));
+            }
+        }
         interp
             .run_into(&named, self.threads(), out)
             .map_err(|e| match e {
                 ProgramError::BadInputs(m) => ExecError::BadInputs(desc.key(), m),
                 e => ExecError::Run(desc.key(), e.to_string()),
             })
-    }
-}
-
-/// Whether a call of this variant passes the weight-side input `name` (see `resident::is_weight_input`).
-fn has_input(inputs: &ProgramInputs<'_>, name: &str) -> bool {
-    match (inputs, name) {
-        (_, "w") => true,
-        (ProgramInputs::W8F16 { .. }, "scales") => true,
-        (ProgramInputs::W8F16 { offsets, .. }, "offsets") => offsets.is_some(),
-        _ => false,
     }
 }

@@ -162,16 +162,18 @@ impl OwnedInputs {
     pub fn ideal(&self, n: usize, m: usize) -> f64 {
         let d = &self.desc;
         let (k, mp) = (d.k, d.m);
+        // The exact int8 × int8 dot product of weight row n with token m.
+        let dot = || -> i64 {
+            self.w_i8[n * k..(n + 1) * k]
+                .iter()
+                .enumerate()
+                .map(|(kk, &a)| i64::from(a) * i64::from(self.x_i8[kk * mp + m]))
+                .sum()
+        };
         match d.variant {
             Variant::I8I8O => {
                 let s = f64::from(d.i8_scale().to_f32());
                 let c = d.group;
-                let w = &self.w_i8[n * k..(n + 1) * k];
-                let dot: i64 = w
-                    .iter()
-                    .enumerate()
-                    .map(|(kk, &a)| i64::from(a) * i64::from(self.x_i8[kk * mp + m]))
-                    .sum();
                 let outl: f64 = (0..c)
                     .map(|j| {
                         f64::from(self.wo_i8[n * c + j])
@@ -179,17 +181,11 @@ impl OwnedInputs {
                             * f64::from(self.xo_f16[j * mp + m].to_f32())
                     })
                     .sum();
-                dot as f64 * s * s * f64::from(self.t_f16[m].to_f32()) + outl
+                dot() as f64 * s * s * f64::from(self.t_f16[m].to_f32()) + outl
             }
             Variant::I8I8 => {
                 let s = f64::from(d.i8_scale().to_f32());
-                let w = &self.w_i8[n * k..(n + 1) * k];
-                let dot: i64 = w
-                    .iter()
-                    .enumerate()
-                    .map(|(kk, &a)| i64::from(a) * i64::from(self.x_i8[kk * mp + m]))
-                    .sum();
-                dot as f64 * s * s
+                dot() as f64 * s * s
             }
             Variant::W8F16 => {
                 let g = d.group.max(1);
